@@ -1,0 +1,46 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite). Both set up
+# everything themselves on a fresh machine: .venv, the Rust extension, Python dependencies.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup build demo test test-rust test-python bench bench-quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "maturin>=1.8,<2" "numpy>=1.26,<3" "scipy>=1.11" "scikit-learn>=1.4" \
+		"msgspec>=0.18" "pytest>=8" "hypothesis>=6.100"
+	touch $@
+
+# Editable install of the package; maturin rebuilds the Rust extension incrementally.
+build: $(VENV)/.deps
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $(BIN)/maturin develop --release
+	$(BIN)/python -c "import sglang_eldr.router_rs"
+
+setup: build
+
+demo: setup
+	$(BIN)/python -m sglang_eldr.demo
+
+test: test-rust test-python
+
+test-rust:
+	cargo test -p eldr-router --release -q
+
+test-python: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	cargo bench -p eldr-router
+	$(BIN)/python bench/router_micro.py --out bench/results/router_micro.json
+
+bench-quick: setup
+	$(BIN)/python bench/router_micro.py --quick --out bench/results/router_micro_quick.json
+
+clean:
+	rm -rf $(VENV) target

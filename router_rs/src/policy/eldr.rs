@@ -1,0 +1,119 @@
+use super::{Fleet, Policy};
+use crate::error::{Result, RouterError};
+
+/// ELDR locality band: keep the healthy workers whose score is within `tau` of the best,
+/// add the nearest alternative when `tau > 0` leaves a band of one, then pick the least
+/// loaded member (ties to the lowest index). Without scores (zero signature) it is JSQ.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalityBand {
+    tau: f32,
+}
+
+impl LocalityBand {
+    pub fn new(tau: f64) -> Result<Self> {
+        if !tau.is_finite() || tau < 0.0 {
+            return Err(RouterError::Tau(tau));
+        }
+        Ok(Self { tau: tau as f32 })
+    }
+
+    pub fn tau(&self) -> f32 {
+        self.tau
+    }
+
+    /// Writes the band (ascending worker index) for `scores` into `band`.
+    pub fn band(&self, fleet: &Fleet, scores: &[f32], band: &mut Vec<usize>) {
+        band.clear();
+        let Some(best) = fleet.healthy.iter().zip(scores).filter(|(h, _)| **h).map(|(_, s)| *s).reduce(f32::max)
+        else {
+            return;
+        };
+        let threshold = best - self.tau;
+        band.extend((0..scores.len()).filter(|&k| fleet.healthy[k] && scores[k] >= threshold));
+        if self.tau > 0.0 && band.len() == 1 {
+            let inside = band[0];
+            // max_by picks the last maximum; iterate in reverse so ties go to the lowest index.
+            let alternative = (0..scores.len())
+                .rev()
+                .filter(|&k| k != inside && fleet.healthy[k])
+                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            if let Some(alt) = alternative {
+                band.push(alt);
+                band.sort_unstable();
+            }
+        }
+    }
+}
+
+impl Policy for LocalityBand {
+    fn name(&self) -> &'static str {
+        "eldr"
+    }
+
+    fn choose(&mut self, fleet: &Fleet, scores: Option<&[f32]>, band: &mut Vec<usize>) -> Result<usize> {
+        fleet.require_healthy()?;
+        match scores {
+            Some(s) => {
+                self.band(fleet, s, band);
+                Ok(fleet.least_loaded(band.iter().copied()).expect("band holds a healthy worker"))
+            }
+            None => {
+                band.clear();
+                Ok(fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pick(tau: f64, scores: &[f32], loads: &[i64]) -> (usize, Vec<usize>) {
+        let healthy = vec![true; scores.len()];
+        let fleet = Fleet { loads, healthy: &healthy };
+        let mut band = Vec::new();
+        let w = LocalityBand::new(tau).unwrap().choose(&fleet, Some(scores), &mut band).unwrap();
+        (w, band)
+    }
+
+    #[test]
+    fn tau_zero_is_argmax() {
+        assert_eq!(pick(0.0, &[0.1, 0.9, 0.5], &[0, 10, 0]), (1, vec![1]));
+    }
+
+    #[test]
+    fn nearest_alternative_joins_a_band_of_one() {
+        assert_eq!(pick(0.05, &[0.1, 0.9, 0.5], &[0, 10, 0]), (2, vec![1, 2]));
+    }
+
+    #[test]
+    fn tau_one_is_least_loaded() {
+        assert_eq!(pick(1.0, &[0.1, 0.9, 0.5], &[3, 2, 1]).0, 2);
+    }
+
+    #[test]
+    fn ties_go_to_lowest_index() {
+        assert_eq!(pick(0.0, &[0.7, 0.7, 0.7], &[4, 1, 1]), (1, vec![0, 1, 2]));
+    }
+
+    #[test]
+    fn no_scores_means_least_loaded() {
+        let fleet = Fleet { loads: &[2, 1, 1], healthy: &[true; 3] };
+        assert_eq!(LocalityBand::new(0.1).unwrap().choose(&fleet, None, &mut Vec::new()), Ok(1));
+    }
+
+    #[test]
+    fn unhealthy_best_is_skipped() {
+        let fleet = Fleet { loads: &[0, 0, 0], healthy: &[true, false, true] };
+        let mut band = Vec::new();
+        let w = LocalityBand::new(0.0).unwrap().choose(&fleet, Some(&[0.2, 0.9, 0.5]), &mut band).unwrap();
+        assert_eq!((w, band), (2, vec![2]));
+    }
+
+    #[test]
+    fn bad_tau_is_refused() {
+        assert_eq!(LocalityBand::new(-0.1).unwrap_err(), RouterError::Tau(-0.1));
+        assert!(LocalityBand::new(f64::NAN).is_err());
+    }
+}

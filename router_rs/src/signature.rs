@@ -1,0 +1,134 @@
+//! Request signature: counts `[L,E]` × IDF → masked layers → flat vector (L2 norm applied by the
+//! caller, since scoring divides by it once).
+use crate::error::{Result, RouterError};
+
+/// An integer count element accepted from callers (any numpy integer dtype).
+pub trait CountValue: Copy + Send + Sync {
+    fn as_f32(self) -> f32;
+    fn is_negative(self) -> bool;
+    fn as_f64(self) -> f64;
+}
+
+macro_rules! signed_count {
+    ($($t:ty),*) => {$(
+        impl CountValue for $t {
+            #[inline] fn as_f32(self) -> f32 { self as f32 }
+            #[inline] fn is_negative(self) -> bool { self < 0 }
+            #[inline] fn as_f64(self) -> f64 { self as f64 }
+        }
+    )*};
+}
+macro_rules! unsigned_count {
+    ($($t:ty),*) => {$(
+        impl CountValue for $t {
+            #[inline] fn as_f32(self) -> f32 { self as f32 }
+            #[inline] fn is_negative(self) -> bool { false }
+            #[inline] fn as_f64(self) -> f64 { self as f64 }
+        }
+    )*};
+}
+signed_count!(i8, i16, i32, i64);
+unsigned_count!(u8, u16, u32, u64);
+
+/// Model geometry plus the calibration transforms that turn counts into a signature.
+#[derive(Debug, Clone)]
+pub struct SignatureSpec {
+    layers: usize,
+    experts: usize,
+    /// `[L*E]`, row-major.
+    idf: Vec<f32>,
+    /// Indices of kept layers, ascending.
+    kept: Vec<usize>,
+}
+
+impl SignatureSpec {
+    /// `idf`: `[layers*experts]` or `None` for all-ones; `mask`: `[layers]` or `None` for all layers.
+    pub fn new(layers: usize, experts: usize, idf: Option<&[f32]>, mask: Option<&[bool]>) -> Result<Self> {
+        if layers == 0 || experts == 0 {
+            return Err(RouterError::Invalid {
+                arg: "idf",
+                reason: format!("geometry must have layers > 0 and experts > 0, got [{layers}, {experts}]"),
+            });
+        }
+        let idf = match idf {
+            Some(w) => {
+                if w.len() != layers * experts {
+                    return Err(RouterError::Shape {
+                        arg: "idf",
+                        expected: format!("[{layers}, {experts}]"),
+                        got: format!("{} elements", w.len()),
+                    });
+                }
+                check_finite_nonneg("idf", w)?;
+                w.to_vec()
+            }
+            None => vec![1.0; layers * experts],
+        };
+        let kept: Vec<usize> = match mask {
+            Some(m) => {
+                if m.len() != layers {
+                    return Err(RouterError::Shape {
+                        arg: "layer_mask",
+                        expected: format!("[{layers}]"),
+                        got: format!("[{}]", m.len()),
+                    });
+                }
+                (0..layers).filter(|&l| m[l]).collect()
+            }
+            None => (0..layers).collect(),
+        };
+        if kept.is_empty() {
+            return Err(RouterError::Invalid { arg: "layer_mask", reason: "keeps no layer".into() });
+        }
+        Ok(Self { layers, experts, idf, kept })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+    /// Signature dimension: kept layers × experts.
+    pub fn dim(&self) -> usize {
+        self.kept.len() * self.experts
+    }
+
+    /// Writes the un-normalised signature of `counts` (`[rows, cols]`, row-major) into `out`.
+    pub fn build<T: CountValue>(&self, counts: &[T], rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
+        if rows != self.layers || cols != self.experts || counts.len() != rows * cols {
+            return Err(RouterError::Shape {
+                arg: "counts",
+                expected: format!("[{}, {}]", self.layers, self.experts),
+                got: format!("[{rows}, {cols}]"),
+            });
+        }
+        if let Some(index) = counts.iter().position(|c| c.is_negative()) {
+            return Err(RouterError::Negative { arg: "counts", index, value: counts[index].as_f64() });
+        }
+        out.clear();
+        out.reserve(self.dim());
+        let e = self.experts;
+        for &l in &self.kept {
+            let c = &counts[l * e..(l + 1) * e];
+            let w = &self.idf[l * e..(l + 1) * e];
+            out.extend(c.iter().zip(w).map(|(&ci, &wi)| ci.as_f32() * wi));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn check_finite(arg: &'static str, v: &[f32]) -> Result<()> {
+    if let Some(index) = v.iter().position(|x| !x.is_finite()) {
+        return Err(RouterError::NonFinite { arg, index });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_finite_nonneg(arg: &'static str, v: &[f32]) -> Result<()> {
+    check_finite(arg, v)?;
+    if let Some(index) = v.iter().position(|x| *x < 0.0) {
+        return Err(RouterError::Negative { arg, index, value: v[index] as f64 });
+    }
+    Ok(())
+}
