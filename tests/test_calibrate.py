@@ -1,0 +1,146 @@
+"""Calibration math and the centroid file."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sglang_eldr import calibrate, centroids
+from sglang_eldr.centroids import CentroidFileError, Geometry
+from sglang_eldr.router_rs import LocalityBandRouter
+from sglang_eldr.signature import build_signature, build_signatures
+
+
+def planted(n_per: int, domains: int, layers: int = 3, experts: int = 16, seed: int = 0, noisy_layer: int | None = 2):
+    """Counts where each domain prefers its own experts in every layer except `noisy_layer`."""
+    rng = np.random.default_rng(seed)
+    pre, dec, labels = [], [], []
+    for d in range(domains):
+        pref = rng.dirichlet(np.full(experts, 0.3), size=layers)
+        for _ in range(n_per):
+            c = np.zeros((layers, experts), dtype=np.int32)
+            o = np.zeros((layers, experts), dtype=np.int32)
+            for l in range(layers):
+                p = rng.dirichlet(np.full(experts, 0.3)) if l == noisy_layer else pref[l]
+                c[l] = rng.multinomial(64, p)
+                o[l] = rng.multinomial(32, pref[l] if l != noisy_layer else rng.dirichlet(np.ones(experts)))
+            pre.append(c)
+            dec.append(o)
+            labels.append(d)
+    return np.array(pre), np.array(dec), np.array(labels)
+
+
+def test_idf_formula():
+    counts = np.array([[[1, 0, 2]], [[1, 0, 0]], [[3, 0, 0]]])
+    idf = calibrate.fit_idf(counts)
+    np.testing.assert_allclose(idf, np.log(4 / np.array([[4, 1, 2]])).astype(np.float32), rtol=1e-6)
+
+
+@given(n=st.integers(4, 60), k=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_balanced_kmeans_sizes_bounded_and_deterministic(n, k, seed):
+    if k > n:
+        k = n
+    x = np.random.default_rng(seed).random((n, 5))
+    c1, l1, _ = calibrate.balanced_spherical_kmeans(x, k, seed=seed)
+    c2, l2, _ = calibrate.balanced_spherical_kmeans(x, k, seed=seed)
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_array_equal(c1, c2)
+    sizes = np.bincount(l1, minlength=k)
+    assert sizes.max() <= math.ceil(n / k)
+    assert sizes.sum() == n
+    np.testing.assert_allclose(np.linalg.norm(c1, axis=1), 1.0, rtol=1e-5)
+
+
+def test_balanced_kmeans_recovers_planted_domains_even_when_unbalanced():
+    pre, _, labels = planted(30, 4, noisy_layer=None)
+    sigs = build_signatures(pre, calibrate.fit_idf(pre))
+    _, found, _ = calibrate.balanced_spherical_kmeans(sigs, 4, seed=0)
+    # Each true domain lands (almost) entirely in one cluster.
+    purity = sum(np.bincount(found[labels == d]).max() for d in range(4)) / len(labels)
+    assert purity >= 0.95, purity
+    # Twice as many points of one domain: balance forces a split, no cluster exceeds ceil(N/K).
+    pre2 = np.concatenate([pre, pre[labels == 0]])
+    _, l2, _ = calibrate.balanced_spherical_kmeans(build_signatures(pre2), 4, seed=0)
+    assert np.bincount(l2).max() <= math.ceil(len(pre2) / 4)
+
+
+def test_kmeans_rejects_impossible_k():
+    with pytest.raises(ValueError, match="cannot fill"):
+        calibrate.balanced_spherical_kmeans(np.ones((2, 3)), 3)
+
+
+def test_layer_mask_drops_the_uninformative_layer():
+    pre, dec, _ = planted(25, 4, noisy_layer=2)
+    idf = calibrate.fit_idf(pre)
+    mask, curve, rho_all = calibrate.select_layers(pre, dec, idf, seed=0)
+    assert not mask[2] and mask[:2].all(), (mask, curve)
+    assert max(curve) > rho_all > 0
+
+
+def test_align_centroids_restores_identity():
+    rng = np.random.default_rng(1)
+    old = rng.random((5, 7)).astype(np.float32)
+    perm = rng.permutation(5)
+    np.testing.assert_array_equal(calibrate.align_centroids(old, old[perm] * 1.01), (old * 1.01).astype(np.float32))
+
+
+def test_fit_round_trip_and_routes_domains_apart(tmp_path):
+    pre, dec, labels = planted(20, 3, noisy_layer=2)
+    cs = calibrate.fit(pre, num_workers=3, top_k=4, decode_counts=dec, seed=0, model="planted")
+    assert max(cs.fit.cluster_sizes) <= 20 and sum(cs.fit.cluster_sizes) == 60
+    path = tmp_path / "c.eldr"
+    centroids.save(cs, path)
+    back = centroids.load(path, expect=Geometry(layers=3, experts=16, top_k=4))
+    np.testing.assert_array_equal(back.centroids, cs.centroids)
+    np.testing.assert_array_equal(back.idf, cs.idf)
+    np.testing.assert_array_equal(back.layer_mask, cs.layer_mask)
+    assert back.fit == cs.fit
+    router = LocalityBandRouter(back.centroids, 0.0, idf=back.idf, layer_mask=back.layer_mask)
+    loads = np.zeros(3, dtype=np.int64)
+    picks = np.array([router.select_counts(c, loads) for c in pre])
+    for d in range(3):
+        assert np.bincount(picks[labels == d]).max() >= 18  # each domain owns a decoder
+    # Rust's signature from raw counts equals the Python one.
+    np.testing.assert_allclose(
+        router.scores(pre[0]),
+        back.centroids @ build_signature(pre[0], back.idf, back.layer_mask) / np.linalg.norm(back.centroids, axis=1),
+        atol=1e-5,
+    )
+
+
+def test_centroid_file_rejections(tmp_path):
+    pre, _, _ = planted(6, 2, noisy_layer=None)
+    cs = calibrate.fit(pre, num_workers=2, top_k=4)
+    data = centroids.dumps(cs)
+    with pytest.raises(CentroidFileError, match="not a readable centroid file"):
+        centroids.loads(data[: len(data) // 2])
+    garbled = bytearray(data)
+    garbled[len(garbled) - 40] ^= 0xFF
+    with pytest.raises(CentroidFileError, match="checksum mismatch|corrupt"):
+        centroids.loads(bytes(garbled))
+    with pytest.raises(CentroidFileError, match="not a readable"):
+        centroids.loads(b"")
+    with pytest.raises(CentroidFileError, match="but the model has layers=4"):
+        centroids.loads(data, expect=Geometry(layers=4, experts=16, top_k=4))
+    with pytest.raises(CentroidFileError, match="cannot read"):
+        centroids.load(tmp_path / "missing.eldr")
+    bad = centroids.CentroidSet(cs.geometry, cs.idf, cs.layer_mask, cs.centroids[:, :5], cs.fit)
+    with pytest.raises(CentroidFileError, match="centroids: expected"):
+        centroids.dumps(bad)
+
+
+def test_signature_math():
+    counts = np.array([[2, 0], [0, 0], [1, 1]], dtype=np.uint8)
+    idf = np.array([[1, 5], [3, 3], [2, 0]], dtype=np.float32)
+    sig = build_signature(counts, idf, [True, False, True])
+    np.testing.assert_allclose(sig, np.array([2, 0, 2, 0]) / np.sqrt(8), rtol=1e-6)
+    assert sig.dtype == np.float32
+    zero = build_signature(np.zeros((3, 2), dtype=np.int64))
+    assert zero.tolist() == [0.0] * 6
+    for bad, msg in [(np.ones((2, 2), float), "integer"), (np.array([[-1]]), "negative"), (np.ones(3, int), "2-D")]:
+        with pytest.raises(ValueError, match=msg):
+            build_signature(bad)
