@@ -1,0 +1,50 @@
+"""ELDR engine settings, passed from ``sglang_eldr.launch_server`` to every SGLang process by environment.
+
+SGLang starts its scheduler and detokenizer as separate processes and loads plugins in each; the
+environment is the one channel that reaches all of them before any hook runs. The plugin does nothing
+unless ``SGLANG_ELDR=1``, so a stock ``python -m sglang.launch_server`` with this package installed
+behaves exactly as stock SGLang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ENV_ENABLE = "SGLANG_ELDR"
+ENV_CAPTURE = "SGLANG_ELDR_CAPTURE"
+ENV_STORAGE = "SGLANG_ELDR_STORAGE"
+ENV_CPU_GUARDS = "SGLANG_ELDR_CPU_GUARDS"
+ENV_STATS_FILE = "SGLANG_ELDR_STATS_FILE"
+
+STORAGE_CHOICES = ("slot", "page")
+
+
+def _flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class EldrSettings:
+    enabled: bool
+    capture: bool
+    storage: str  # "slot" or "page"
+    cpu_guards: bool
+    stats_file: str | None
+
+    @classmethod
+    def from_env(cls) -> "EldrSettings":
+        storage = os.environ.get(ENV_STORAGE, "slot").strip().lower() or "slot"
+        if storage not in STORAGE_CHOICES:
+            raise ValueError(f"{ENV_STORAGE}={storage!r}: expected one of {STORAGE_CHOICES}")
+        enabled = _flag(ENV_ENABLE, False)
+        return cls(
+            enabled=enabled,
+            capture=enabled and _flag(ENV_CAPTURE, True),
+            storage=storage,
+            cpu_guards=enabled and _flag(ENV_CPU_GUARDS, False),
+            stats_file=os.environ.get(ENV_STATS_FILE) or None,
+        )
