@@ -1,0 +1,107 @@
+"""`python -m sglang_eldr.launch_router`: the ELDR PD load balancer.
+
+Mirrors `sglang_router.launch_router --pd-disaggregation`: `--prefill URL [BOOTSTRAP_PORT
+[COUNTS_PORT]]` (repeatable) and `--decode URL` (repeatable). The decoder of each request is
+chosen after its prefill, from the expert counts the prefill server publishes on COUNTS_PORT
+(default BOOTSTRAP_PORT + 1, which is also `sglang_eldr.launch_server`'s default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aiohttp import web
+
+from sglang_eldr import centroids as centroid_file
+from sglang_eldr.decode_policy import DECODE_POLICIES, DecodeChooser
+from sglang_eldr.load_balancer import LBConfig, LoadBalancer, Worker
+from sglang_eldr.prefill_policy import PREFILL_POLICIES, PrefillPicker
+
+DEFAULT_BOOTSTRAP_PORT = 8998
+
+
+def parse_prefill(spec: list[str]) -> Worker:
+    if not 1 <= len(spec) <= 3:
+        raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT [COUNTS_PORT]], got {' '.join(spec)}")
+    url = spec[0].rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--prefill: {url!r} is not an http(s) URL")
+    try:
+        bootstrap = int(spec[1]) if len(spec) > 1 and spec[1].lower() != "none" else DEFAULT_BOOTSTRAP_PORT
+        counts = int(spec[2]) if len(spec) > 2 else bootstrap + 1
+    except ValueError:
+        raise ValueError(f"--prefill {url}: ports must be integers, got {spec[1:]}") from None
+    return Worker(url=url, role="prefill", bootstrap_port=bootstrap, counts_port=counts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m sglang_eldr.launch_router", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--prefill", nargs="+", action="append", required=True, metavar="URL [PORT]",
+                    help="prefill server URL, optional bootstrap port (default 8998) and counts port "
+                         "(default bootstrap+1); repeat for several prefill servers")
+    ap.add_argument("--decode", action="append", required=True, metavar="URL", help="decode server URL; repeat")
+    ap.add_argument("--policy", choices=DECODE_POLICIES, default="eldr",
+                    help="decode policy: eldr (locality band, online refit), eldr-static (no refit), "
+                         "or a load-only baseline (default: eldr)")
+    ap.add_argument("--prefill-policy", choices=PREFILL_POLICIES, default="prefix-hash",
+                    help="prefill choice: prefix-hash with a load gate (cache affinity) or rr (default: prefix-hash)")
+    ap.add_argument("--prefill-load-gate", type=int, default=4,
+                    help="prefix-hash yields to the least-loaded prefill when its choice has more than this "
+                         "many extra requests in flight (default: 4)")
+    ap.add_argument("--centroids", help="centroid file from `python -m sglang_eldr.calibrate` (eldr policies)")
+    ap.add_argument("--tau", type=float, default=0.1,
+                    help="locality band width: 0 = pure locality, 1 = pure least-loaded (default: 0.1)")
+    ap.add_argument("--counts-deadline", type=float, default=5.0,
+                    help="seconds to wait for a prefill's expert counts before routing least-loaded (default: 5)")
+    ap.add_argument("--request-timeout", type=float, default=600.0,
+                    help="seconds without data from an upstream server before the request fails (default: 600)")
+    ap.add_argument("--refit-window", type=float, default=5.0, help="online refit window, seconds (default: 5)")
+    ap.add_argument("--refit-interval", type=float, default=2.5, help="online refit period, seconds (default: 2.5)")
+    ap.add_argument("--refit-min-samples", type=int, default=None,
+                    help="requests needed in the window to refit (default: 4 per decoder)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for random/p2c and the refit (default: 0)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=30000, help="bind port (default: 30000)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return ap
+
+
+def build_balancer(args: argparse.Namespace) -> LoadBalancer:
+    prefills = [parse_prefill(spec) for spec in args.prefill]
+    decoders = [Worker(url=u.rstrip("/"), role="decode") for u in args.decode]
+    cs = centroid_file.load(args.centroids) if args.centroids else None
+    chooser = DecodeChooser(
+        args.policy, len(decoders), cs, tau=args.tau, seed=args.seed, refit_window_s=args.refit_window,
+        refit_interval_s=args.refit_interval, refit_min_samples=args.refit_min_samples,
+    )
+    return LoadBalancer(
+        prefills=prefills, decoders=decoders, decode=chooser,
+        prefill_picker=PrefillPicker(args.prefill_policy, load_gate=args.prefill_load_gate),
+        config=LBConfig(counts_deadline_s=args.counts_deadline, request_timeout_s=args.request_timeout, tau=args.tau),
+        policy_name=args.policy,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        lb = build_balancer(args)
+    except (ValueError, centroid_file.CentroidFileError) as e:
+        print(f"launch_router: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("sglang_eldr").info(
+        "ELDR router on http://%s:%d policy=%s prefills=%s decoders=%s",
+        args.host, args.port, args.policy, [p.url for p in lb.prefills], [d.url for d in lb.decoders],
+    )
+    web.run_app(lb.app(), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""The PD load balancer: prefill first, decoder chosen from the prefill's expert counts.
+
+Protocol (docs/protocol.md has the full design):
+1. Pick a prefill worker (prefix-hash with a load gate, or rr); give the request a bootstrap
+   room and POST it to the prefill server only. Prefill servers run with
+   `--disaggregation-decode-allocation-policy prefill_complete`, so prefill computes at once and
+   holds the request's KV until a decoder bootstraps for that room (SGLang's bootstrap timeout
+   frees it if none ever does).
+2. The ELDR plugin on the prefill server publishes the prompt's expert counts over ZMQ as soon
+   as the prefill forward ends; the counts inbox resolves the future for that room.
+3. One Rust-router decision picks the decoder (JSQ fallback if counts do not arrive by the
+   deadline, or are malformed); the same request, same room, goes to that decoder, which pulls
+   the KV from the prefill server and decodes. Its response is returned with a route receipt.
+4. The decoder's in-flight count is released exactly once, however the request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import aiohttp
+import msgspec
+import numpy as np
+from aiohttp import web
+
+from sglang_eldr.counts_inbox import CountsInbox
+from sglang_eldr.decode_policy import DecodeChooser
+from sglang_eldr.metrics import RouterMetrics
+from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
+from sglang_eldr.wire import RouteReceipt
+
+logger = logging.getLogger(__name__)
+
+GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class Worker:
+    url: str
+    role: str  # "prefill" | "decode"
+    bootstrap_port: int | None = None
+    counts_port: int | None = None
+    healthy: bool = True
+    in_flight: int = 0
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def counts_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.counts_port}"
+
+
+@dataclass
+class LBConfig:
+    counts_deadline_s: float = 5.0
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    tau: float = 0.1
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+@dataclass
+class LoadBalancer:
+    prefills: list[Worker]
+    decoders: list[Worker]
+    decode: DecodeChooser
+    prefill_picker: PrefillPicker
+    config: LBConfig = field(default_factory=LBConfig)
+    policy_name: str = ""
+
+    def __post_init__(self) -> None:
+        self.metrics = RouterMetrics([d.url for d in self.decoders])
+        self.inbox = CountsInbox()
+        self.session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task] = set()
+        self._refit_task: asyncio.Task | None = None
+        self.policy_name = self.policy_name or self.decode.policy
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, app: web.Application) -> None:
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.request_timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),
+        )
+        for p in self.prefills:
+            if p.counts_port is not None:
+                self.inbox.connect(p.counts_endpoint)
+        self.inbox.start()
+        if self.decode.refit is not None:
+            self._refit_task = asyncio.create_task(self.decode.refit.run(), name="eldr-refit")
+
+    async def stop(self, app: web.Application) -> None:
+        if self._refit_task is not None:
+            self._refit_task.cancel()
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.inbox.close()
+        if self.session is not None:
+            await self.session.close()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.on_startup.append(self.start)
+        app.on_cleanup.append(self.stop)
+        for path in GENERATE_PATHS:
+            app.router.add_post(path, self.handle_generate)
+        app.router.add_get("/health", self.handle_health)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/workers", self.handle_workers)
+        return app
+
+    # ------------------------------------------------------------------ small endpoints
+    async def handle_health(self, request: web.Request) -> web.Response:
+        ok = any(p.healthy for p in self.prefills) and any(self.decode.healthy())
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        self.metrics.set_in_flight(self.decode.loads())
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def handle_workers(self, request: web.Request) -> web.Response:
+        loads = self.decode.loads()
+        healthy = self.decode.healthy()
+        rows = [
+            {"url": p.url, "role": "prefill", "healthy": p.healthy, "in_flight": p.in_flight,
+             "bootstrap_port": p.bootstrap_port, "counts_port": p.counts_port}
+            for p in self.prefills
+        ] + [
+            {"url": d.url, "role": "decode", "healthy": healthy[i], "in_flight": loads[i]}
+            for i, d in enumerate(self.decoders)
+        ]
+        return web.json_response({"policy": self.policy_name, "workers": rows})
+
+    # ------------------------------------------------------------------ the request path
+    async def handle_generate(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        path = request.path
+        try:
+            body = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.metrics.requests.labels(path, "400").inc()
+            return error_response(400, f"request body is not valid JSON: {e}")
+        problem = validate_body(path, body)
+        if problem:
+            self.metrics.requests.labels(path, "400").inc()
+            return error_response(400, problem)
+        try:
+            response = await self._serve(request, path, body, started)
+        except UpstreamError as e:
+            self.metrics.requests.labels(path, str(e.status)).inc()
+            return error_response(e.status, e.message, "upstream_error")
+        self.metrics.requests.labels(path, str(response.status)).inc()
+        return response
+
+    def _pick_prefill(self, body: dict) -> Worker:
+        try:
+            i = self.prefill_picker.pick(
+                prompt_key(body), [p.in_flight for p in self.prefills], [p.healthy for p in self.prefills]
+            )
+        except LookupError as e:
+            raise UpstreamError(503, str(e)) from None
+        return self.prefills[i]
+
+    async def _serve(self, request: web.Request, path: str, body: dict, started: float) -> web.StreamResponse:
+        prefill = self._pick_prefill(body)
+        room = secrets.randbits(63)
+        pd_body = {**body, "bootstrap_host": prefill.host, "bootstrap_port": prefill.bootstrap_port,
+                   "bootstrap_room": room}
+        counts_future = self.inbox.expect(room)
+        prefill.in_flight += 1
+        prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_body))
+        self._background.add(prefill_task)
+        prefill_task.add_done_callback(self._background.discard)
+        decoder_idx: int | None = None
+        try:
+            counts, fallback = await self._await_counts(counts_future, prefill_task)
+            route_started = time.perf_counter()
+            try:
+                receipt = self.decode.choose(counts)
+            except ValueError as e:
+                logger.warning("room %d: counts rejected by the router (%s); falling back to least-loaded", room, e)
+                fallback = "bad-counts"
+                receipt = self.decode.choose(None)
+            decoder_idx = receipt["worker"]
+            self.metrics.route_seconds.observe(time.perf_counter() - route_started)
+            if fallback is None and self.decode.locality and receipt["scores"] is None:
+                fallback = "zero-signature"
+            if fallback is not None:
+                self.metrics.fallbacks.labels(fallback).inc()
+            decoder = self.decoders[decoder_idx]
+            self.metrics.routed.labels(decoder.url).inc()
+            route = RouteReceipt(
+                policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
+                fallback=fallback, scores=receipt["scores"] if self.decode.locality else None,
+                band=receipt["band"] if self.decode.locality else None,
+            )
+            route_json = msgspec.to_builtins(route)
+            stream = bool(body.get("stream", False))
+            if stream:
+                return await self._stream_decode(request, decoder, path, pd_body, route_json, prefill_task)
+            return await self._unary_decode(decoder, path, pd_body, route_json, prefill_task)
+        finally:
+            self.inbox.forget(room)
+            if decoder_idx is not None:
+                self.decode.release(decoder_idx)
+            self.metrics.set_in_flight(self.decode.loads())
+            # The prefill response arrives after the KV transfer; let it finish in the background
+            # (its in-flight count drops then), but never outlive a failed decode.
+            prefill_task.add_done_callback(lambda _t, p=prefill: _dec(p))
+            self.metrics.request_seconds.observe(time.perf_counter() - started)
+
+    async def _await_counts(self, counts_future: asyncio.Future, prefill_task: asyncio.Task):
+        done, _ = await asyncio.wait(
+            {counts_future, prefill_task}, timeout=self.config.counts_deadline_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if counts_future in done:
+            try:
+                return counts_future.result().array(), None
+            except ValueError as e:
+                logger.warning("malformed counts report: %s", e)
+                return None, "bad-counts"
+        if prefill_task in done:
+            status, text = prefill_task.result()
+            if status != 200:
+                raise UpstreamError(502 if status >= 500 else status, f"prefill server failed ({status}): {text[:500]}")
+            # Prefill answered without publishing counts (capture off on that server).
+            return None, "no-counts"
+        return None, "counts-timeout"
+
+    async def _call_prefill(self, prefill: Worker, path: str, body: dict) -> tuple[int, str]:
+        assert self.session is not None
+        try:
+            async with self.session.post(prefill.url + path, json=body) as resp:
+                text = await resp.text()
+                return resp.status, text
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return 599, f"{type(e).__name__}: {e}"
+
+    async def _unary_decode(self, decoder: Worker, path: str, body: dict, route: dict,
+                            prefill_task: asyncio.Task) -> web.Response:
+        assert self.session is not None
+        try:
+            async with self.session.post(decoder.url + path, json=body) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            prefill_task.cancel()
+            raise UpstreamError(502, f"decode server {decoder.url} failed: {type(e).__name__}: {e}") from None
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            prefill_task.cancel()
+            raise UpstreamError(502, f"decode server {decoder.url} returned non-JSON ({status}): {raw[:300]!r}") from None
+        if status != 200:
+            prefill_task.cancel()
+        attach_receipt(payload, route, path)
+        return web.json_response(payload, status=status, headers={"X-ELDR-Route": json.dumps(route)})
+
+    async def _stream_decode(self, request: web.Request, decoder: Worker, path: str, body: dict, route: dict,
+                             prefill_task: asyncio.Task) -> web.StreamResponse:
+        assert self.session is not None
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                          "X-ELDR-Route": json.dumps(route)})
+        try:
+            async with self.session.post(decoder.url + path, json=body) as resp:
+                if resp.status != 200:
+                    prefill_task.cancel()
+                    text = await resp.text()
+                    raise UpstreamError(resp.status, f"decode server {decoder.url} failed ({resp.status}): {text[:500]}")
+                await out.prepare(request)
+                async for line in resp.content:
+                    if line.startswith(b"data:") and path == "/generate":
+                        line = inject_stream_receipt(line, route)
+                    await out.write(line)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            prefill_task.cancel()
+            if not out.prepared:
+                raise UpstreamError(502, f"decode server {decoder.url} failed: {type(e).__name__}: {e}") from None
+            error = {"error": {"message": f"decode server {decoder.url} failed mid-stream: {type(e).__name__}: {e}",
+                               "type": "upstream_error", "code": 502}}
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await out.write(f"data: {json.dumps(error)}\n\n".encode())
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await out.write_eof()
+        return out
+
+
+def _dec(worker: Worker) -> None:
+    worker.in_flight = max(0, worker.in_flight - 1)
+
+
+def validate_body(path: str, body: object) -> str | None:
+    if not isinstance(body, dict):
+        return "request body must be a JSON object"
+    if path == "/generate":
+        has = [k for k in ("text", "input_ids") if body.get(k) is not None]
+        if not has:
+            return "/generate needs 'text' or 'input_ids'"
+        v = body[has[0]]
+        if has[0] == "text" and not isinstance(v, str):
+            return "'text' must be a string (batched requests are not supported through the PD router; send one request per prompt)"
+        if has[0] == "input_ids" and not (isinstance(v, list) and all(isinstance(t, int) for t in v)):
+            return "'input_ids' must be a flat list of integers (one request per call)"
+    elif path == "/v1/completions":
+        if not isinstance(body.get("prompt"), str):
+            return "'prompt' must be a string (one prompt per request through the PD router)"
+    elif path == "/v1/chat/completions":
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return "'messages' must be a non-empty list"
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return "'stream' must be a boolean"
+    for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
+        if k in body:
+            return f"'{k}' is set by the router; do not send it"
+    return None
+
+
+def attach_receipt(payload: object, route: dict, path: str) -> None:
+    if not isinstance(payload, dict):
+        return
+    if path == "/generate":
+        meta = payload.get("meta_info")
+        if isinstance(meta, dict):
+            meta["eldr_route"] = route
+            return
+    payload["eldr_route"] = route
+
+
+def inject_stream_receipt(line: bytes, route: dict) -> bytes:
+    data = line[5:].strip()
+    if not data or data == b"[DONE]":
+        return line
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return line
+    attach_receipt(chunk, route, "/generate")
+    return b"data: " + json.dumps(chunk).encode() + b"\n"
+
+

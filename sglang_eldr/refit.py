@@ -1,0 +1,78 @@
+"""Online refit of the ELDR centroids: a background task fits balanced spherical K-means on a
+recent window of request signatures, aligns the new centroids to decoder identities (Hungarian)
+and swaps them into the Rust router atomically. The request path only appends to a deque."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+import numpy as np
+
+from sglang_eldr import calibrate
+from sglang_eldr.signature import build_signatures
+
+logger = logging.getLogger(__name__)
+
+
+class OnlineRefit:
+    def __init__(
+        self,
+        router,
+        idf: np.ndarray,
+        layer_mask: np.ndarray,
+        window_s: float = 5.0,
+        interval_s: float = 2.5,
+        min_samples: int | None = None,
+        max_samples: int = 4096,
+        seed: int = 0,
+    ):
+        if window_s <= 0 or interval_s <= 0:
+            raise ValueError("refit window and interval must be positive")
+        self.router = router
+        self.idf = idf
+        self.layer_mask = layer_mask
+        self.window_s = window_s
+        self.interval_s = interval_s
+        self.min_samples = min_samples if min_samples is not None else 4 * router.num_workers
+        self.seed = seed
+        self._recent: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=max_samples)
+        self.refits = 0
+        self.skipped = 0
+        self.last_error: str | None = None
+
+    def observe(self, counts: np.ndarray) -> None:
+        self._recent.append((time.monotonic(), counts))
+
+    def window(self) -> list[np.ndarray]:
+        cutoff = time.monotonic() - self.window_s
+        return [c for t, c in list(self._recent) if t >= cutoff]
+
+    def refit_once(self) -> bool:
+        """Fits and swaps if the window holds enough requests; returns whether it swapped."""
+        samples = self.window()
+        if len(samples) < max(self.min_samples, self.router.num_workers):
+            self.skipped += 1
+            return False
+        sigs = build_signatures(np.stack(samples), self.idf, self.layer_mask)
+        if not sigs.any(axis=1).all():
+            sigs = sigs[sigs.any(axis=1)]
+            if len(sigs) < self.router.num_workers:
+                self.skipped += 1
+                return False
+        new, _, _ = calibrate.balanced_spherical_kmeans(sigs, self.router.num_workers, seed=self.seed)
+        self.router.swap_centroids(calibrate.align_centroids(self.router.centroids(), new))
+        self.refits += 1
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.to_thread(self.refit_once)
+                self.last_error = None
+            except Exception as e:  # noqa: BLE001 - a failed refit keeps the old centroids
+                self.last_error = str(e)
+                logger.warning("online refit failed, keeping the current centroids: %s", e)
