@@ -17,6 +17,7 @@ Protocol (docs/protocol.md has the full design):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -38,6 +39,7 @@ from sglang_eldr.wire import RouteReceipt
 
 logger = logging.getLogger(__name__)
 
+COUNTS_FIELD = "return_eldr_counts"
 GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 
 
@@ -185,8 +187,9 @@ class LoadBalancer:
     async def _serve(self, request: web.Request, path: str, body: dict, started: float) -> web.StreamResponse:
         prefill = self._pick_prefill(body)
         room = secrets.randbits(63)
-        pd_body = {**body, "bootstrap_host": prefill.host, "bootstrap_port": prefill.bootstrap_port,
-                   "bootstrap_room": room}
+        want_counts = body.get(COUNTS_FIELD) is True
+        pd_body = {k: v for k, v in body.items() if k != COUNTS_FIELD}
+        pd_body.update(bootstrap_host=prefill.host, bootstrap_port=prefill.bootstrap_port, bootstrap_room=room)
         counts_future = self.inbox.expect(room)
         prefill.in_flight += 1
         prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_body))
@@ -216,10 +219,11 @@ class LoadBalancer:
                 band=receipt["band"] if self.decode.locality else None,
             )
             route_json = msgspec.to_builtins(route)
+            extra = counts_meta(counts) if want_counts and counts is not None else {}
             stream = bool(body.get("stream", False))
             if stream:
                 return await self._stream_decode(request, decoder, path, pd_body, route_json, prefill_task)
-            return await self._unary_decode(decoder, path, pd_body, route_json, prefill_task)
+            return await self._unary_decode(decoder, path, pd_body, route_json, prefill_task, extra)
         finally:
             self.inbox.forget(room)
             if decoder_idx is not None:
@@ -261,7 +265,7 @@ class LoadBalancer:
             return 599, f"{type(e).__name__}: {e}"
 
     async def _unary_decode(self, decoder: Worker, path: str, body: dict, route: dict,
-                            prefill_task: asyncio.Task) -> web.Response:
+                            prefill_task: asyncio.Task, extra_meta: dict) -> web.Response:
         assert self.session is not None
         try:
             async with self.session.post(decoder.url + path, json=body) as resp:
@@ -278,6 +282,8 @@ class LoadBalancer:
         if status != 200:
             prefill_task.cancel()
         attach_receipt(payload, route, path)
+        if extra_meta and isinstance(payload, dict) and isinstance(payload.get("meta_info"), dict):
+            payload["meta_info"].update(extra_meta)
         return web.json_response(payload, status=status, headers={"X-ELDR-Route": json.dumps(route)})
 
     async def _stream_decode(self, request: web.Request, decoder: Worker, path: str, body: dict, route: dict,
@@ -307,6 +313,13 @@ class LoadBalancer:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await out.write_eof()
         return out
+
+
+def counts_meta(counts: np.ndarray) -> dict:
+    """The prefill's counts in the engine's meta_info format (for `return_eldr_counts`)."""
+    a = np.ascontiguousarray(counts, dtype="<i4")
+    return {COUNTS_FIELD.removeprefix("return_"): base64.b64encode(a.tobytes()).decode("ascii"),
+            "eldr_counts_shape": [int(a.shape[0]), int(a.shape[1])]}
 
 
 def _dec(worker: Worker) -> None:
