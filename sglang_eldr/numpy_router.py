@@ -2,7 +2,8 @@
 
 Same rule as `router_rs`: cosine to unit centroids; band = healthy workers with score >=
 max - tau; when tau > 0 leaves one member, add the best-scoring other healthy worker; least
-in-flight inside the band, ties to the lowest index; zero signature -> least in-flight overall.
+in-flight inside the band, load ties to the higher score, then the lowest index; zero signature
+-> least in-flight overall (ties to the lowest index).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def select(
     x = np.asarray(signature, dtype=np.float32)
     if not np.any(x):
         candidates = np.flatnonzero(h)
-    else:
-        candidates = band(scores(x, unit_centroids), tau, h)
-    return int(candidates[np.argmin(l[candidates])])
+        return int(candidates[np.argmin(l[candidates])])
+    s = scores(x, unit_centroids)
+    candidates = band(s, tau, h)
+    # lexsort: last key is primary -> load, then higher score, then index.
+    order = np.lexsort((candidates, -s[candidates], l[candidates]))
+    return int(candidates[order[0]])

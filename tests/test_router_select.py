@@ -36,7 +36,8 @@ def problems(draw, tau=None):
 
 
 def ambiguous(centroids, sig, tau, healthy) -> bool:
-    """True when float rounding alone could change the decision (a score at the band edge)."""
+    """True when float rounding alone could change the decision (a score at the band edge, or
+    two near-equal scores deciding a load tie or the nearest alternative)."""
     c = centroids.astype(np.float64)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     x = sig.astype(np.float64)
@@ -47,8 +48,7 @@ def ambiguous(centroids, sig, tau, healthy) -> bool:
     thr = s[h].max() - tau
     if np.any(np.abs(s[h] - thr) < EPS):
         return True
-    outside = np.sort(s[h][s[h] < thr])[::-1]
-    return len(outside) >= 2 and outside[0] - outside[1] < EPS
+    return bool(np.any(np.diff(np.sort(s[h])) < EPS))
 
 
 @given(problems())
@@ -81,12 +81,35 @@ def test_tau_zero_is_argmax_with_lowest_index_ties(p):
     assert got == min(k for k in tied if loads[k] == loads[tied].min())
 
 
+@given(problems())
+def test_never_more_loaded_than_the_least_loaded_band_member(p):
+    centroids, sig, loads, healthy, tau = p
+    router = LocalityBandRouter(centroids, tau)
+    r = router.acquire_with_receipt(sig) if healthy.all() and not loads.any() else None
+    got = router.select(sig, loads, healthy)
+    if sig.any():
+        members = numpy_router.band(router.scores(sig), tau, healthy)
+        assert got in members and loads[got] == loads[members].min()
+        tied = [k for k in members if loads[k] == loads[got]]
+        s = router.scores(sig)
+        assert s[got] == max(s[k] for k in tied)
+    if r is not None:
+        assert r["worker"] == got
+
+
 @given(problems(tau=1.0))
 def test_tau_one_is_pure_least_loaded_for_nonnegative_inputs(p):
     centroids, sig, loads, healthy, _ = p
-    got = LocalityBandRouter(centroids, 1.0).select(sig, loads, healthy)
+    router = LocalityBandRouter(centroids, 1.0)
+    got = router.select(sig, loads, healthy)
     cand = np.flatnonzero(healthy)
-    assert got == cand[np.argmin(loads[cand])]
+    assert loads[got] == loads[cand].min()
+    if sig.any():
+        s = router.scores(sig)
+        least = cand[loads[cand] == loads[cand].min()]
+        assert s[got] == s[least].max() and got == least[s[least] == s[least].max()][0]
+    else:
+        assert got == cand[np.argmin(loads[cand])]
 
 
 @given(problems(), st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]))

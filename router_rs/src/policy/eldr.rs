@@ -3,7 +3,9 @@ use crate::error::{Result, RouterError};
 
 /// ELDR locality band: keep the healthy workers whose score is within `tau` of the best,
 /// add the nearest alternative when `tau > 0` leaves a band of one, then pick the least
-/// loaded member (ties to the lowest index). Without scores (zero signature) it is JSQ.
+/// loaded member. Load ties go to the higher score, then the lower index: with a pure
+/// lowest-index tie break, two decoders with equal load would always resolve to decoder 0 and a
+/// two-decoder fleet would degenerate into JSQ. Without scores (zero signature) it is JSQ.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalityBand {
     tau: f32,
@@ -55,7 +57,10 @@ impl Policy for LocalityBand {
         match scores {
             Some(s) => {
                 self.band(fleet, s, band);
-                Ok(fleet.least_loaded(band.iter().copied()).expect("band holds a healthy worker"))
+                let pick = band.iter().copied().min_by(|&a, &b| {
+                    (fleet.loads[a].cmp(&fleet.loads[b])).then(s[b].total_cmp(&s[a])).then(a.cmp(&b))
+                });
+                Ok(pick.expect("band holds a healthy worker"))
             }
             None => {
                 band.clear();
@@ -95,6 +100,14 @@ mod tests {
     #[test]
     fn ties_go_to_lowest_index() {
         assert_eq!(pick(0.0, &[0.7, 0.7, 0.7], &[4, 1, 1]), (1, vec![0, 1, 2]));
+    }
+
+    #[test]
+    fn load_ties_go_to_the_better_score() {
+        assert_eq!(pick(0.5, &[0.6, 0.9, 0.5], &[1, 1, 0]), (2, vec![0, 1, 2]));
+        assert_eq!(pick(0.5, &[0.6, 0.9, 0.5], &[1, 1, 1]), (1, vec![0, 1, 2]));
+        assert_eq!(pick(0.1, &[0.9, 0.3], &[0, 0]), (0, vec![0, 1]));
+        assert_eq!(pick(0.1, &[0.3, 0.9], &[0, 0]), (1, vec![0, 1]));
     }
 
     #[test]
