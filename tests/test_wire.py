@@ -1,0 +1,95 @@
+"""The counts message and the router's request validation, under fuzzed input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sglang_eldr.counts_inbox import CountsInbox
+from sglang_eldr.load_balancer import validate_body
+from sglang_eldr.wire import COUNTS_TOPIC, decode_report, encode_report
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def test_report_round_trip():
+    counts = np.arange(12, dtype=np.int64).reshape(3, 4)
+    r = decode_report(encode_report(7, "rid-1", counts, 40))
+    assert (r.room, r.rid, r.prompt_tokens) == (7, "rid-1", 40)
+    np.testing.assert_array_equal(r.array(), counts)
+
+
+@given(st.binary(max_size=200))
+def test_decoder_rejects_garbage_cleanly(data):
+    try:
+        r = decode_report(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return
+    try:
+        r.array()
+    except ValueError:
+        pass
+
+
+@given(st.integers(-3, 5), st.integers(-3, 5), st.binary(max_size=64))
+def test_inconsistent_shapes_are_value_errors(layers, experts, payload):
+    msg = msgspec.msgpack.encode(
+        {"room": 1, "rid": "x", "layers": layers, "experts": experts, "counts": payload, "prompt_tokens": 1}
+    )
+    r = decode_report(msg)
+    if layers > 0 and experts > 0 and len(payload) == 4 * layers * experts:
+        assert r.array().shape == (layers, experts)
+    else:
+        with pytest.raises(ValueError, match="counts report"):
+            r.array()
+
+
+@given(st.sampled_from(["/generate", "/v1/completions", "/v1/chat/completions"]), json_values)
+def test_validate_body_never_raises(path, body):
+    result = validate_body(path, body)
+    assert result is None or isinstance(result, str)
+
+
+def test_validate_body_messages():
+    assert validate_body("/generate", {"text": "hi"}) is None
+    assert "JSON object" in validate_body("/generate", [1, 2])
+    assert "needs 'text'" in validate_body("/generate", {"prompt": "x"})
+    assert "batched" in validate_body("/generate", {"text": ["a", "b"]})
+    assert "'stream' must be a boolean" in validate_body("/generate", {"text": "a", "stream": "yes"})
+    assert "set by the router" in validate_body("/generate", {"text": "a", "bootstrap_room": 3})
+    assert "'messages'" in validate_body("/v1/chat/completions", {"messages": []})
+
+
+def test_inbox_delivers_over_real_zmq_and_counts_bad_messages():
+    async def scenario():
+        ctx = zmq.Context.instance()
+        pub = ctx.socket(zmq.PUB)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        inbox = CountsInbox()
+        inbox.connect(f"tcp://127.0.0.1:{port}")
+        inbox.start()
+        try:
+            await asyncio.sleep(0.3)  # SUB joins
+            fut = inbox.expect(42)
+            pub.send_multipart([COUNTS_TOPIC, b"\x00garbage"])
+            pub.send_multipart([COUNTS_TOPIC, encode_report(41, "other", np.ones((2, 2)), 3)])
+            pub.send_multipart([COUNTS_TOPIC, encode_report(42, "mine", np.eye(2), 2)])
+            report = await asyncio.wait_for(fut, 5)
+            assert report.rid == "mine"
+            np.testing.assert_array_equal(report.array(), np.eye(2, dtype=np.int32))
+            assert inbox.malformed == 1 and inbox.unmatched == 1 and inbox.received == 2
+        finally:
+            await inbox.close()
+            pub.close(0)
+
+    asyncio.run(scenario())
