@@ -1,56 +1,107 @@
-"""`make demo` until the PD cluster lands: calibrate on synthetic domain-structured expert
-counts, then route a mixed stream with ELDR and with JSQ and print what each decided."""
+"""`make demo`: a 1P+2D PD cluster of the tiny trained MoE behind the ELDR router.
+
+Starts the servers and the router (calibrating first if no centroid file ships with the model),
+sends a mixed-domain batch of held-out prompts, prints per request its domain, the decoder chosen
+and the route receipt, then per-decoder totals, and shuts everything down.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import argparse
+import json
+import random
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from sglang_eldr import calibrate
-from sglang_eldr.router_rs import BaselineRouter, LocalityBandRouter
+import requests
 
-DOMAINS = ["code", "math", "legal", "medical"]
+from sglang_eldr import centroids as centroid_file
+from sglang_eldr.launch_cluster import Cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "tiny-qwen3-moe"
+SHIPPED_CENTROIDS = MODEL / "eldr-centroids-2d.eldr"
+CALIB = ROOT / "bench" / "data" / "prompts_calib.jsonl"
+EVAL = ROOT / "bench" / "data" / "prompts_eval.jsonl"
 
 
-def synthetic_counts(rng: np.random.Generator, prefs: np.ndarray, domain: int, tokens: int = 96) -> np.ndarray:
-    layers, experts = prefs.shape[1:]
-    return np.stack([rng.multinomial(tokens * 2, prefs[domain, l]) for l in range(layers)]).astype(np.int32)
+def load_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def main() -> None:
-    rng = np.random.default_rng(0)
-    layers, experts, top_k = 4, 32, 2
-    prefs = rng.dirichlet(np.full(experts, 0.2), size=(len(DOMAINS), layers))
-    calib_domains = rng.integers(0, len(DOMAINS), 200)
-    calib = np.stack([synthetic_counts(rng, prefs, d) for d in calib_domains])
-    cs = calibrate.fit(calib, num_workers=len(DOMAINS), top_k=top_k, seed=0, source="synthetic demo")
-    print(f"calibrated {cs.fit.num_requests} requests -> {len(cs.centroids)} centroids, sizes {cs.fit.cluster_sizes}")
+def mixed_batch(n: int, seed: int) -> list[dict]:
+    rows = load_rows(EVAL)
+    by_domain: dict[str, list[dict]] = {}
+    for r in rows:
+        by_domain.setdefault(r["domain"], []).append(r)
+    rng = random.Random(seed)
+    domains = sorted(by_domain)
+    return [rng.choice(by_domain[domains[i % len(domains)]]) for i in range(n)]
 
-    eldr = LocalityBandRouter(cs.centroids, 0.1, idf=cs.idf, layer_mask=cs.layer_mask)
-    jsq = BaselineRouter("jsq", len(DOMAINS))
-    stream = rng.integers(0, len(DOMAINS), 24)
-    per_decoder = {name: np.zeros((len(DOMAINS), len(DOMAINS)), dtype=int) for name in ("eldr", "jsq")}
-    active: list[tuple[int, int]] = []
-    for i, d in enumerate(stream):
-        counts = synthetic_counts(rng, prefs, d)
-        r = eldr.acquire_with_receipt(counts)
-        j = jsq.acquire(counts)
-        active.append((r["worker"], j))
-        per_decoder["eldr"][r["worker"], d] += 1
-        per_decoder["jsq"][j, d] += 1
-        scores = " ".join(f"{s:.2f}" for s in r["scores"])
-        print(f"req {i:2d} {DOMAINS[d]:>8} -> eldr decoder {r['worker']} band={r['band']} scores=[{scores}] loads={r['loads']} | jsq {j}")
-        if len(active) > 6:  # requests finish: keep a few in flight
-            w_e, w_j = active.pop(0)
-            eldr.release(w_e)
-            jsq.release(w_j)
-    for w_e, w_j in active:
-        eldr.release(w_e)
-        jsq.release(w_j)
-    for name, table in per_decoder.items():
-        purity = table.max(axis=1).sum() / table.sum()
-        print(f"{name:>5}: per-decoder domain counts {table.tolist()}  domain purity {purity:.0%}")
-    print(f"in-flight after the stream: eldr {eldr.loads().tolist()}, jsq {jsq.loads().tolist()}")
+
+def send(url: str, row: dict, max_new_tokens: int) -> dict:
+    r = requests.post(url + "/generate", json={"text": row["text"], "sampling_params": {
+        "temperature": 0, "max_new_tokens": max_new_tokens}}, timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sglang_eldr.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=24, help="requests to send (default: 24)")
+    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: 4)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--policy", default="eldr")
+    ap.add_argument("--recalibrate", action="store_true", help="calibrate even if a centroid file ships")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not (MODEL / "config.json").exists():
+        print(f"demo: the tiny model is missing at {MODEL}", file=sys.stderr)
+        return 2
+
+    t0 = time.monotonic()
+    with Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, policy=args.policy) as cluster:
+        print(f"[{time.monotonic() - t0:5.1f}s] 1 prefill + 2 decode servers healthy "
+              f"({', '.join(s.url for s in cluster.servers)}); logs in {cluster.log_dir}")
+        if SHIPPED_CENTROIDS.exists() and not args.recalibrate:
+            cluster.centroids = str(SHIPPED_CENTROIDS)
+            print(f"[{time.monotonic() - t0:5.1f}s] using shipped centroids {SHIPPED_CENTROIDS.relative_to(ROOT)}")
+        else:
+            print(f"[{time.monotonic() - t0:5.1f}s] calibrating on {CALIB.relative_to(ROOT)} ...")
+            cluster.centroids = str(cluster.calibrate(CALIB))
+        cs = centroid_file.load(cluster.centroids)
+        router = cluster.start_router()
+        print(f"[{time.monotonic() - t0:5.1f}s] ELDR router ({args.policy}, tau {cluster.tau}) on {router.url}; "
+              f"centroids fitted on {cs.fit.num_requests} prompts, layers kept {cs.layer_mask.astype(int).tolist()}")
+
+        batch = mixed_batch(args.requests, args.seed)
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            results = list(pool.map(lambda row: send(router.url, row, args.max_new_tokens), batch))
+        decoders = [d.url for d in cluster.decoders]
+        table: Counter[tuple[str, str]] = Counter()
+        print(f"\n{'#':>3} {'domain':>9}  decoder  {'scores':>13}  band    loads   fallback  output")
+        for i, (row, res) in enumerate(zip(batch, results)):
+            route = res["meta_info"]["eldr_route"]
+            d = decoders.index(route["decoder"])
+            table[(row["domain"], route["decoder"])] += 1
+            scores = " ".join(f"{s:.2f}" for s in route.get("scores") or [])
+            text = res["text"].replace("\n", "\\n")[:40]
+            print(f"{i:>3} {row['domain']:>9}  D{d}       {scores:>13}  {str(route.get('band')):7} "
+                  f"{str(route['loads']):7} {str(route.get('fallback') or '-'):9} {text!r}")
+        print("\nper-decoder totals (requests by domain):")
+        domains = sorted({r["domain"] for r in batch})
+        print(f"{'':>9} " + " ".join(f"{d:>9}" for d in domains))
+        for i, url in enumerate(decoders):
+            print(f"{'D' + str(i):>9} " + " ".join(f"{table[(d, url)]:>9}" for d in domains))
+        workers = requests.get(router.url + "/workers", timeout=5).json()["workers"]
+        in_flight = [w["in_flight"] for w in workers if w["role"] == "decode"]
+        print(f"\nin flight after the batch: {in_flight}; total time {time.monotonic() - t0:.1f}s; shutting down")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
