@@ -4,7 +4,8 @@ Accepts every ``python -m sglang.launch_server`` argument, plus the ELDR options
 (``--device cpu``, or no ``--device`` and no usable CUDA device) it also applies what SGLang needs there,
 unless ``--no-eldr-cpu-defaults``: ``--disable-overlap-schedule`` (the overlap scheduler is ~20x slower on
 CPU), an explicit ``--max-total-tokens 65536`` when none is given (``--mem-fraction-static`` would be a
-fraction of host RAM), and ``SGLANG_USE_CPU_ENGINE=1``.
+fraction of host RAM), ``--sleep-on-idle`` (an idle scheduler otherwise spins a whole core) and
+``SGLANG_USE_CPU_ENGINE=1``.
 
 The options reach SGLang's scheduler and tokenizer processes as environment variables read by the
 plugin (``sglang_eldr.engine.settings``); hooks are registered through SGLang's ``HookRegistry`` only.
@@ -45,7 +46,8 @@ def add_eldr_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--eldr-cpu-defaults", action=argparse.BooleanOptionalAction, default=True,
         help="On CPU, default to --disable-overlap-schedule, --max-total-tokens "
-             f"{CPU_DEFAULT_MAX_TOTAL_TOKENS} (unless given) and SGLANG_USE_CPU_ENGINE=1. Default: on.",
+             f"{CPU_DEFAULT_MAX_TOTAL_TOKENS} (unless given), --sleep-on-idle (an idle scheduler "
+             "otherwise spins a whole core) and SGLANG_USE_CPU_ENGINE=1. Default: on.",
     )
 
 
@@ -97,6 +99,8 @@ def prepare(argv: list[str]) -> list[str]:
             rest += ["--disable-overlap-schedule"]
         if not _has_opt(rest, "--max-total-tokens"):
             rest += ["--max-total-tokens", str(CPU_DEFAULT_MAX_TOTAL_TOKENS)]
+        if not _has_opt(rest, "--sleep-on-idle"):
+            rest += ["--sleep-on-idle"]
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     storage = "slot" if opts.eldr_storage == "auto" else opts.eldr_storage
     os.environ[S.ENV_ENABLE] = "1"
