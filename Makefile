@@ -6,19 +6,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup build demo test test-rust test-python bench bench-quick clean
+.PHONY: setup engine build demo test test-rust test-python bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# SGLang 0.5.23 and its serving dependencies (CPU build here, stock SGLang on a GPU host), then
+# the PD transport pieces for CPU. Both scripts are idempotent and return at once when up to date.
+engine: | $(BIN)/python
+	scripts/install_engine.sh $(VENV)
+	@if [ -x scripts/install_pd_cpu.sh ]; then scripts/install_pd_cpu.sh $(VENV); fi
+
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "maturin>=1.8,<2" "numpy>=1.26,<3" "scipy>=1.11" "scikit-learn>=1.4" \
-		"msgspec>=0.18" "pytest>=8" "hypothesis>=6.100"
+	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7"
 	touch $@
 
 # Editable install of the package; maturin rebuilds the Rust extension incrementally.
-build: $(VENV)/.deps
+build: $(VENV)/.deps engine
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $(BIN)/maturin develop --release
 	$(BIN)/python -c "import sglang_eldr.router_rs"
 

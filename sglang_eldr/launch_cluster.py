@@ -106,8 +106,10 @@ class Cluster:
         for i, s in enumerate(self.servers):
             s.log = self.log_dir / f"{s.role}-{s.port}.log"
             with open(s.log, "wb") as log:
+                # cwd outside the repo: a source folder named like a package would shadow it.
                 s.proc = subprocess.Popen(self._server_cmd(s), stdout=log, stderr=subprocess.STDOUT,
-                                          env=pd_env(cores[i % len(cores)]), start_new_session=True)
+                                          env=pd_env(cores[i % len(cores)]), cwd=self.log_dir,
+                                          start_new_session=True)
 
     def wait_healthy(self, servers: list[Server], path: str = "/health") -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -118,7 +120,7 @@ class Cluster:
                     tail = s.log.read_text(errors="replace")[-3000:] if s.log else ""
                     raise RuntimeError(f"{s.role} server on port {s.port} exited with {s.proc.returncode}:\n{tail}")
                 with contextlib.suppress(requests.RequestException):
-                    if requests.get(s.url + path, timeout=2).status_code == 200:
+                    if requests.get(s.url + path, timeout=2).status_code == 200 and _warmed_up(s):
                         pending.remove(s)
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"not healthy after {self.startup_timeout_s:.0f} s: {[s.url for s in pending]}")
@@ -134,13 +136,15 @@ class Cluster:
         return [s for s in self.servers if s.role == "decode"]
 
     # ------------------------------------------------------------------ router
-    def start_router(self, policy: str | None = None, centroids: str | None = None, extra: list[str] | None = None) -> Server:
+    def start_router(self, policy: str | None = None, centroids: str | None = None, extra: list[str] | None = None,
+                     prefill_counts_port: int | None = None) -> Server:
+        """(Re)starts the router; `prefill_counts_port` overrides where it listens for counts (tests)."""
         self.stop_router()
         port = self.router_port or free_port()
         cmd = [sys.executable, "-m", "sglang_eldr.launch_router", "--host", HOST, "--port", str(port),
                "--policy", policy or self.policy, "--tau", str(self.tau), "--log-level", "warning"]
         for p in self.prefills:
-            cmd += ["--prefill", p.url, str(p.bootstrap_port), str(p.counts_port)]
+            cmd += ["--prefill", p.url, str(p.bootstrap_port), str(prefill_counts_port or p.counts_port)]
         for d in self.decoders:
             cmd += ["--decode", d.url]
         c = centroids or self.centroids
@@ -150,7 +154,8 @@ class Cluster:
         r = Server("router", port)
         r.log = self.log_dir / f"router-{port}.log"
         with open(r.log, "wb") as log:
-            r.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            r.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_dir,
+                                      start_new_session=True)
         self.router = r
         self.wait_healthy([r])
         return r
@@ -191,6 +196,13 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _warmed_up(s: Server) -> bool:
+    """SGLang logs "fired up" once its warm-up request has run; /health can answer earlier."""
+    if s.role == "router" or s.log is None:
+        return True
+    return b"fired up" in s.log.read_bytes()
 
 
 def _stop(s: Server, grace_s: float = 10.0) -> None:

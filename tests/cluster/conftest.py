@@ -1,0 +1,67 @@
+"""One real 1P+2D PD cluster of the tiny trained MoE per test session, plus a plain single
+server as the output reference. Routers are started per test (about a second each)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from sglang_eldr.launch_cluster import Cluster, Server, free_port, pd_env
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "tiny-qwen3-moe"
+CALIB = ROOT / "bench" / "data" / "prompts_calib.jsonl"
+EVAL = ROOT / "bench" / "data" / "prompts_eval.jsonl"
+
+
+def _missing() -> str | None:
+    for mod in ("sglang", "mooncake"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (run `make test`, which installs the engine)"
+    if not (MODEL / "config.json").exists():
+        return f"the tiny model is missing at {MODEL}"
+    return None
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    why = _missing()
+    if why:
+        pytest.fail(why)  # the suite installs everything; a missing piece is a failure, not a skip
+    c = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, max_total_tokens=8192,
+                log_dir=tmp_path_factory.mktemp("cluster"))
+    with c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def centroids(cluster) -> str:
+    shipped = MODEL / "eldr-centroids-2d.eldr"
+    if shipped.exists():
+        return str(shipped)
+    return str(cluster.calibrate(CALIB))
+
+
+@pytest.fixture(scope="session")
+def reference_server(cluster):
+    """A plain (non-PD) ELDR server of the same model: greedy outputs to compare against."""
+    import subprocess
+    import sys
+
+    s = Server("plain", free_port())
+    s.log = cluster.log_dir / "plain.log"
+    cmd = [sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", str(MODEL), "--host", "127.0.0.1",
+           "--port", str(s.port), "--device", "cpu", "--max-total-tokens", "8192", "--log-level", "warning"]
+    with open(s.log, "wb") as log:
+        s.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=pd_env(0), cwd=cluster.log_dir,
+                                  start_new_session=True)
+    cluster.servers.append(s)  # stopped with the cluster
+    cluster.wait_healthy([s])
+    return s
