@@ -22,6 +22,7 @@ class DecodeChooser:
         refit_window_s: float = 5.0,
         refit_interval_s: float = 2.5,
         refit_min_samples: int | None = None,
+        max_imbalance: int | None = 2,
     ):
         if policy not in DECODE_POLICIES:
             raise ValueError(f"policy: unknown {policy!r} (expected one of {', '.join(DECODE_POLICIES)})")
@@ -36,7 +37,8 @@ class DecodeChooser:
                     "configured; recalibrate with --decoders matching the cluster"
                 )
             self.router = LocalityBandRouter(
-                centroid_set.centroids, tau, idf=centroid_set.idf, layer_mask=centroid_set.layer_mask
+                centroid_set.centroids, tau, idf=centroid_set.idf, layer_mask=centroid_set.layer_mask,
+                max_imbalance=max_imbalance,
             )
             if policy == "eldr":
                 self.refit = OnlineRefit(

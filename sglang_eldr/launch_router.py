@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--centroids", help="centroid file from `python -m sglang_eldr.calibrate` (eldr policies)")
     ap.add_argument("--tau", type=float, default=0.1,
                     help="locality band width: 0 = pure locality, 1 = pure least-loaded (default: 0.1)")
+    ap.add_argument("--max-imbalance", type=int, default=2,
+                    help="starvation guard for the eldr policies: never send a request to a decoder that already "
+                         "has more than this many requests in flight above the least-loaded healthy decoder, "
+                         "whatever the locality says (default: 2; -1 turns the guard off)")
     ap.add_argument("--counts-deadline", type=float, default=5.0,
                     help="seconds to wait for a prefill's expert counts before routing least-loaded (default: 5)")
     ap.add_argument("--request-timeout", type=float, default=600.0,
@@ -78,6 +82,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
     chooser = DecodeChooser(
         args.policy, len(decoders), cs, tau=args.tau, seed=args.seed, refit_window_s=args.refit_window,
         refit_interval_s=args.refit_interval, refit_min_samples=args.refit_min_samples,
+        max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
     )
     return LoadBalancer(
         prefills=prefills, decoders=decoders, decode=chooser,

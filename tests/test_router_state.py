@@ -161,3 +161,24 @@ def test_call_errors_are_clear_and_do_not_count():
             call()
     assert router.loads().tolist() == [0, 0]
     assert router.acquire(np.ones((2, 3), np.int16)) in (0, 1)
+
+
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=80), st.integers(0, 3))
+def test_imbalance_guard_bounds_the_spread(stream, bound):
+    """Whatever the locality says, no decoder gets a request while it is more than `bound`
+    requests above the least-loaded one (so the spread never exceeds bound + 1)."""
+    router = LocalityBandRouter(np.eye(4, 8, dtype=np.float32), 0.0, max_imbalance=bound)
+    assert router.max_imbalance == bound
+    for k in stream:
+        sig = np.zeros(8, dtype=np.float32)
+        sig[k % 2] = 1.0  # every request prefers decoder 0 or 1
+        before = router.loads()
+        w = router.acquire(sig)
+        assert before[w] <= before.min() + bound
+        loads = router.loads()
+        assert loads.max() - loads.min() <= bound + 1
+
+
+def test_imbalance_guard_rejects_negative_bound():
+    with pytest.raises(ValueError, match="max_imbalance: must be >= 0"):
+        LocalityBandRouter(np.eye(2, dtype=np.float32), 0.1, max_imbalance=-1)

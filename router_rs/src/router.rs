@@ -117,7 +117,12 @@ impl Router {
 
     /// The ELDR locality-band policy; one worker per centroid row.
     pub fn locality(model: LocalityModel, tau: f64) -> Result<Self> {
-        let band = LocalityBand::new(tau)?;
+        Self::locality_guarded(model, tau, None)
+    }
+
+    /// As [`locality`](Self::locality), with the starvation guard of [`LocalityBand::with_guard`].
+    pub fn locality_guarded(model: LocalityModel, tau: f64, max_imbalance: Option<i64>) -> Result<Self> {
+        let band = LocalityBand::with_guard(tau, max_imbalance)?;
         let workers = model.centroids().workers();
         Ok(Self::build(workers, Box::new(band), Some(RwLock::new(Arc::new(model))), Some(band)))
     }
@@ -140,6 +145,9 @@ impl Router {
     }
     pub fn tau(&self) -> Option<f32> {
         self.band.map(|b| b.tau())
+    }
+    pub fn max_imbalance(&self) -> Option<i64> {
+        self.band.and_then(|b| b.max_imbalance())
     }
 
     /// The current locality model (a cheap reference; stays valid across swaps).

@@ -120,6 +120,12 @@ impl Router {
         self.core.workers()
     }
 
+    /// Starvation guard bound (eldr only; None when off).
+    #[getter]
+    fn max_imbalance(&self) -> Option<i64> {
+        self.core.max_imbalance()
+    }
+
     /// Locality band width (eldr only; None for baselines).
     #[getter]
     fn tau(&self) -> Option<f32> {
@@ -270,9 +276,11 @@ impl Router {
 ///
 /// centroids: float32[W, D]; tau: band width (>= 0; 0 = pure locality, 1 = pure least-loaded);
 /// idf: float32[L, E] or None (all ones); layer_mask: bool[L] or None (all layers); layers: L
-/// when neither idf nor layer_mask is given (default 1, i.e. counts of shape [1, D]).
+/// when neither idf nor layer_mask is given (default 1, i.e. counts of shape [1, D]);
+/// max_imbalance: starvation guard — never choose a decoder whose in-flight count exceeds the
+/// least-loaded healthy decoder's by more than this (None: no guard).
 #[pyfunction]
-#[pyo3(signature = (centroids, tau, idf=None, layer_mask=None, layers=None))]
+#[pyo3(signature = (centroids, tau, idf=None, layer_mask=None, layers=None, max_imbalance=None))]
 fn LocalityBandRouter(
     py: Python<'_>,
     centroids: PyReadonlyArray2<'_, f32>,
@@ -280,6 +288,7 @@ fn LocalityBandRouter(
     idf: Option<PyReadonlyArray2<'_, f32>>,
     layer_mask: Option<PyReadonlyArray1<'_, bool>>,
     layers: Option<usize>,
+    max_imbalance: Option<i64>,
 ) -> PyResult<Router> {
     let (w, d) = (centroids.shape()[0], centroids.shape()[1]);
     let cent_owned: Vec<f32>;
@@ -303,7 +312,7 @@ fn LocalityBandRouter(
     py.detach(|| {
         let spec = SignatureSpec::new(l, e, idf_vec.as_deref(), mask.as_deref())?;
         let model = LocalityModel::new(spec, Centroids::new(cent, w, d)?)?;
-        Core::locality(model, tau)
+        Core::locality_guarded(model, tau, max_imbalance)
     })
     .map(|core| Router { core })
     .map_err(value_error)

@@ -6,17 +6,35 @@ use crate::error::{Result, RouterError};
 /// loaded member. Load ties go to the higher score, then the lower index: with a pure
 /// lowest-index tie break, two decoders with equal load would always resolve to decoder 0 and a
 /// two-decoder fleet would degenerate into JSQ. Without scores (zero signature) it is JSQ.
+///
+/// Starvation guard: with `max_imbalance = Some(m)`, a choice whose in-flight count would exceed
+/// the least-loaded healthy worker's by more than `m` is replaced by the best-scoring worker among
+/// the least loaded, whatever the locality says.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalityBand {
     tau: f32,
+    max_imbalance: Option<i64>,
 }
 
 impl LocalityBand {
     pub fn new(tau: f64) -> Result<Self> {
+        Self::with_guard(tau, None)
+    }
+
+    pub fn with_guard(tau: f64, max_imbalance: Option<i64>) -> Result<Self> {
         if !tau.is_finite() || tau < 0.0 {
             return Err(RouterError::Tau(tau));
         }
-        Ok(Self { tau: tau as f32 })
+        if let Some(m) = max_imbalance {
+            if m < 0 {
+                return Err(RouterError::Invalid { arg: "max_imbalance", reason: format!("must be >= 0, got {m}") });
+            }
+        }
+        Ok(Self { tau: tau as f32, max_imbalance })
+    }
+
+    pub fn max_imbalance(&self) -> Option<i64> {
+        self.max_imbalance
     }
 
     pub fn tau(&self) -> f32 {
@@ -57,10 +75,18 @@ impl Policy for LocalityBand {
         match scores {
             Some(s) => {
                 self.band(fleet, s, band);
-                let pick = band.iter().copied().min_by(|&a, &b| {
+                let by_load_then_score = |&a: &usize, &b: &usize| {
                     (fleet.loads[a].cmp(&fleet.loads[b])).then(s[b].total_cmp(&s[a])).then(a.cmp(&b))
-                });
-                Ok(pick.expect("band holds a healthy worker"))
+                };
+                let pick = band.iter().copied().min_by(by_load_then_score).expect("band holds a healthy worker");
+                if let Some(m) = self.max_imbalance {
+                    let least = fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists");
+                    if fleet.loads[pick] + 1 > fleet.loads[least] + 1 + m {
+                        let all = (0..fleet.workers()).filter(|&k| fleet.healthy[k]);
+                        return Ok(all.min_by(by_load_then_score).expect("a healthy worker exists"));
+                    }
+                }
+                Ok(pick)
             }
             None => {
                 band.clear();
@@ -122,6 +148,17 @@ mod tests {
         let mut band = Vec::new();
         let w = LocalityBand::new(0.0).unwrap().choose(&fleet, Some(&[0.2, 0.9, 0.5]), &mut band).unwrap();
         assert_eq!((w, band), (2, vec![2]));
+    }
+
+    #[test]
+    fn imbalance_guard_overrides_locality() {
+        let fleet = Fleet { loads: &[5, 1, 2], healthy: &[true; 3] };
+        let mut band = Vec::new();
+        let scores = [0.9, 0.1, 0.2];
+        assert_eq!(LocalityBand::with_guard(0.0, None).unwrap().choose(&fleet, Some(&scores), &mut band), Ok(0));
+        assert_eq!(LocalityBand::with_guard(0.0, Some(4)).unwrap().choose(&fleet, Some(&scores), &mut band), Ok(0));
+        assert_eq!(LocalityBand::with_guard(0.0, Some(3)).unwrap().choose(&fleet, Some(&scores), &mut band), Ok(1));
+        assert!(LocalityBand::with_guard(0.1, Some(-1)).is_err());
     }
 
     #[test]

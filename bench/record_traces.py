@@ -1,0 +1,61 @@
+"""Records simulator traces from the tiny trained MoE: for each prompt, its prefill expert counts
+[L, E] and the top-k expert ids of every greedy decode step [T, L, k] (transformers, float32,
+top-k from the router logits — the same selection SGLang makes).
+
+    python bench/record_traces.py --model models/tiny-qwen3-moe --out bench/results/traces_tiny_moe.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "assets"))
+from measure_locality import trace  # noqa: E402  (the tiny-model tracer, shared with the model card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/tiny-qwen3-moe")
+    ap.add_argument("--prompts", nargs="+", default=["bench/data/prompts_calib.jsonl", "bench/data/prompts_eval.jsonl"])
+    ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--max-prompt", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=0, help="at most this many prompts (0 = all)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/traces_tiny_moe.npz"))
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    top_k = int(model.config.num_experts_per_tok)
+    rows = [json.loads(l) for p in args.prompts for l in Path(p).read_text().splitlines() if l.strip()]
+    if args.limit:
+        rows = rows[: args.limit]
+    domains = sorted({r["domain"] for r in rows})
+    pre, dec, dom = [], [], []
+    t0 = time.time()
+    for i, r in enumerate(rows):
+        c, d, _, _ = trace(model, tok, r["text"], args.decode_tokens, top_k, args.max_prompt)
+        pre.append(c.astype(np.int32))
+        dec.append(d)
+        dom.append(domains.index(r["domain"]))
+        if (i + 1) % 50 == 0:
+            print(f"traced {i + 1}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out, prefill=np.stack(pre), decode=np.concatenate(dec),
+                        decode_lengths=np.array([len(d) for d in dec]), domain=np.array(dom),
+                        domain_names=np.array(domains))
+    print(f"wrote {len(rows)} traces to {args.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
