@@ -129,6 +129,11 @@ class LoadBalancer:
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/workers", self.handle_workers)
+        app.router.add_post("/flush_cache", self.handle_flush_cache)
+        app.router.add_get("/server_info", self.handle_server_info)
+        app.router.add_get("/get_server_info", self.handle_server_info)
+        app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/model_info", self.handle_models)
         return app
 
     # ------------------------------------------------------------------ small endpoints
@@ -153,6 +158,42 @@ class LoadBalancer:
             for i, d in enumerate(self.decoders)
         ]
         return web.json_response({"policy": self.policy_name, "workers": rows})
+
+    async def _fan_out(self, method: str, path: str, workers: list[Worker]) -> list[tuple[int, object]]:
+        assert self.session is not None
+
+        async def one(w: Worker) -> tuple[int, object]:
+            try:
+                async with self.session.request(method, w.url + path, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    text = await r.text()
+                    try:
+                        return r.status, json.loads(text)
+                    except ValueError:
+                        return r.status, text
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                return 599, f"{type(e).__name__}: {e}"
+
+        return list(await asyncio.gather(*(one(w) for w in workers)))
+
+    async def handle_flush_cache(self, request: web.Request) -> web.Response:
+        results = await self._fan_out("POST", "/flush_cache", self.prefills + self.decoders)
+        bad = [(w.url, st, body) for w, (st, body) in zip(self.prefills + self.decoders, results) if st != 200]
+        if bad:
+            return error_response(502, f"flush_cache failed on {bad}", "upstream_error")
+        return web.json_response({"flushed": len(results)})
+
+    async def handle_server_info(self, request: web.Request) -> web.Response:
+        pre = await self._fan_out("GET", "/server_info", self.prefills)
+        dec = await self._fan_out("GET", "/server_info", self.decoders)
+        return web.json_response({"prefill": [b for _, b in pre], "decode": [b for _, b in dec],
+                                  "router": {"policy": self.policy_name}})
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        for w in self.decoders:
+            (status, body), = await self._fan_out("GET", request.path, [w])
+            if status == 200:
+                return web.json_response(body)
+        return error_response(502, "no decoder answered " + request.path, "upstream_error")
 
     # ------------------------------------------------------------------ the request path
     async def handle_generate(self, request: web.Request) -> web.StreamResponse:
