@@ -78,6 +78,7 @@ class Cluster:
     router_args: list[str] = field(default_factory=list)
     max_total_tokens: int = 16384
     startup_timeout_s: float = 300.0
+    step_stats: bool = False  # decoders write distinct-experts-per-step statistics (benchmarks)
     servers: list[Server] = field(default_factory=list)
     router: Server | None = None
 
@@ -107,8 +108,11 @@ class Cluster:
             s.log = self.log_dir / f"{s.role}-{s.port}.log"
             with open(s.log, "wb") as log:
                 # cwd outside the repo: a source folder named like a package would shadow it.
+                env = pd_env(cores[i % len(cores)])
+                if self.step_stats and s.role == "decode":
+                    env["SGLANG_ELDR_STEP_STATS_FILE"] = str(self.log_dir / f"step-stats-{s.port}.json")
                 s.proc = subprocess.Popen(self._server_cmd(s), stdout=log, stderr=subprocess.STDOUT,
-                                          env=pd_env(cores[i % len(cores)]), cwd=self.log_dir,
+                                          env=env, cwd=self.log_dir,
                                           start_new_session=True)
 
     def wait_healthy(self, servers: list[Server], path: str = "/health") -> None:

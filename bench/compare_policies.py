@@ -1,0 +1,191 @@
+"""Side-by-side serving comparison of ELDR against the load-balancing baselines on one real
+SGLang PD cluster of the tiny trained MoE, with SGLang's own `bench_serving` as the client.
+
+One cluster (1 prefill + N decoders) serves every policy: same servers, same prompts, same seed.
+Policies run interleaved in a shuffled order per repeat to spread drift; each run restarts only
+the router. Decode servers record distinct experts per layer per decode step (ELDR capture), read
+before and after each run. Writes bench/results/compare_policies.json and a TPOT plot, and prints
+ELDR's change versus the best baseline at each rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sglang_eldr.launch_cluster import Cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "tiny-qwen3-moe"
+EVAL = ROOT / "bench" / "data" / "prompts_eval.jsonl"
+CALIB = ROOT / "bench" / "data" / "prompts_calib.jsonl"
+POLICIES = ["eldr", "eldr-static", "rr", "random", "jsq", "p2c"]
+BASELINES = ["rr", "random", "jsq", "p2c"]
+
+
+def custom_dataset(path: Path, out: Path) -> int:
+    """bench_serving's `custom` format: a user turn (held-out text) and a placeholder reply."""
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    with open(out, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"conversations": [{"content": r["text"]}, {"content": "ok " * 8}]}) + "\n")
+    return len(rows)
+
+
+def step_stats(cluster: Cluster) -> list[dict]:
+    out = []
+    for d in cluster.decoders:
+        p = cluster.log_dir / f"step-stats-{d.port}.json"
+        out.append(json.loads(p.read_text()) if p.exists() else {"decode_steps": 0, "distinct_sum": 0.0})
+    return out
+
+
+def distinct_per_step(before: list[dict], after: list[dict]) -> float | None:
+    steps = sum(a["decode_steps"] - b["decode_steps"] for a, b in zip(after, before))
+    if steps <= 0:
+        return None
+    return sum(a["distinct_sum"] - b["distinct_sum"] for a, b in zip(after, before)) / steps
+
+
+def run_bench(url: str, dataset: Path, n: int, rate: float, out_len: int, seed: int, concurrency: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as tmp:
+        out_file = Path(tmp.name)
+    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", url,
+           "--dataset-name", "custom", "--dataset-path", str(dataset), "--num-prompts", str(n),
+           "--request-rate", str(rate), "--max-concurrency", str(concurrency),
+           "--sharegpt-output-len", str(out_len), "--seed", str(seed), "--tokenizer", str(MODEL),
+           "--model", str(MODEL), "--output-file", str(out_file), "--disable-tqdm", "--warmup-requests", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_serving failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    lines = [l for l in out_file.read_text().splitlines() if l.strip()]
+    out_file.unlink()
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decoders", type=int, default=2)
+    ap.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    ap.add_argument("--num-prompts", type=int, default=96)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--centroids", default=None, help="centroid file (default: shipped, else calibrate)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke mode: one rate, few prompts, one repeat")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare_policies.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rates, args.num_prompts, args.output_len, args.repeats = [4.0], 12, 8, 1
+        args.policies = ["eldr", "jsq"]
+    work = Path(tempfile.mkdtemp(prefix="eldr-compare-"))
+    dataset = work / "eval_custom.jsonl"
+    custom_dataset(EVAL, dataset)
+    started = time.monotonic()
+    results: list[dict] = []
+    cluster = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, log_dir=work,
+                      step_stats=True)
+    with cluster:
+        centroids = args.centroids or (str(MODEL / f"eldr-centroids-{args.decoders}d.eldr")
+                                       if (MODEL / f"eldr-centroids-{args.decoders}d.eldr").exists() else None)
+        if centroids is None:
+            centroids = str(cluster.calibrate(CALIB))
+        print(f"cluster up in {time.monotonic() - started:.0f} s; centroids {centroids}", flush=True)
+        rng = random.Random(args.seed)
+        for rate in args.rates:
+            for rep in range(args.repeats):
+                order = list(args.policies)
+                rng.shuffle(order)
+                for policy in order:
+                    router = cluster.start_router(policy=policy, centroids=centroids)
+                    before = step_stats(cluster)
+                    m = run_bench(router.url, dataset, args.num_prompts, rate, args.output_len,
+                                  args.seed + rep, args.concurrency)
+                    time.sleep(1.2)  # let the decoders flush their step statistics
+                    after = step_stats(cluster)
+                    row = {"policy": policy, "rate": rate, "repeat": rep,
+                           "tpot_p50_ms": m.get("median_tpot_ms"), "tpot_p99_ms": m.get("p99_tpot_ms"),
+                           "itl_p50_ms": m.get("median_itl_ms"), "ttft_p50_ms": m.get("median_ttft_ms"),
+                           "output_tok_s": m.get("output_throughput"), "completed": m.get("completed"),
+                           "distinct_experts_per_layer_step": distinct_per_step(before, after)}
+                    results.append(row)
+                    print(f"rate {rate:>4} rep {rep} {policy:>11}: TPOT p50 {row['tpot_p50_ms']:.2f} ms "
+                          f"p99 {row['tpot_p99_ms']:.2f} ms TTFT p50 {row['ttft_p50_ms']:.1f} ms "
+                          f"experts/step {row['distinct_experts_per_layer_step']}", flush=True)
+                    cluster.stop_router()
+    summary = summarize(results, args.policies)
+    for line in summary["lines"]:
+        print(line)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                                    "runs": results, "summary": summary["table"],
+                                    "seconds": round(time.monotonic() - started)}, indent=1) + "\n")
+    plot(summary["table"], args.out.with_suffix(".png"))
+    print(f"-> {args.out} (+ .png) in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def summarize(results: list[dict], policies: list[str]) -> dict:
+    table = []
+    lines = [f"{'rate':>5} {'policy':>11} | {'TPOT p50':>9} {'p99':>9} | {'TTFT p50':>9} | {'tok/s':>7} | experts/step"]
+    for rate in sorted({r["rate"] for r in results}):
+        for p in policies:
+            rs = [r for r in results if r["rate"] == rate and r["policy"] == p]
+            if not rs:
+                continue
+            agg = {"rate": rate, "policy": p}
+            for k in ("tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "ttft_p50_ms", "output_tok_s",
+                      "distinct_experts_per_layer_step"):
+                vals = [r[k] for r in rs if r[k] is not None]
+                agg[k] = float(np.mean(vals)) if vals else None
+            table.append(agg)
+            lines.append(f"{rate:>5} {p:>11} | {agg['tpot_p50_ms']:>8.2f}m {agg['tpot_p99_ms']:>8.2f}m | "
+                         f"{agg['ttft_p50_ms']:>8.1f}m | {agg['output_tok_s']:>7.1f} | {agg['distinct_experts_per_layer_step']}")
+        cell = {r["policy"]: r for r in table if r["rate"] == rate}
+        base = [cell[b] for b in BASELINES if b in cell]
+        if "eldr" in cell and base:
+            b50 = min(b["tpot_p50_ms"] for b in base)
+            b99 = min(b["tpot_p99_ms"] for b in base)
+            e = cell["eldr"]
+            lines.append(f"  -> rate {rate}: ELDR TPOT p50 {100 * (e['tpot_p50_ms'] / b50 - 1):+.1f}% and p99 "
+                         f"{100 * (e['tpot_p99_ms'] / b99 - 1):+.1f}% vs the best baseline")
+            if "jsq" in cell and e["distinct_experts_per_layer_step"] and cell["jsq"]["distinct_experts_per_layer_step"]:
+                lines.append(f"     distinct experts/step {100 * (e['distinct_experts_per_layer_step'] / cell['jsq']['distinct_experts_per_layer_step'] - 1):+.1f}% vs jsq; "
+                             f"TTFT p50 {100 * (e['ttft_p50_ms'] / cell['jsq']['ttft_p50_ms'] - 1):+.1f}% vs jsq")
+    return {"table": table, "lines": lines}
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("tpot_p50_ms", "tpot_p99_ms")):
+        for p in sorted({r["policy"] for r in table}):
+            pts = sorted((r["rate"], r[key]) for r in table if r["policy"] == p)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("tiny MoE, CPU PD cluster: TPOT vs rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
