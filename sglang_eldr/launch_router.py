@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for a prefill's expert counts before routing least-loaded (default: 5)")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds without data from an upstream server before the request fails (default: 600)")
+    ap.add_argument("--health-interval", type=float, default=2.0,
+                    help="seconds between health checks of every server; 0 disables them (default: 2)")
+    ap.add_argument("--health-failures", type=int, default=2,
+                    help="consecutive failed checks that take a server out of routing (default: 2)")
     ap.add_argument("--refit-window", type=float, default=5.0, help="online refit window, seconds (default: 5)")
     ap.add_argument("--refit-interval", type=float, default=2.5, help="online refit period, seconds (default: 2.5)")
     ap.add_argument("--refit-min-samples", type=int, default=None,
@@ -87,7 +91,8 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
     return LoadBalancer(
         prefills=prefills, decoders=decoders, decode=chooser,
         prefill_picker=PrefillPicker(args.prefill_policy, load_gate=args.prefill_load_gate),
-        config=LBConfig(counts_deadline_s=args.counts_deadline, request_timeout_s=args.request_timeout, tau=args.tau),
+        config=LBConfig(counts_deadline_s=args.counts_deadline, request_timeout_s=args.request_timeout, tau=args.tau,
+                        health_interval_s=args.health_interval, health_failures=args.health_failures),
         policy_name=args.policy,
     )
 

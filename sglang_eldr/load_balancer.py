@@ -67,6 +67,13 @@ class LBConfig:
     request_timeout_s: float = 600.0
     max_body_bytes: int = 16 * 1024 * 1024
     tau: float = 0.1
+    decode_attempts: int = 2  # a request whose decoder is unreachable is re-routed this many times - 1
+    health_interval_s: float = 2.0  # 0 disables the periodic checks
+    health_failures: int = 2  # consecutive failed checks that take a worker out
+
+
+class DecoderUnreachable(Exception):
+    """The decoder could not be connected to: the request never reached it."""
 
 
 class UpstreamError(Exception):
@@ -95,6 +102,8 @@ class LoadBalancer:
         self.session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
         self._refit_task: asyncio.Task | None = None
+        self._health_task: asyncio.Task | None = None
+        self._failures: dict[str, int] = {}
         self.policy_name = self.policy_name or self.decode.policy
 
     # ------------------------------------------------------------------ lifecycle
@@ -109,10 +118,13 @@ class LoadBalancer:
         self.inbox.start()
         if self.decode.refit is not None:
             self._refit_task = asyncio.create_task(self.decode.refit.run(), name="eldr-refit")
+        if self.config.health_interval_s > 0:
+            self._health_task = asyncio.create_task(self._health_loop(), name="eldr-health")
 
     async def stop(self, app: web.Application) -> None:
-        if self._refit_task is not None:
-            self._refit_task.cancel()
+        for t in (self._refit_task, self._health_task):
+            if t is not None:
+                t.cancel()
         for t in list(self._background):
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -135,6 +147,24 @@ class LoadBalancer:
         app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/model_info", self.handle_models)
         return app
+
+    # ------------------------------------------------------------------ health
+    async def _health_loop(self) -> None:
+        """Circuit breaker per worker: `health_failures` failed checks in a row take it out of
+        every policy's choice; the next passing check (the half-open probe) puts it back."""
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            workers = self.prefills + self.decoders
+            results = await self._fan_out("GET", "/health", workers, timeout_s=max(1.0, self.config.health_interval_s))
+            for w, (status, _) in zip(workers, results):
+                ok = status == 200
+                self._failures[w.url] = 0 if ok else self._failures.get(w.url, 0) + 1
+                healthy = ok or (w.healthy and self._failures[w.url] < self.config.health_failures)
+                if w.role == "decode":
+                    self.mark_decoder(self.decoders.index(w), healthy)
+                elif w.healthy != healthy:
+                    logger.warning("prefill %s marked %s", w.url, "healthy" if healthy else "unhealthy")
+                    w.healthy = healthy
 
     # ------------------------------------------------------------------ small endpoints
     async def handle_health(self, request: web.Request) -> web.Response:
@@ -159,12 +189,14 @@ class LoadBalancer:
         ]
         return web.json_response({"policy": self.policy_name, "workers": rows})
 
-    async def _fan_out(self, method: str, path: str, workers: list[Worker]) -> list[tuple[int, object]]:
+    async def _fan_out(self, method: str, path: str, workers: list[Worker],
+                       timeout_s: float = 30.0) -> list[tuple[int, object]]:
         assert self.session is not None
 
         async def one(w: Worker) -> tuple[int, object]:
             try:
-                async with self.session.request(method, w.url + path, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                async with self.session.request(method, w.url + path,
+                                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
                     text = await r.text()
                     try:
                         return r.status, json.loads(text)
@@ -236,44 +268,70 @@ class LoadBalancer:
         prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_body))
         self._background.add(prefill_task)
         prefill_task.add_done_callback(self._background.discard)
-        decoder_idx: int | None = None
         try:
             counts, fallback = await self._await_counts(counts_future, prefill_task)
-            route_started = time.perf_counter()
-            try:
-                receipt = self.decode.choose(counts)
-            except ValueError as e:
-                logger.warning("room %d: counts rejected by the router (%s); falling back to least-loaded", room, e)
-                fallback = "bad-counts"
-                receipt = self.decode.choose(None)
-            decoder_idx = receipt["worker"]
-            self.metrics.route_seconds.observe(time.perf_counter() - route_started)
-            if fallback is None and self.decode.locality and receipt["scores"] is None:
-                fallback = "zero-signature"
-            if fallback is not None:
-                self.metrics.fallbacks.labels(fallback).inc()
-            decoder = self.decoders[decoder_idx]
-            self.metrics.routed.labels(decoder.url).inc()
-            route = RouteReceipt(
-                policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
-                fallback=fallback, scores=receipt["scores"] if self.decode.locality else None,
-                band=receipt["band"] if self.decode.locality else None,
-            )
-            route_json = msgspec.to_builtins(route)
-            extra = counts_meta(counts) if want_counts and counts is not None else {}
             stream = bool(body.get("stream", False))
-            if stream:
-                return await self._stream_decode(request, decoder, path, pd_body, route_json, prefill_task)
-            return await self._unary_decode(decoder, path, pd_body, route_json, prefill_task, extra)
+            extra = counts_meta(counts) if want_counts and counts is not None else {}
+            for attempt in range(self.config.decode_attempts):
+                decoder_idx, route = self._route(prefill, counts, fallback, room)
+                decoder = self.decoders[decoder_idx]
+                try:
+                    if stream:
+                        return await self._stream_decode(request, decoder, path, pd_body, route, prefill_task)
+                    return await self._unary_decode(decoder, path, pd_body, route, prefill_task, extra)
+                except DecoderUnreachable as e:
+                    # Nothing reached the decoder, and the prefill still holds the KV for this room:
+                    # another decoder can bootstrap it. Open the breaker on this one and retry.
+                    logger.warning("decoder %s unreachable (%s); re-routing room %d", decoder.url, e, room)
+                    self.mark_decoder(decoder_idx, healthy=False)
+                    fallback = "decoder-unreachable"
+                    if attempt + 1 == self.config.decode_attempts or not any(self.decode.healthy()):
+                        prefill_task.cancel()
+                        raise UpstreamError(502, f"no reachable decoder for this request (last: {decoder.url}: {e})") from None
+                finally:
+                    self.decode.release(decoder_idx)
+                    self.metrics.set_in_flight(self.decode.loads())
+            raise AssertionError("unreachable")
+        except ValueError as e:  # the Rust router refused (e.g. all decoders unhealthy)
+            prefill_task.cancel()
+            raise UpstreamError(503, str(e)) from None
         finally:
             self.inbox.forget(room)
-            if decoder_idx is not None:
-                self.decode.release(decoder_idx)
-            self.metrics.set_in_flight(self.decode.loads())
             # The prefill response arrives after the KV transfer; let it finish in the background
-            # (its in-flight count drops then), but never outlive a failed decode.
+            # (its in-flight count drops then). A failed decode has cancelled it already.
             prefill_task.add_done_callback(lambda _t, p=prefill: _dec(p))
             self.metrics.request_seconds.observe(time.perf_counter() - started)
+
+    def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int) -> tuple[int, dict]:
+        """One Rust-router decision (counts the request in flight) and its receipt."""
+        route_started = time.perf_counter()
+        try:
+            receipt = self.decode.choose(counts)
+        except ValueError as e:
+            if counts is None:
+                raise
+            logger.warning("room %d: counts rejected by the router (%s); routing least-loaded", room, e)
+            fallback = "bad-counts"
+            receipt = self.decode.choose(None)
+        self.metrics.route_seconds.observe(time.perf_counter() - route_started)
+        if fallback is None and self.decode.locality and receipt["scores"] is None:
+            fallback = "zero-signature"
+        if fallback is not None:
+            self.metrics.fallbacks.labels(fallback).inc()
+        decoder = self.decoders[receipt["worker"]]
+        self.metrics.routed.labels(decoder.url).inc()
+        route = RouteReceipt(
+            policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
+            fallback=fallback, scores=receipt["scores"] if self.decode.locality else None,
+            band=receipt["band"] if self.decode.locality else None,
+        )
+        return receipt["worker"], msgspec.to_builtins(route)
+
+    def mark_decoder(self, idx: int, healthy: bool) -> None:
+        if self.decode.healthy()[idx] != healthy:
+            logger.warning("decoder %s marked %s", self.decoders[idx].url, "healthy" if healthy else "unhealthy")
+        self.decode.set_healthy(idx, healthy)
+        self.decoders[idx].healthy = healthy
 
     async def _await_counts(self, counts_future: asyncio.Future, prefill_task: asyncio.Task):
         done, _ = await asyncio.wait(
@@ -312,6 +370,8 @@ class LoadBalancer:
             async with self.session.post(decoder.url + path, json=body) as resp:
                 raw = await resp.read()
                 status = resp.status
+        except aiohttp.ClientConnectorError as e:
+            raise DecoderUnreachable(str(e)) from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             prefill_task.cancel()
             raise UpstreamError(502, f"decode server {decoder.url} failed: {type(e).__name__}: {e}") from None
@@ -343,6 +403,13 @@ class LoadBalancer:
                     if line.startswith(b"data:") and path == "/generate":
                         line = inject_stream_receipt(line, route)
                     await out.write(line)
+        except aiohttp.ClientConnectorError as e:
+            raise DecoderUnreachable(str(e)) from None
+        except ConnectionResetError:
+            # The client went away: leaving the `async with` closed the decoder connection, which
+            # makes SGLang abort the request; the caller's `finally` releases its load.
+            prefill_task.cancel()
+            return out
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             prefill_task.cancel()
             if not out.prepared:
