@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds without data from an upstream server before the request fails (default: 600)")
     ap.add_argument("--health-interval", type=float, default=2.0,
                     help="seconds between health checks of every server; 0 disables them (default: 2)")
-    ap.add_argument("--health-failures", type=int, default=2,
-                    help="consecutive failed checks that take a server out of routing (default: 2)")
+    ap.add_argument("--health-failures", type=int, default=3,
+                    help="consecutive failed checks (5 s timeout each) that take a server out of routing (default: 3)")
     ap.add_argument("--refit-window", type=float, default=5.0, help="online refit window, seconds (default: 5)")
     ap.add_argument("--refit-interval", type=float, default=2.5, help="online refit period, seconds (default: 2.5)")
     ap.add_argument("--refit-min-samples", type=int, default=None,

@@ -69,7 +69,8 @@ class LBConfig:
     tau: float = 0.1
     decode_attempts: int = 2  # a request whose decoder is unreachable is re-routed this many times - 1
     health_interval_s: float = 2.0  # 0 disables the periodic checks
-    health_failures: int = 2  # consecutive failed checks that take a worker out
+    health_failures: int = 3  # consecutive failed checks that take a worker out
+    health_timeout_s: float = 5.0
 
 
 class DecoderUnreachable(Exception):
@@ -155,7 +156,7 @@ class LoadBalancer:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             workers = self.prefills + self.decoders
-            results = await self._fan_out("GET", "/health", workers, timeout_s=max(1.0, self.config.health_interval_s))
+            results = await self._fan_out("GET", "/health", workers, timeout_s=self.config.health_timeout_s)
             for w, (status, _) in zip(workers, results):
                 ok = status == 200
                 self._failures[w.url] = 0 if ok else self._failures.get(w.url, 0) + 1
