@@ -6,7 +6,8 @@
   tokens, so a later prompt can hit slots that were written by a decode step.
 * ``capture_routed_experts_if_allowed`` (AFTER): SGLang's single top-k capture site for every MoE
   backend; writes the layer's ids into the table rows of the forward's KV slots. Device ops only.
-* ``SchedulerBatchResultProcessor.process_batch_result_prefill`` (BEFORE): for every request whose
+* ``SchedulerBatchResultProcessor.process_batch_result_prefill`` and, on a PD prefill server,
+  ``SchedulerDisaggregationPrefillMixin.process_batch_result_disagg_prefill`` (BEFORE): for every request whose
   prefill completes in this batch and that asked for counts, gathers its prompt's KV slots from
   ``req_to_token`` and reduces the table into ``[L, E]`` counts (one bincount for the batch), before
   SGLang may release the request's KV.
@@ -34,6 +35,10 @@ T_CAPTURE = "sglang.srt.layers.moe.topk.capture_routed_experts_if_allowed"
 T_PREFILL_RESULT = (
     "sglang.srt.managers.scheduler_components.batch_result_processor."
     "SchedulerBatchResultProcessor.process_batch_result_prefill"
+)
+# PD prefill servers process results here instead (``self`` is the Scheduler; same arguments).
+T_DISAGG_PREFILL_RESULT = (
+    "sglang.srt.disaggregation.prefill.SchedulerDisaggregationPrefillMixin.process_batch_result_disagg_prefill"
 )
 T_REQUEST_LEVEL_KEY = (
     "sglang.srt.managers.scheduler_components.output_streamer."
@@ -213,4 +218,5 @@ def register(settings: EldrSettings) -> None:
     HookRegistry.register(T_FORWARD, forward_around, HookType.AROUND)
     HookRegistry.register(T_CAPTURE, capture_after, HookType.AFTER)
     HookRegistry.register(T_PREFILL_RESULT, prefill_result_before, HookType.BEFORE)
+    HookRegistry.register(T_DISAGG_PREFILL_RESULT, prefill_result_before, HookType.BEFORE)
     HookRegistry.register(T_REQUEST_LEVEL_KEY, request_level_key_after, HookType.AFTER)
