@@ -44,6 +44,13 @@ def add_eldr_args(parser: argparse.ArgumentParser) -> None:
              "page_size * top_k > experts. 'auto' (default): 'slot'.",
     )
     g.add_argument(
+        "--eldr-counts-port", type=int, default=None,
+        help="PD prefill servers: publish each request's prompt expert counts, as soon as its prefill "
+             "forward ends, on a ZMQ PUB socket at tcp://127.0.0.1:PORT for the ELDR router "
+             "(python -m sglang_eldr.launch_router). Default: --disaggregation-bootstrap-port + 1 when "
+             "--disaggregation-mode prefill, else off.",
+    )
+    g.add_argument(
         "--eldr-cpu-defaults", action=argparse.BooleanOptionalAction, default=True,
         help="On CPU, default to --disable-overlap-schedule, --max-total-tokens "
              f"{CPU_DEFAULT_MAX_TOTAL_TOKENS} (unless given), --sleep-on-idle (an idle scheduler "
@@ -103,6 +110,17 @@ def prepare(argv: list[str]) -> list[str]:
             rest += ["--sleep-on-idle"]
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
     storage = "slot" if opts.eldr_storage == "auto" else opts.eldr_storage
+    counts_port = opts.eldr_counts_port
+    pd = argparse.ArgumentParser(add_help=False)
+    pd.add_argument("--disaggregation-mode", default="null")
+    pd.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
+    pd_opts, _ = pd.parse_known_args(rest)
+    if counts_port is None and pd_opts.disaggregation_mode == "prefill":
+        counts_port = pd_opts.disaggregation_bootstrap_port + 1
+    if counts_port is not None:
+        os.environ[S.ENV_COUNTS_PORT] = str(counts_port)
+    else:
+        os.environ.pop(S.ENV_COUNTS_PORT, None)
     os.environ[S.ENV_ENABLE] = "1"
     os.environ[S.ENV_CAPTURE] = "1" if opts.eldr_capture else "0"
     os.environ[S.ENV_STORAGE] = storage

@@ -29,5 +29,13 @@ def load() -> None:
     request_api.register(settings)
     if settings.capture:
         capture.register(settings)
+        if settings.counts_port is not None:
+            from sglang_eldr.engine import counts_publisher
+
+            counts_publisher.register("127.0.0.1", settings.counts_port)
+        if settings.step_stats_file:
+            from sglang_eldr.engine import step_stats
+
+            step_stats.register(settings.step_stats_file)
     logger.info("ELDR plugin loaded: capture=%s storage=%s cpu_guards=%s",
                 settings.capture, settings.storage, settings.cpu_guards)

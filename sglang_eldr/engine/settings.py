@@ -16,6 +16,8 @@ ENV_CAPTURE = "SGLANG_ELDR_CAPTURE"
 ENV_STORAGE = "SGLANG_ELDR_STORAGE"
 ENV_CPU_GUARDS = "SGLANG_ELDR_CPU_GUARDS"
 ENV_STATS_FILE = "SGLANG_ELDR_STATS_FILE"
+ENV_COUNTS_PORT = "SGLANG_ELDR_COUNTS_PORT"
+ENV_STEP_STATS_FILE = "SGLANG_ELDR_STEP_STATS_FILE"
 
 STORAGE_CHOICES = ("slot", "page")
 
@@ -34,6 +36,8 @@ class EldrSettings:
     storage: str  # "slot" or "page"
     cpu_guards: bool
     stats_file: str | None
+    counts_port: int | None = None  # PD prefill: publish each request's counts here (ZMQ PUB)
+    step_stats_file: str | None = None  # decode: distinct experts per step, for benchmarks
 
     @classmethod
     def from_env(cls) -> "EldrSettings":
@@ -47,4 +51,6 @@ class EldrSettings:
             storage=storage,
             cpu_guards=enabled and _flag(ENV_CPU_GUARDS, False),
             stats_file=os.environ.get(ENV_STATS_FILE) or None,
+            counts_port=int(os.environ[ENV_COUNTS_PORT]) if os.environ.get(ENV_COUNTS_PORT) else None,
+            step_stats_file=os.environ.get(ENV_STEP_STATS_FILE) or None,
         )

@@ -1,0 +1,71 @@
+"""Decode-step statistics for benchmarks: distinct experts per MoE layer in each decode batch.
+
+An AFTER hook on `ModelRunner.forward` reads the batch's freshly captured top-k ids from the
+signature table (slot storage) and accumulates, per decode step, the number of distinct experts
+per layer. Totals are rewritten to a JSON file (at most twice a second) that benchmarks read
+before and after a run. It costs one host sync per decode step, so it is only on when
+`SGLANG_ELDR_STEP_STATS_FILE` is set (bench/compare_policies.py does that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from sglang_eldr.engine import capture
+
+T_FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
+
+
+class _Stats:
+    def __init__(self, path: str):
+        self.path = path
+        self.steps = 0
+        self.distinct_sum = 0.0
+        self.tokens_sum = 0
+        self.last_write = 0.0
+
+    def add(self, distinct_per_layer: float, tokens: int) -> None:
+        self.steps += 1
+        self.distinct_sum += distinct_per_layer
+        self.tokens_sum += tokens
+        now = time.monotonic()
+        if now - self.last_write >= 0.5:
+            self.write()
+            self.last_write = now
+
+    def write(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"decode_steps": self.steps, "distinct_sum": self.distinct_sum, "tokens_sum": self.tokens_sum}, f)
+        os.replace(tmp, self.path)
+
+
+_STATS: _Stats | None = None
+
+
+def forward_after(result, model_runner, forward_batch, *args, **kwargs):
+    table = capture.get_table()
+    mode = getattr(forward_batch, "forward_mode", None)
+    if _STATS is None or table is None or table.ids is None or mode is None or not mode.is_decode():
+        return None
+    loc = getattr(forward_batch, "out_cache_loc", None)
+    if loc is None or loc.numel() == 0:
+        return None
+    ids = table.ids.index_select(1, loc.to(torch.int64)).to(torch.int64)  # [L, B, k]
+    layers = ids.shape[0]
+    seen = torch.zeros((layers, table.shape.num_experts), dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, ids.reshape(layers, -1), True)
+    _STATS.add(float(seen.sum(dim=1).float().mean()), int(loc.numel()))
+    return None
+
+
+def register(path: str) -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    global _STATS
+    _STATS = _Stats(path)
+    HookRegistry.register(T_FORWARD, forward_after, HookType.AFTER)
