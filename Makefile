@@ -15,8 +15,8 @@ $(BIN)/python:
 # SGLang 0.5.23 and its serving dependencies (CPU build here, stock SGLang on a GPU host), then
 # the PD transport pieces for CPU. Both scripts are idempotent and return at once when up to date.
 engine: | $(BIN)/python
-	scripts/install_engine.sh $(VENV)
-	@if [ -x scripts/install_pd_cpu.sh ]; then scripts/install_pd_cpu.sh $(VENV); fi
+	scripts/install_engine.sh $(abspath $(VENV))
+	@if [ -x scripts/install_pd_cpu.sh ]; then scripts/install_pd_cpu.sh $(abspath $(VENV)); fi
 
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7"

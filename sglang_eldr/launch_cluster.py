@@ -47,6 +47,10 @@ def pd_env(core: int | None) -> dict[str, str]:
     })
     if core is not None:
         env["SGLANG_CPU_OMP_THREADS_BIND"] = str(core)
+    # Built by scripts/install_pd_cpu.sh: turns the transfer engine's wildcard binds into loopback ones.
+    loopback = Path(sys.prefix) / "lib" / "eldr-loopback" / "libeldr_loopback_bind.so"
+    if loopback.exists():
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(loopback), env.get("LD_PRELOAD", "")]))
     return env
 
 
