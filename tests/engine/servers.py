@@ -18,6 +18,15 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = float(os.environ.get("ELDR_SERVER_STARTUP_TIMEOUT", "240"))
 
 
+def _die_with_parent() -> None:  # runs in the child before exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort (non-Linux)
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +64,8 @@ class Server:
         self._log = open(self.log_path, "wb")
         # never inherit the repo as cwd: a folder named like a package would shadow it
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=e,
-                                     cwd=str(self.log_path.parent), start_new_session=True)
+                                     cwd=str(self.log_path.parent), start_new_session=True,
+                                     preexec_fn=_die_with_parent)
 
     # ------------------------------------------------------------------ lifecycle
     def wait_ready(self) -> "Server":
