@@ -26,6 +26,10 @@ def load() -> None:
 
     if settings.cpu_guards:
         cpu_guards.register()
+    if settings.cpu_guards:
+        from sglang_eldr.engine import pd_cpu_guards
+
+        pd_cpu_guards.register()
     request_api.register(settings)
     if settings.capture:
         capture.register(settings)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.pd.client import Background, generate_body, post, post_stream, prefill_load
+from tests.pd.client import Background, generate_body, get_json, post, post_stream, prefill_load
 from tests.pd.conftest import BOOTSTRAP_TIMEOUT_S, LOOPBACK_PRELOAD, MAX_NEW_TOKENS, PROMPTS
 
 LOGPROB_TOL = 1e-3  # same kernels, same chunking, batch of one: observed bit-identical
@@ -126,6 +126,14 @@ def test_decoder_never_comes_prefill_frees_kv(pd_pair):
     assert time.monotonic() - t0 < 30
     print(f"\n[pd] orphan: prefill parked after {parked_s:.2f}s, KV released and HTTP {status} after "
           f"{held_s:.1f}s more; late decoder got HTTP {late_status} in {time.monotonic() - t0:.2f}s")
+
+
+def test_cpu_decode_retraction_backup_defaults_to_cpu_tensor(pd_pair):
+    """sglang_eldr.engine.pd_cpu_guards: no HiCache host pool (sized from free RAM minus 10 GiB) on CPU."""
+    info = get_json(pd_pair.decode.url, "/server_info")
+    assert info["disaggregation_decode_retraction_backup"] == "cpu_tensor"
+    log = pd_pair.decode.log_text()
+    assert "HiCache auto-sizing" not in log and "hierarchical KV host pool" not in log
 
 
 def _listen_addresses(pid: int) -> set[str]:
