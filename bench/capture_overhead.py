@@ -48,6 +48,39 @@ def _batch(server: Server, prompts, max_new: int, counts: bool) -> tuple[float, 
     return dt, body
 
 
+def capture_ops_ms(table_stats: dict, batch: int, prompt_len: int, reps: int = 50) -> dict:
+    """Time the plugin's own work for one prefill batch in this process, on tensors shaped like the
+    server's: the per-layer table writes of a forward of batch*prompt_len tokens, and the counts reduction
+    + wire encoding of its batch requests. Independent of other load on the machine."""
+    import torch
+
+    from sglang_eldr.engine.counts_wire import encode_counts
+    from sglang_eldr.engine.moe_shape import MoeShape
+    from sglang_eldr.engine.signature_cache import SignatureTable
+
+    torch.set_num_threads(1)
+    L, E, K = table_stats["num_layers"], table_stats["num_experts"], table_stats["top_k"]
+    t = SignatureTable(MoeShape(L, E, K), table_stats["kv_slots"], "cpu")
+    n = batch * prompt_len
+    loc = torch.randperm(table_stats["kv_slots"] - 1)[:n] + 1
+    ids = [torch.randint(0, E, (n, K)) for _ in range(L)]
+    slots = [loc[i * prompt_len:(i + 1) * prompt_len] for i in range(batch)]
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        lo = t.begin_forward(loc)
+        for layer in range(L):
+            t.write(layer, lo, ids[layer])
+        t.end_forward()
+    write_ms = (time.perf_counter() - t0) * 1000 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for c in t.counts(slots).numpy():
+            encode_counts(c)
+    reduce_ms = (time.perf_counter() - t0) * 1000 / reps
+    return {"write_ms_per_forward": write_ms, "reduce_and_encode_ms_per_batch": reduce_ms,
+            "total_ms": write_ms + reduce_ms}
+
+
 def kv_ratio_for(layers, experts, top_k, kv_heads, head_dim, kv_bytes=2) -> float:
     """Signature-table bytes / KV-pool bytes per token (slot storage, uint8 ids when E <= 256)."""
     id_bytes = 1 if experts <= 256 else 2
@@ -108,6 +141,10 @@ def main() -> None:
 
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
     prefill_ratio = med["on"]["prefill_tok_s"] / med["off"]["prefill_tok_s"]
+    paired = [a_ / b_ for a_, b_ in zip(res["on"]["prefill_tok_s"], res["off"]["prefill_tok_s"])]
+    ops = capture_ops_ms(table, a.batch, a.prompt_len) if table else None
+    best_off_ms = 1000 * a.batch * a.prompt_len / max(res["off"]["prefill_tok_s"])
+    ops_ratio = best_off_ms / (best_off_ms + ops["total_ms"]) if ops else None
     decode_ratio = med["off"]["decode_ms_per_tok"] / med["on"]["decode_ms_per_tok"]
     bytes_ratio = (table["table_bytes"] / table["kv_pool_bytes"]) if table.get("kv_pool_bytes") else None
     out = {
@@ -116,6 +153,12 @@ def main() -> None:
         "rounds": a.rounds, "batch": a.batch, "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
         "prefill_tok_s": {"capture_on": med["on"]["prefill_tok_s"], "capture_off": med["off"]["prefill_tok_s"]},
         "prefill_throughput_ratio_on_over_off": prefill_ratio,
+        "prefill_ratio_paired_per_round": paired,
+        "prefill_ratio_paired_median": statistics.median(paired),
+        "capture_ops_in_process": ops,
+        "fastest_capture_off_prefill_ms": best_off_ms,
+        "prefill_ratio_from_ops": ops_ratio,
+        "load_average_at_end": os.getloadavg(),
         "decode_ms_per_tok": {"capture_on": med["on"]["decode_ms_per_tok"],
                               "capture_off": med["off"]["decode_ms_per_tok"]},
         "decode_speed_ratio_on_over_off": decode_ratio,
@@ -133,6 +176,12 @@ def main() -> None:
     print(f"model: {out['model']}")
     print(f"prefill throughput: capture on {med['on']['prefill_tok_s']:.0f} tok/s, off "
           f"{med['off']['prefill_tok_s']:.0f} tok/s -> ratio {prefill_ratio:.3f} (target >= 0.98)")
+    print(f"paired per-round ratios: {', '.join(f'{x:.3f}' for x in paired)} (median "
+          f"{statistics.median(paired):.3f}); load average {os.getloadavg()[0]:.1f}")
+    if ops:
+        print(f"plugin work per {a.batch}x{a.prompt_len} prefill batch, in process: writes "
+              f"{ops['write_ms_per_forward']:.2f} ms + reduce/encode {ops['reduce_and_encode_ms_per_batch']:.2f} ms"
+              f" vs fastest capture-off prefill {best_off_ms:.0f} ms -> ratio {ops_ratio:.4f}")
     print(f"decode: on {med['on']['decode_ms_per_tok']:.1f} ms/tok, off {med['off']['decode_ms_per_tok']:.1f} "
           f"ms/tok -> speed ratio {decode_ratio:.3f}")
     if bytes_ratio is not None:
