@@ -45,6 +45,8 @@ def pd_env(core: int | None) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
     })
+    # A prefill holds a request's KV until a decoder bootstraps; free it after a minute, not five.
+    env.setdefault("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", "60")
     if core is not None:
         env["SGLANG_CPU_OMP_THREADS_BIND"] = str(core)
     # Built by scripts/install_pd_cpu.sh: turns the transfer engine's wildcard binds into loopback ones.
@@ -98,6 +100,10 @@ class Cluster:
         ]
         if s.role == "prefill":
             cmd += ["--disaggregation-bootstrap-port", str(s.bootstrap_port), "--eldr-counts-port", str(s.counts_port)]
+        else:
+            # The default "host_pool" backup sizes a host pool after a fixed 10 GiB reserve, which a
+            # small CPU box does not have; on CPU the KV already lives in host memory.
+            cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
         return cmd + self.extra_server_args
 
     def start_servers(self) -> None:

@@ -68,6 +68,7 @@ class LBConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     tau: float = 0.1
     decode_attempts: int = 2  # a request whose decoder is unreachable is re-routed this many times - 1
+    orphan_grace_s: float = 10.0  # decode time allowed after its prefill call failed
     health_interval_s: float = 2.0  # 0 disables the periodic checks
     health_failures: int = 3  # consecutive failed checks that take a worker out
     health_timeout_s: float = 5.0
@@ -364,13 +365,34 @@ class LoadBalancer:
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             return 599, f"{type(e).__name__}: {e}"
 
+    async def _watch_prefill(self, decode_call, prefill_task: asyncio.Task):
+        """Runs the decode call; if the prefill call fails meanwhile, the decoder can never get the KV
+        (SGLang would keep its request queued), so give it `orphan_grace_s` and then abort it."""
+        task = asyncio.ensure_future(decode_call)
+        try:
+            done, _ = await asyncio.wait({task, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done and not prefill_task.cancelled() and prefill_task.result()[0] != 200:
+                status, text = prefill_task.result()
+                try:
+                    return await asyncio.wait_for(asyncio.shield(task), self.config.orphan_grace_s)
+                except asyncio.TimeoutError:
+                    raise UpstreamError(502, f"prefill server failed ({status}) before the KV transfer: "
+                                             f"{text[:300]}") from None
+            return await task
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def _unary_decode(self, decoder: Worker, path: str, body: dict, route: dict,
                             prefill_task: asyncio.Task, extra_meta: dict) -> web.Response:
         assert self.session is not None
-        try:
+
+        async def call() -> tuple[int, bytes]:
             async with self.session.post(decoder.url + path, json=body) as resp:
-                raw = await resp.read()
-                status = resp.status
+                return resp.status, await resp.read()
+
+        try:
+            status, raw = await self._watch_prefill(call(), prefill_task)
         except aiohttp.ClientConnectorError as e:
             raise DecoderUnreachable(str(e)) from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -393,7 +415,7 @@ class LoadBalancer:
         assert self.session is not None
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                           "X-ELDR-Route": json.dumps(route)})
-        try:
+        async def pump() -> None:
             async with self.session.post(decoder.url + path, json=body) as resp:
                 if resp.status != 200:
                     prefill_task.cancel()
@@ -404,6 +426,14 @@ class LoadBalancer:
                     if line.startswith(b"data:") and path == "/generate":
                         line = inject_stream_receipt(line, route)
                     await out.write(line)
+
+        try:
+            await self._watch_prefill(pump(), prefill_task)
+        except UpstreamError as e:
+            if not out.prepared:
+                raise
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await out.write(f"data: {json.dumps({'error': {'message': e.message, 'type': 'upstream_error', 'code': e.status}})}\n\n".encode())
         except aiohttp.ClientConnectorError as e:
             raise DecoderUnreachable(str(e)) from None
         except ConnectionResetError:
