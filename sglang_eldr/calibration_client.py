@@ -88,5 +88,5 @@ def collect(url: str, rows: list[dict], tokenize, max_new_tokens: int = 32, conc
     url = url.rstrip("/")
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(collect_one, url, row, tokenize, max_new_tokens, timeout) for row in rows]
-        it = tqdm(futures, desc="calibration prompts", unit="req", disable=not progress)
+        it = tqdm(futures, desc="calibration prompts", unit="req", disable=None if progress else True)
         return [f.result() for f in it]

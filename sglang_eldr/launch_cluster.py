@@ -96,7 +96,6 @@ class Cluster:
             "--max-total-tokens", str(self.max_total_tokens),
             "--disaggregation-mode", s.role, "--disaggregation-transfer-backend", "mooncake",
             "--disaggregation-decode-allocation-policy", "prefill_complete",
-            "--log-level", "warning",
         ]
         if s.role == "prefill":
             cmd += ["--disaggregation-bootstrap-port", str(s.bootstrap_port), "--eldr-counts-port", str(s.counts_port)]

@@ -58,7 +58,7 @@ def reference_server(cluster):
     s = Server("plain", free_port())
     s.log = cluster.log_dir / "plain.log"
     cmd = [sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", str(MODEL), "--host", "127.0.0.1",
-           "--port", str(s.port), "--device", "cpu", "--max-total-tokens", "8192", "--log-level", "warning"]
+           "--port", str(s.port), "--device", "cpu", "--max-total-tokens", "8192"]
     with open(s.log, "wb") as log:
         s.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=pd_env(0), cwd=cluster.log_dir,
                                   start_new_session=True)
