@@ -38,7 +38,7 @@ test-rust:
 	cargo test -p eldr-router --release -q
 
 test-python: setup
-	$(BIN)/python -m pytest -q tests
+	ELDR_REQUIRE_ENGINE=1 $(BIN)/python -m pytest -q tests
 
 bench: setup
 	cargo bench -p eldr-router

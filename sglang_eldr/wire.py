@@ -49,8 +49,9 @@ def decode_report(data: bytes) -> CountsReport:
     return _DECODER.decode(data)
 
 
-class RouteReceipt(msgspec.Struct, omit_defaults=True):
-    """Why a request went where it went; returned in meta_info["eldr_route"]."""
+class RouteReceipt(msgspec.Struct):
+    """Why a request went where it went; returned in meta_info["eldr_route"]. Every key is always
+    present; scores and band are null for the load-only policies and for fallbacks."""
 
     policy: str
     prefill: str
