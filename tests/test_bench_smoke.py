@@ -1,0 +1,51 @@
+"""The benchmarks' --quick modes run and produce well-formed results (not their values)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], timeout: int) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_router_micro_quick(tmp_path):
+    out = tmp_path / "micro.json"
+    text = run(["bench/router_micro.py", "--quick", "--out", str(out)], 120)
+    records = json.loads(out.read_text())
+    assert {r["impl"] for r in records} == {"rust", "pyo3", "numpy"}
+    assert len(records) == 3 * 5 * 4
+    assert all(r["p50_us"] > 0 and r["p99_us"] >= r["p50_us"] * 0.5 for r in records)
+    assert "numpy/pyo3" in text
+
+
+def test_simulate_quick(tmp_path):
+    out = tmp_path / "sim.json"
+    text = run(["bench/simulate.py", "--quick", "--out", str(out)], 300)
+    data = json.loads(out.read_text())
+    policies = {r["policy"] for r in data["rows"]}
+    assert policies == {"eldr", "rr", "random", "jsq", "p2c"}
+    for r in data["rows"]:
+        assert r["tpot_p50_ms"] > 0 and r["tpot_p99_ms"] >= r["tpot_p50_ms"]
+        assert r["distinct_experts_per_layer_step"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "Δp50" in text
+
+
+def test_compare_policies_quick(tmp_path):
+    """Starts its own 1P+2D cluster and runs stock bench_serving through the router."""
+    out = tmp_path / "compare.json"
+    run(["bench/compare_policies.py", "--quick", "--out", str(out)], 900)
+    data = json.loads(out.read_text())
+    assert {r["policy"] for r in data["runs"]} == {"eldr", "jsq"}
+    for r in data["runs"]:
+        assert r["completed"] > 0 and r["tpot_p50_ms"] > 0 and r["ttft_p50_ms"] > 0
+        assert r["distinct_experts_per_layer_step"] is not None and r["distinct_experts_per_layer_step"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
