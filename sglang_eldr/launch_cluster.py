@@ -105,6 +105,30 @@ class Cluster:
             cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
         return cmd + self.extra_server_args
 
+    def _spawn(self, s: Server, core: int) -> None:
+        env = pd_env(core)
+        if self.step_stats and s.role == "decode":
+            env["SGLANG_ELDR_STEP_STATS_FILE"] = str(self.log_dir / f"step-stats-{s.port}.json")
+        with open(s.log, "ab") as log:
+            # cwd outside the repo: a source folder named like a package would shadow it.
+            s.proc = subprocess.Popen(self._server_cmd(s), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                      cwd=self.log_dir, start_new_session=True)
+
+    def kill(self, s: Server) -> None:
+        """SIGKILL a server's whole process group (fault injection)."""
+        if s.proc is not None and s.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(s.proc.pid, signal.SIGKILL)
+            s.proc.wait()
+
+    def restart(self, s: Server) -> None:
+        """Starts a stopped or killed server again on the same port and waits until it is ready."""
+        self.kill(s)
+        s.log.write_bytes(b"")  # readiness is read from the log
+        cores = sorted(os.sched_getaffinity(0))
+        self._spawn(s, cores[self.servers.index(s) % len(cores)])
+        self.wait_healthy([s])
+
     def start_servers(self) -> None:
         cores = sorted(os.sched_getaffinity(0))
         for i in range(self.num_prefill):
