@@ -1,4 +1,4 @@
-"""One real 1P+2D PD cluster of the tiny trained MoE per test session, plus a plain single
+"""One real 1P+2D PD cluster of the tiny trained MoE for this test package (torn down before the next package starts its servers, to bound memory), plus a plain single
 server as the output reference. Routers are started per test (about a second each)."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory):
     why = _missing()
     if why:
@@ -41,7 +41,7 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def centroids(cluster) -> str:
     shipped = MODEL / "eldr-centroids-2d.eldr"
     if shipped.exists():
@@ -49,7 +49,7 @@ def centroids(cluster) -> str:
     return str(cluster.calibrate(CALIB))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference_server(cluster):
     """A plain (non-PD) ELDR server of the same model: greedy outputs to compare against."""
     import subprocess

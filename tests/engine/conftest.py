@@ -44,29 +44,29 @@ def _trained_present() -> bool:
     return (TRAINED_DIR / "config.json").exists() and any(TRAINED_DIR.glob("*.safetensors"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def random_moe_dir(models_dir) -> Path:
     """Random-weights twin of the tiny MoE (negative controls; stand-in until the trained one lands)."""
     return build(models_dir / "random-moe", seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def moe_dir(random_moe_dir) -> Path:
     """The model under test: the trained tiny MoE when committed, else the random twin."""
     return TRAINED_DIR if _trained_present() else random_moe_dir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dense_dir(models_dir) -> Path:
     return build(models_dir / "dense", dense=True, seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server_logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
 
@@ -77,13 +77,13 @@ def _serve(request, model_dir, logs, name, **kw) -> Server:
     return srv.wait_ready()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def eldr_server(request, moe_dir, server_logs) -> Server:
     """ELDR defaults: radix cache, page size 1, slot storage."""
     return _serve(request, moe_dir, server_logs, "eldr-default")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def eldr_paged_server(request, moe_dir, server_logs) -> Server:
     """Chunked prefill smaller than the prompts, page size 16, page storage, a KV pool small enough to
     evict."""
@@ -92,17 +92,17 @@ def eldr_paged_server(request, moe_dir, server_logs) -> Server:
         "--max-total-tokens", "1024", "--max-running-requests", "4"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stock_server(request, moe_dir, server_logs) -> Server:
     """Stock ``python -m sglang.launch_server`` (ELDR package installed, plugin inactive)."""
     return _serve(request, moe_dir, server_logs, "stock", eldr=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dense_server(request, dense_dir, server_logs) -> Server:
     return _serve(request, dense_dir, server_logs, "eldr-dense")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def capture_off_server(request, moe_dir, server_logs) -> Server:
     return _serve(request, moe_dir, server_logs, "eldr-capture-off", args=("--no-eldr-capture",))

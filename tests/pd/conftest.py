@@ -96,7 +96,7 @@ class PDPair:
             s.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pd_model_dir(tmp_path_factory) -> Path:
     """The trained tiny MoE when committed (untied lm_head), else its random-weights, untied twin."""
     if tiny_untied.trained_usable():
@@ -104,7 +104,7 @@ def pd_model_dir(tmp_path_factory) -> Path:
     return tiny_untied.build(tmp_path_factory.mktemp("pd-models") / "random-moe-untied")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pd_pair(request, pd_model_dir, tmp_path_factory) -> PDPair:
     logs = tmp_path_factory.mktemp("pd-logs")
     cores = _cores()
