@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refit-window", type=float, default=5.0, help="online refit window, seconds (default: 5)")
     ap.add_argument("--refit-interval", type=float, default=2.5, help="online refit period, seconds (default: 2.5)")
     ap.add_argument("--refit-min-samples", type=int, default=None,
-                    help="requests needed in the window to refit (default: 4 per decoder)")
+                    help="requests needed in the window to refit (default: max(64, 16 per decoder))")
     ap.add_argument("--seed", type=int, default=0, help="seed for random/p2c and the refit (default: 0)")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=30000, help="bind port (default: 30000)")

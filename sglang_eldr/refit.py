@@ -36,7 +36,9 @@ class OnlineRefit:
         self.layer_mask = layer_mask
         self.window_s = window_s
         self.interval_s = interval_s
-        self.min_samples = min_samples if min_samples is not None else 4 * router.num_workers
+        # A handful of samples per centroid makes K-means chase noise (measured: online eldr lost to
+        # eldr-static on the CPU cluster with the old default of 4 per decoder).
+        self.min_samples = min_samples if min_samples is not None else max(64, 16 * router.num_workers)
         self.seed = seed
         self._recent: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=max_samples)
         self.refits = 0
