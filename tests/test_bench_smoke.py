@@ -49,3 +49,17 @@ def test_compare_policies_quick(tmp_path):
         assert r["completed"] > 0 and r["tpot_p50_ms"] > 0 and r["ttft_p50_ms"] > 0
         assert r["distinct_experts_per_layer_step"] is not None and r["distinct_experts_per_layer_step"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_soak_quick_loses_nothing_when_a_decoder_is_killed(tmp_path):
+    """A decoder is SIGKILLed and restarted mid-run: every request gets an answer (OK or a clear
+    error), none hangs, and the router's in-flight counters end at zero (soak.py exits non-zero
+    otherwise)."""
+    out = tmp_path / "soak.json"
+    run(["bench/soak.py", "--quick", "--out", str(out)], 900)
+    report = json.loads(out.read_text())
+    assert report["unanswered"] == 0
+    assert report["ok"] + report["errors"] == report["sent"] == 60
+    assert report["ok"] >= 40
+    assert all(v == 0 for v in report["in_flight_at_end"].values())
+    assert any("killed" in e for e in report["events"]) and any("back" in e for e in report["events"])
