@@ -1,0 +1,74 @@
+"""Load-balancer parts that need no server: online refit, prefill choice, decode chooser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sglang_eldr import calibrate
+from sglang_eldr.decode_policy import DecodeChooser
+from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
+from sglang_eldr.refit import OnlineRefit
+from sglang_eldr.router_rs import LocalityBandRouter
+
+
+def two_domains(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    prefs = rng.dirichlet(np.full(16, 0.2), size=(2, 2))
+    labels = np.arange(n) % 2
+    counts = np.stack([[rng.multinomial(64, prefs[d, l]) for l in range(2)] for d in labels]).astype(np.int32)
+    return counts, labels
+
+
+def test_online_refit_swaps_aligned_centroids_and_keeps_identities():
+    counts, labels = two_domains(80)
+    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    router = LocalityBandRouter(cs.centroids, 0.0, idf=cs.idf, layer_mask=cs.layer_mask)
+    zero = np.zeros(2, dtype=np.int64)
+    before = [router.select_counts(c, zero) for c in counts]
+    refit = OnlineRefit(router, cs.idf, cs.layer_mask, window_s=60, interval_s=1, min_samples=20, seed=1)
+    assert not refit.refit_once() and refit.skipped == 1  # empty window
+    w = router.acquire(counts[0])
+    for c in counts[:40]:
+        refit.observe(c)
+    assert refit.refit_once() and refit.refits == 1
+    after = [router.select_counts(c, zero) for c in counts]
+    # New centroids, same decoder identities: each domain keeps its decoder.
+    assert np.mean(np.array(before) == np.array(after)) >= 0.95
+    assert not np.array_equal(router.centroids(), cs.centroids)
+    assert router.loads().tolist()[w] == 1  # in-flight state untouched by the swap
+    router.release(w)
+
+
+def test_prefix_hash_is_sticky_and_yields_to_load():
+    picker = PrefillPicker("prefix-hash", load_gate=2)
+    key = "def main():\n    return 0\n" * 10
+    first = picker.pick(key, [0, 0, 0], [True] * 3)
+    assert all(picker.pick(key, [0, 0, 0], [True] * 3) == first for _ in range(5))
+    loads = [0, 0, 0]
+    loads[first] = 5
+    assert picker.pick(key, loads, [True] * 3) != first
+    healthy = [True] * 3
+    healthy[first] = False
+    assert picker.pick(key, [0, 0, 0], healthy) != first
+    with pytest.raises(LookupError):
+        picker.pick(key, [0, 0, 0], [False] * 3)
+    rr = PrefillPicker("rr")
+    assert [rr.pick("x", [0, 0], [True, True]) for _ in range(4)] == [0, 1, 0, 1]
+    assert prompt_key({"messages": [{"role": "user", "content": "hi"}]}) == "hi"
+
+
+def test_decode_chooser_validates_configuration():
+    counts, _ = two_domains(20)
+    cs = calibrate.fit(counts, 2, top_k=2)
+    with pytest.raises(ValueError, match="needs a centroid file"):
+        DecodeChooser("eldr", 2)
+    with pytest.raises(ValueError, match="2 centroids but 3 decoders"):
+        DecodeChooser("eldr-static", 3, cs)
+    with pytest.raises(ValueError, match="unknown 'lru'"):
+        DecodeChooser("lru", 2)
+    chooser = DecodeChooser("eldr-static", 2, cs)
+    r = chooser.choose(counts[0])
+    assert set(r) >= {"worker", "scores", "band", "loads"} and chooser.refit is None
+    chooser.release(r["worker"])
+    assert chooser.loads() == [0, 0]
