@@ -91,7 +91,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
     return LoadBalancer(
         prefills=prefills, decoders=decoders, decode=chooser,
         prefill_picker=PrefillPicker(args.prefill_policy, load_gate=args.prefill_load_gate),
-        config=LBConfig(counts_deadline_s=args.counts_deadline, request_timeout_s=args.request_timeout, tau=args.tau,
+        config=LBConfig(counts_deadline_s=args.counts_deadline, request_timeout_s=args.request_timeout,
                         health_interval_s=args.health_interval, health_failures=args.health_failures),
         policy_name=args.policy,
     )

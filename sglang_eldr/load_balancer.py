@@ -66,7 +66,6 @@ class LBConfig:
     counts_deadline_s: float = 5.0
     request_timeout_s: float = 600.0
     max_body_bytes: int = 16 * 1024 * 1024
-    tau: float = 0.1
     decode_attempts: int = 2  # a request whose decoder is unreachable is re-routed this many times - 1
     orphan_grace_s: float = 10.0  # decode time allowed after its prefill call failed
     health_interval_s: float = 2.0  # 0 disables the periodic checks
