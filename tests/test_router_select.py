@@ -158,3 +158,12 @@ def test_nearest_alternative_rule(tau):
     loads = np.array([5, 0, 0], dtype=np.int64)
     # Band of one (worker 0); with tau > 0 the second best (worker 1) joins and wins on load.
     assert router.select(sig, loads) == (0 if tau == 0 else 1)
+
+
+def test_positive_tau_below_float32_range_still_adds_the_nearest_alternative():
+    # Found by hypothesis in CI: tau=1.5e-207 rounds to 0.0f32; the band must still widen.
+    centroids = np.eye(3, dtype=np.float32) + np.float32(0.01)
+    router = LocalityBandRouter(centroids, 1.5e-207)
+    sig = np.array([0.1, 1.0, 0.5], dtype=np.float32)
+    want = numpy_router.select(sig, numpy_router.unit_rows(centroids), np.array([0, 10, 0]), 1.5e-207)
+    assert router.select(sig, np.array([0, 10, 0])) == want == 2

@@ -13,6 +13,8 @@ use crate::error::{Result, RouterError};
 #[derive(Debug, Clone, Copy)]
 pub struct LocalityBand {
     tau: f32,
+    // Decided from the f64 the caller gave: a positive tau below f32's range still widens the band.
+    widen: bool,
     max_imbalance: Option<i64>,
 }
 
@@ -30,7 +32,7 @@ impl LocalityBand {
                 return Err(RouterError::Invalid { arg: "max_imbalance", reason: format!("must be >= 0, got {m}") });
             }
         }
-        Ok(Self { tau: tau as f32, max_imbalance })
+        Ok(Self { tau: tau as f32, widen: tau > 0.0, max_imbalance })
     }
 
     pub fn max_imbalance(&self) -> Option<i64> {
@@ -50,7 +52,7 @@ impl LocalityBand {
         };
         let threshold = best - self.tau;
         band.extend((0..scores.len()).filter(|&k| fleet.healthy[k] && scores[k] >= threshold));
-        if self.tau > 0.0 && band.len() == 1 {
+        if self.widen && band.len() == 1 {
             let inside = band[0];
             // max_by picks the last maximum; iterate in reverse so ties go to the lowest index.
             let alternative = (0..scores.len())
@@ -116,6 +118,11 @@ mod tests {
     #[test]
     fn nearest_alternative_joins_a_band_of_one() {
         assert_eq!(pick(0.05, &[0.1, 0.9, 0.5], &[0, 10, 0]), (2, vec![1, 2]));
+    }
+
+    #[test]
+    fn tau_below_f32_range_still_widens_the_band() {
+        assert_eq!(pick(1e-207, &[0.1, 0.9, 0.5], &[0, 10, 0]), (2, vec![1, 2]));
     }
 
     #[test]
