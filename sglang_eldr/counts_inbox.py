@@ -71,7 +71,11 @@ class CountsInbox:
                 logger.warning("counts inbox receive failed: %s", e)
                 await asyncio.sleep(0.05)
                 continue
-            self.deliver(frames)
+            try:
+                self.deliver(frames)
+            except Exception:  # noqa: BLE001 - one bad message must not stop every later delivery
+                self.malformed += 1
+                logger.exception("counts inbox: dropped a message that failed to deliver")
 
     def deliver(self, frames: list[bytes]) -> None:
         if len(frames) != 2 or frames[0] != COUNTS_TOPIC:

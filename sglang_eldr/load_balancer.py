@@ -35,7 +35,7 @@ from sglang_eldr.counts_inbox import CountsInbox
 from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.metrics import RouterMetrics
 from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
-from sglang_eldr.wire import RouteReceipt
+from sglang_eldr.wire import RouteReceipt, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ COUNTS_FIELD = "return_eldr_counts"
 GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a re-added URL is a new worker, old requests keep the old one
 class Worker:
     url: str
     role: str  # "prefill" | "decode"
@@ -105,6 +105,7 @@ class LoadBalancer:
         self._refit_task: asyncio.Task | None = None
         self._health_task: asyncio.Task | None = None
         self._failures: dict[str, int] = {}
+        self._draining: dict[str, asyncio.Task] = {}  # removed prefills' counts endpoints
         self.policy_name = self.policy_name or self.decode.policy
 
     # ------------------------------------------------------------------ lifecycle
@@ -126,7 +127,7 @@ class LoadBalancer:
         for t in (self._refit_task, self._health_task):
             if t is not None:
                 t.cancel()
-        for t in list(self._background):
+        for t in list(self._background) + list(self._draining.values()):
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.inbox.close()
@@ -142,6 +143,9 @@ class LoadBalancer:
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/workers", self.handle_workers)
+        app.router.add_post("/workers", self.handle_add_worker)
+        app.router.add_delete("/workers", self.handle_remove_worker)
+        app.router.add_delete("/workers/{url:.+}", self.handle_remove_worker)
         app.router.add_post("/flush_cache", self.handle_flush_cache)
         app.router.add_get("/server_info", self.handle_server_info)
         app.router.add_get("/get_server_info", self.handle_server_info)
@@ -158,6 +162,8 @@ class LoadBalancer:
             workers = self.prefills + self.decoders
             results = await self._fan_out("GET", "/health", workers, timeout_s=self.config.health_timeout_s)
             for w, (status, _) in zip(workers, results):
+                if w not in self.prefills and w not in self.decoders:
+                    continue  # removed while the checks ran
                 ok = status == 200
                 self._failures[w.url] = 0 if ok else self._failures.get(w.url, 0) + 1
                 healthy = ok or (w.healthy and self._failures[w.url] < self.config.health_failures)
@@ -173,22 +179,86 @@ class LoadBalancer:
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        self.metrics.set_in_flight(self.decode.loads())
+        self._show_loads()
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    def _row(self, w: Worker) -> dict:
+        row = {"url": w.url, "role": w.role, "healthy": w.healthy, "in_flight": w.in_flight}
+        if w.role == "prefill":
+            row.update(bootstrap_port=w.bootstrap_port, counts_port=w.counts_port)
+        return row
+
     async def handle_workers(self, request: web.Request) -> web.Response:
-        loads = self.decode.loads()
-        healthy = self.decode.healthy()
-        rows = [
-            {"url": p.url, "role": "prefill", "healthy": p.healthy, "in_flight": p.in_flight,
-             "bootstrap_port": p.bootstrap_port, "counts_port": p.counts_port}
-            for p in self.prefills
-        ] + [
-            {"url": d.url, "role": "decode", "healthy": healthy[i], "in_flight": loads[i]}
-            for i, d in enumerate(self.decoders)
-        ]
-        return web.json_response({"policy": self.policy_name, "workers": rows})
+        rows = [self._row(w) for w in self.prefills + self.decoders]
+        for row, load, healthy in zip(rows[len(self.prefills):], self.decode.loads(), self.decode.healthy()):
+            row.update(in_flight=load, healthy=healthy)  # the Rust router's view, which routing uses
+        return web.json_response({"policy": self.policy_name, "workers": rows,
+                                  "centroids": self.decode.num_decoders if self.decode.locality else None,
+                                  "membership_refits": self.decode.membership_refits})
+
+    async def handle_add_worker(self, request: web.Request) -> web.Response:
+        """POST /workers {"url", "role": "prefill"|"decode", "bootstrap_port"?, "counts_port"?}.
+        The worker is probed once; if its /health fails it joins unhealthy and the health checks
+        put it in service when it passes."""
+        try:
+            spec = msgspec.json.decode(await request.read(), type=WorkerSpec)
+            worker = Worker(**msgspec.structs.asdict(spec.checked()))
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+            return error_response(400, f"POST /workers: {e}")
+        if any(w.url == worker.url for w in self.prefills + self.decoders):
+            return error_response(409, f"worker {worker.url} is already registered; DELETE it first")
+        (status, _), = await self._fan_out("GET", "/health", [worker], timeout_s=self.config.health_timeout_s)
+        if any(w.url == worker.url for w in self.prefills + self.decoders):  # added while we probed
+            return error_response(409, f"worker {worker.url} is already registered; DELETE it first")
+        worker.healthy = status == 200
+        self._failures.pop(worker.url, None)
+        if worker.role == "decode":
+            self.decode.add(worker.url, healthy=worker.healthy)
+            self.decoders.append(worker)
+            self._show_loads()
+        else:
+            self.prefills.append(worker)
+            task = self._draining.pop(worker.counts_endpoint, None)
+            if task is not None:
+                task.cancel()
+            self.inbox.connect(worker.counts_endpoint)
+        self.metrics.membership.labels(worker.role, "added").inc()
+        logger.warning("%s %s added (%s)", worker.role, worker.url, "healthy" if worker.healthy else "unhealthy")
+        return web.json_response(self._row(worker), status=201)
+
+    async def handle_remove_worker(self, request: web.Request) -> web.Response:
+        """DELETE /workers/{url} (URL-encoded) or DELETE /workers?url=...: no new requests go to it;
+        its requests in flight finish."""
+        url = (request.match_info.get("url") or request.query.get("url") or "").rstrip("/")
+        found = [w for w in self.prefills + self.decoders if w.url == url]
+        if not found:
+            return error_response(404, f"no worker {url!r} is registered (GET /workers lists them)")
+        worker = found[0]
+        pool = self.decoders if worker.role == "decode" else self.prefills
+        if len(pool) == 1:
+            return error_response(409, f"{worker.url} is the last {worker.role} worker; add another first")
+        if worker.role == "decode":
+            idx = self.decoders.index(worker)
+            self.decode.remove(idx, worker.url)
+            del self.decoders[idx]
+            self._show_loads()
+        else:
+            self.prefills.remove(worker)
+            # Its requests in flight still wait for their counts: unsubscribe once they are done.
+            task = asyncio.create_task(self._unsubscribe_when_drained(worker))
+            self._draining[worker.counts_endpoint] = task
+        self.metrics.membership.labels(worker.role, "removed").inc()
+        logger.warning("%s %s removed (%d request(s) still in flight finish there)", worker.role, worker.url,
+                       worker.in_flight)
+        return web.json_response({"removed": self._row(worker)})
+
+    async def _unsubscribe_when_drained(self, prefill: Worker) -> None:
+        deadline = time.monotonic() + self.config.request_timeout_s
+        while prefill.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        self._draining.pop(prefill.counts_endpoint, None)
+        self.inbox.disconnect(prefill.counts_endpoint)
 
     async def _fan_out(self, method: str, path: str, workers: list[Worker],
                        timeout_s: float = 30.0) -> list[tuple[int, object]]:
@@ -252,7 +322,8 @@ class LoadBalancer:
     def _pick_prefill(self, body: dict) -> Worker:
         try:
             i = self.prefill_picker.pick(
-                prompt_key(body), [p.in_flight for p in self.prefills], [p.healthy for p in self.prefills]
+                prompt_key(body), [p.in_flight for p in self.prefills], [p.healthy for p in self.prefills],
+                [p.url for p in self.prefills],
             )
         except LookupError as e:
             raise UpstreamError(503, str(e)) from None
@@ -274,8 +345,7 @@ class LoadBalancer:
             stream = bool(body.get("stream", False))
             extra = counts_meta(counts) if want_counts and counts is not None else {}
             for attempt in range(self.config.decode_attempts):
-                decoder_idx, route = self._route(prefill, counts, fallback, room)
-                decoder = self.decoders[decoder_idx]
+                decoder, route = self._route(prefill, counts, fallback, room)
                 try:
                     if stream:
                         return await self._stream_decode(request, decoder, path, pd_body, route, prefill_task)
@@ -284,14 +354,13 @@ class LoadBalancer:
                     # Nothing reached the decoder, and the prefill still holds the KV for this room:
                     # another decoder can bootstrap it. Open the breaker on this one and retry.
                     logger.warning("decoder %s unreachable (%s); re-routing room %d", decoder.url, e, room)
-                    self.mark_decoder(decoder_idx, healthy=False)
+                    self._mark(decoder, healthy=False)
                     fallback = "decoder-unreachable"
                     if attempt + 1 == self.config.decode_attempts or not any(self.decode.healthy()):
                         prefill_task.cancel()
                         raise UpstreamError(502, f"no reachable decoder for this request (last: {decoder.url}: {e})") from None
                 finally:
-                    self.decode.release(decoder_idx)
-                    self.metrics.set_in_flight(self.decode.loads())
+                    self._release(decoder)
             raise AssertionError("unreachable")
         except ValueError as e:  # the Rust router refused (e.g. all decoders unhealthy)
             prefill_task.cancel()
@@ -303,7 +372,7 @@ class LoadBalancer:
             prefill_task.add_done_callback(lambda _t, p=prefill: _dec(p))
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
-    def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int) -> tuple[int, dict]:
+    def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int) -> tuple[Worker, dict]:
         """One Rust-router decision (counts the request in flight) and its receipt."""
         route_started = time.perf_counter()
         try:
@@ -320,13 +389,28 @@ class LoadBalancer:
         if fallback is not None:
             self.metrics.fallbacks.labels(fallback).inc()
         decoder = self.decoders[receipt["worker"]]
+        decoder.in_flight += 1
         self.metrics.routed.labels(decoder.url).inc()
         route = RouteReceipt(
             policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
             fallback=fallback, scores=receipt["scores"] if self.decode.locality else None,
             band=receipt["band"] if self.decode.locality else None,
         )
-        return receipt["worker"], msgspec.to_builtins(route)
+        return decoder, msgspec.to_builtins(route)
+
+    def _release(self, decoder: Worker) -> None:
+        """Ends one request on `decoder`; if it was removed meanwhile, only its own count drops."""
+        decoder.in_flight -= 1
+        if decoder in self.decoders:
+            self.decode.release(self.decoders.index(decoder))
+        self._show_loads()
+
+    def _show_loads(self) -> None:
+        self.metrics.set_in_flight({d.url: l for d, l in zip(self.decoders, self.decode.loads())})
+
+    def _mark(self, decoder: Worker, healthy: bool) -> None:
+        if decoder in self.decoders:
+            self.mark_decoder(self.decoders.index(decoder), healthy)
 
     def mark_decoder(self, idx: int, healthy: bool) -> None:
         if self.decode.healthy()[idx] != healthy:

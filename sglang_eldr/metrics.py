@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 class RouterMetrics:
     def __init__(self, decoders: list[str]):
         self.registry = CollectorRegistry()
-        self.decoders = decoders
+        self._shown: set[str] = set()
         self.in_flight = Gauge("eldr_decoder_in_flight", "Requests in flight per decoder", ["decoder"],
                                registry=self.registry)
         self.routed = Counter("eldr_routed", "Requests routed per decoder", ["decoder"], registry=self.registry)
@@ -22,12 +22,17 @@ class RouterMetrics:
             buckets=(1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4, 1e-3, 1e-2),
         )
         self.request_seconds = Histogram("eldr_request_seconds", "End-to-end request time", registry=self.registry)
-        for d in decoders:
-            self.in_flight.labels(d).set(0)
+        self.membership = Counter("eldr_membership_changes", "Workers added or removed at runtime",
+                                  ["role", "change"], registry=self.registry)
+        self.set_in_flight(dict.fromkeys(decoders, 0))
 
-    def set_in_flight(self, loads: list[int]) -> None:
-        for d, n in zip(self.decoders, loads):
-            self.in_flight.labels(d).set(n)
+    def set_in_flight(self, loads: dict[str, int]) -> None:
+        """In-flight count per decoder URL; decoders no longer listed are dropped from the gauge."""
+        for url in self._shown - loads.keys():
+            self.in_flight.remove(url)
+        for url, n in loads.items():
+            self.in_flight.labels(url).set(n)
+        self._shown = set(loads)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -18,8 +18,9 @@ class PrefillPicker:
         self.prefix_chars = prefix_chars
         self._next = 0
 
-    def pick(self, key: str, loads: list[int], healthy: list[bool]) -> int:
-        """Index of the prefill worker for a prompt `key` given in-flight `loads`."""
+    def pick(self, key: str, loads: list[int], healthy: list[bool], names: list[str] | None = None) -> int:
+        """Index of the prefill worker for a prompt `key` given in-flight `loads`. `names` (the
+        workers' URLs) key the hash, so a membership change moves only the prefixes it must."""
         live = [i for i, ok in enumerate(healthy) if ok]
         if not live:
             raise LookupError("no healthy prefill worker")
@@ -32,7 +33,8 @@ class PrefillPicker:
                     return i
         prefix = key[: self.prefix_chars].encode()
         # Rendezvous hashing: adding or removing a worker only moves the prefixes it owned.
-        best = max(live, key=lambda i: hashlib.blake2b(prefix + i.to_bytes(4, "little"), digest_size=8).digest())
+        ids = [n.encode() for n in names] if names is not None else [i.to_bytes(4, "little") for i in range(len(loads))]
+        best = max(live, key=lambda i: hashlib.blake2b(prefix + ids[i], digest_size=8).digest())
         least = min(live, key=lambda i: (loads[i], i))
         return least if loads[best] > loads[least] + self.load_gate else best
 

@@ -52,20 +52,27 @@ class OnlineRefit:
         cutoff = time.monotonic() - self.window_s
         return [c for t, c in list(self._recent) if t >= cutoff]
 
+    def fit(self, k: int):
+        """Balanced spherical K-means with `k` centroids on the window, or None when it holds too
+        few requests (fewer than `min_samples`, or than `k` with a non-zero signature)."""
+        samples = self.window()
+        if len(samples) < max(self.min_samples, k):
+            return None
+        sigs = build_signatures(np.stack(samples), self.idf, self.layer_mask)
+        sigs = sigs[sigs.any(axis=1)]
+        if len(sigs) < k:
+            return None
+        centroids, _, _ = calibrate.balanced_spherical_kmeans(sigs, k, seed=self.seed)
+        return centroids
+
     def refit_once(self) -> bool:
         """Fits and swaps if the window holds enough requests; returns whether it swapped."""
-        samples = self.window()
-        if len(samples) < max(self.min_samples, self.router.num_workers):
+        router = self.router  # membership changes replace the router; fit against one of them
+        new = self.fit(router.num_workers)
+        if new is None:
             self.skipped += 1
             return False
-        sigs = build_signatures(np.stack(samples), self.idf, self.layer_mask)
-        if not sigs.any(axis=1).all():
-            sigs = sigs[sigs.any(axis=1)]
-            if len(sigs) < self.router.num_workers:
-                self.skipped += 1
-                return False
-        new, _, _ = calibrate.balanced_spherical_kmeans(sigs, self.router.num_workers, seed=self.seed)
-        self.router.swap_centroids(calibrate.align_centroids(self.router.centroids(), new))
+        router.swap_centroids(calibrate.align_centroids(router.centroids(), new))
         self.refits += 1
         return True
 

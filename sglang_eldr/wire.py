@@ -7,6 +7,9 @@ counts of its whole prompt, keyed by bootstrap room.
 
 from __future__ import annotations
 
+from typing import Literal
+from urllib.parse import urlparse
+
 import msgspec
 import numpy as np
 
@@ -46,7 +49,10 @@ def encode_report(room: int, rid: str, counts: np.ndarray, prompt_tokens: int) -
 
 def decode_report(data: bytes) -> CountsReport:
     """Raises msgspec.DecodeError / ValidationError on malformed input."""
-    return _DECODER.decode(data)
+    try:
+        return _DECODER.decode(data)
+    except UnicodeDecodeError as e:  # msgspec lets this through for invalid UTF-8 in map keys
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {e}") from None
 
 
 class RouteReceipt(msgspec.Struct):
@@ -60,3 +66,32 @@ class RouteReceipt(msgspec.Struct):
     fallback: str | None = None
     scores: list[float] | None = None
     band: list[int] | None = None
+
+
+class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /workers`. A prefill's counts port defaults to its bootstrap port + 1 (what
+    `launch_server` uses)."""
+
+    url: str
+    role: Literal["prefill", "decode"]
+    bootstrap_port: int | None = None
+    counts_port: int | None = None
+
+    def checked(self) -> "WorkerSpec":
+        """The spec normalised (URL without a trailing slash, counts port filled in); ValueError
+        naming the field when it is unusable."""
+        url = self.url.rstrip("/")
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
+            raise ValueError(f"url: {self.url!r} is not http(s)://HOST:PORT")
+        if self.role == "decode":
+            if self.bootstrap_port is not None or self.counts_port is not None:
+                raise ValueError("bootstrap_port/counts_port: only for prefill workers")
+            return WorkerSpec(url=url, role="decode")
+        if self.bootstrap_port is None:
+            raise ValueError("bootstrap_port: required for a prefill worker")
+        counts = self.counts_port if self.counts_port is not None else self.bootstrap_port + 1
+        for name, port in (("bootstrap_port", self.bootstrap_port), ("counts_port", counts)):
+            if not 0 < port < 65536:
+                raise ValueError(f"{name}: {port} is not a TCP port")
+        return WorkerSpec(url=url, role="prefill", bootstrap_port=self.bootstrap_port, counts_port=counts)

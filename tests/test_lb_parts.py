@@ -72,3 +72,54 @@ def test_decode_chooser_validates_configuration():
     assert set(r) >= {"worker", "scores", "band", "loads"} and chooser.refit is None
     chooser.release(r["worker"])
     assert chooser.loads() == [0, 0]
+
+
+def test_membership_changes_keep_loads_health_and_centroid_identities():
+    counts, labels = two_domains(200)
+    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    chooser = DecodeChooser("eldr-static", 2, cs, tau=0.0, refit_min_samples=10_000)
+    rows = chooser.router.centroids().copy()
+    before = [chooser.router.select_counts(c, np.zeros(2, dtype=np.int64)) for c in counts[:40]]
+    home = [chooser.choose(c)["worker"] for c in counts[:2]]  # one request in flight on each
+    assert sorted(home) == [0, 1]
+    # Fresh decoder, window too small to refit: the mean direction of the others.
+    assert chooser.add("http://new:1", healthy=False) == 2
+    assert chooser.loads() == [1, 1, 0] and chooser.healthy() == [True, True, False]
+    mean = rows.mean(axis=0)
+    np.testing.assert_allclose(chooser.router.centroids()[2], mean / np.linalg.norm(mean), rtol=1e-5)
+    np.testing.assert_array_equal(chooser.router.centroids()[:2], rows)
+    # Removing decoder 0 keeps decoder 1's load, health and centroid (now at index 0).
+    chooser.remove(0, "http://a:1")
+    assert chooser.loads() == [1, 0] and chooser.healthy() == [True, False]
+    np.testing.assert_array_equal(chooser.router.centroids()[0], rows[1])
+    # Decoder 0 comes back: it gets its own centroid again, so its domain finds it.
+    assert chooser.add("http://a:1") == 2
+    np.testing.assert_array_equal(chooser.router.centroids()[2], rows[0])
+    chooser.release(0)
+    chooser.set_healthy(1, False)
+    after = [chooser.router.select_counts(c, np.zeros(3, dtype=np.int64), np.array(chooser.healthy())) for c in counts[:40]]
+    assert after == [{0: 2, 1: 0}[b] for b in before]
+    assert chooser.loads() == [0, 0, 0]
+    with pytest.raises(ValueError, match="last decoder"):
+        DecodeChooser("jsq", 1).remove(0, "x")
+    with pytest.raises(IndexError):
+        chooser.remove(3, "x")
+
+
+def test_a_new_decoder_gets_a_refit_centroid_when_the_window_is_full():
+    counts, _ = two_domains(200)
+    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    chooser = DecodeChooser("eldr", 2, cs, tau=0.0, refit_min_samples=50)
+    for c in counts[:120]:
+        chooser.release(chooser.choose(c)["worker"])
+    before = [chooser.router.select_counts(c, np.zeros(2, dtype=np.int64)) for c in counts[120:]]
+    chooser.add("http://new:1")
+    assert chooser.membership_refits == 1 and chooser.num_decoders == 3
+    assert chooser.refit is not None and chooser.refit.router is chooser.router  # the periodic refit follows
+    after = [chooser.router.select_counts(c, np.zeros(3, dtype=np.int64)) for c in counts[120:]]
+    # Three clusters over two domains: the old decoders keep their requests (identities aligned).
+    assert np.mean([a == b for a, b in zip(after, before) if a != 2]) >= 0.9
+    mean = chooser.router.centroids()[:2].mean(axis=0)
+    assert not np.allclose(chooser.router.centroids()[2], mean / np.linalg.norm(mean), atol=1e-3)
+    chooser.remove(2, "http://new:1")
+    assert chooser.membership_refits == 2 and chooser.router.centroids().shape[0] == 2

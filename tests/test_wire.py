@@ -29,6 +29,12 @@ def test_report_round_trip():
     np.testing.assert_array_equal(r.array(), counts)
 
 
+def test_invalid_utf8_in_a_key_is_a_decode_error():
+    # Found by the fuzzer: msgspec raised UnicodeDecodeError, which would have ended the inbox loop.
+    with pytest.raises(msgspec.DecodeError):
+        decode_report(b"\x81\xa5\x00\x00\x00\x00\x80")
+
+
 @given(st.binary(max_size=200))
 def test_decoder_rejects_garbage_cleanly(data):
     try:

@@ -271,6 +271,27 @@ impl Router {
         Ok(())
     }
 
+    /// Sets every worker's in-flight count and health at once. For a router built to replace
+    /// another after a membership change: the survivors' requests are still in flight.
+    pub fn restore_state(&self, loads: &[i64], healthy: &[bool]) -> Result<()> {
+        for (arg, len) in [("loads", loads.len()), ("healthy", healthy.len())] {
+            if len != self.workers {
+                return Err(RouterError::Shape {
+                    arg,
+                    expected: format!("[{}]", self.workers),
+                    got: format!("[{len}]"),
+                });
+            }
+        }
+        if let Some(index) = loads.iter().position(|l| *l < 0) {
+            return Err(RouterError::Negative { arg: "loads", index, value: loads[index] as f64 });
+        }
+        let mut st = self.lock();
+        st.loads.copy_from_slice(loads);
+        st.healthy.copy_from_slice(healthy);
+        Ok(())
+    }
+
     /// Replaces the centroids (`[workers, dim]`, same shape as before). Worker `k` stays worker
     /// `k`: loads and health are untouched, so align rows to identities before swapping.
     pub fn swap_centroids(&self, data: &[f32], rows: usize, cols: usize) -> Result<()> {

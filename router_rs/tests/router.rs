@@ -120,3 +120,17 @@ fn concurrent_acquire_release_balances() {
     }
     assert_eq!(r.loads(), vec![0, 0, 0]);
 }
+
+#[test]
+fn restored_state_is_what_the_policy_sees() {
+    let r = Router::baseline("jsq", 3, 0).unwrap();
+    r.restore_state(&[2, 0, 1], &[true, false, true]).unwrap();
+    assert_eq!((r.loads(), r.healthy()), (vec![2, 0, 1], vec![true, false, true]));
+    assert_eq!(r.acquire(Signal::<u8>::Absent).unwrap(), 2, "least loaded among the healthy");
+    r.release(0).unwrap();
+    assert_eq!(r.loads(), vec![1, 0, 2]);
+    assert!(matches!(r.restore_state(&[0, 0], &[true; 3]), Err(RouterError::Shape { arg: "loads", .. })));
+    assert!(matches!(r.restore_state(&[0; 3], &[true; 2]), Err(RouterError::Shape { arg: "healthy", .. })));
+    assert!(matches!(r.restore_state(&[0, -1, 0], &[true; 3]), Err(RouterError::Negative { arg: "loads", index: 1, .. })));
+    assert_eq!(r.loads(), vec![1, 0, 2], "a refused restore changes nothing");
+}

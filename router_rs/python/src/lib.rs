@@ -216,6 +216,13 @@ impl Router {
         self.core.set_healthy(worker, healthy).map_err(value_error)
     }
 
+    /// Sets all in-flight counts (int64[W]) and health flags at once (membership changes).
+    fn restore_state(&self, loads: PyReadonlyArray1<'_, i64>, healthy: Vec<bool>) -> PyResult<()> {
+        let owned: Vec<i64>;
+        let data = borrowed!(loads, owned);
+        self.core.restore_state(data, &healthy).map_err(value_error)
+    }
+
     /// Atomically replaces the centroids float32[W,D]; row k stays decoder k.
     fn swap_centroids(&self, py: Python<'_>, centroids: PyReadonlyArray2<'_, f32>) -> PyResult<()> {
         let (rows, cols) = (centroids.shape()[0], centroids.shape()[1]);
