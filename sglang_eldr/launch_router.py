@@ -67,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--health-interval", type=float, default=2.0,
                     help="seconds between health checks of every server; 0 disables them (default: 2)")
     ap.add_argument("--health-failures", type=int, default=3,
-                    help="consecutive failed checks (5 s timeout each) that take a server out of routing (default: 3)")
+                    help="consecutive failed checks that take a server out of routing; the next passing check "
+                         "puts it back (default: 3)")
+    ap.add_argument("--health-timeout", type=float, default=5.0,
+                    help="seconds one health check may take before it counts as failed (default: 5)")
+    ap.add_argument("--orphan-grace", type=float, default=10.0,
+                    help="seconds a decode may go on after its prefill call failed before the router aborts "
+                         "it with a 502 (default: 10)")
+    ap.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                    help="largest request body accepted; larger ones get 413 (default: 16 MiB)")
+    ap.add_argument("--allow-unknown-fields", action="store_true",
+                    help="pass request fields the installed SGLang version does not define on to the servers "
+                         "(by default they get a 400 naming the field)")
     ap.add_argument("--refit-window", type=float, default=5.0, help="online refit window, seconds (default: 5)")
     ap.add_argument("--refit-interval", type=float, default=2.5, help="online refit period, seconds (default: 2.5)")
     ap.add_argument("--refit-min-samples", type=int, default=None,
@@ -92,7 +103,9 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         prefills=prefills, decoders=decoders, decode=chooser,
         prefill_picker=PrefillPicker(args.prefill_policy, load_gate=args.prefill_load_gate),
         config=LBConfig(counts_deadline_s=args.counts_deadline, request_timeout_s=args.request_timeout,
-                        health_interval_s=args.health_interval, health_failures=args.health_failures),
+                        health_interval_s=args.health_interval, health_failures=args.health_failures,
+                        health_timeout_s=args.health_timeout, orphan_grace_s=args.orphan_grace,
+                        max_body_bytes=args.max_body_bytes, allow_unknown_fields=args.allow_unknown_fields),
         policy_name=args.policy,
     )
 

@@ -35,6 +35,7 @@ from sglang_eldr.counts_inbox import CountsInbox
 from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.metrics import RouterMetrics
 from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
+from sglang_eldr.request_fields import known_fields, unknown_field
 from sglang_eldr.wire import RouteReceipt, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class LBConfig:
     health_interval_s: float = 2.0  # 0 disables the periodic checks
     health_failures: int = 3  # consecutive failed checks that take a worker out
     health_timeout_s: float = 5.0
+    allow_unknown_fields: bool = False  # pass fields this SGLang version does not know to the servers
 
 
 class DecoderUnreachable(Exception):
@@ -307,7 +309,11 @@ class LoadBalancer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             self.metrics.requests.labels(path, "400").inc()
             return error_response(400, f"request body is not valid JSON: {e}")
-        problem = validate_body(path, body)
+        except web.HTTPRequestEntityTooLarge:
+            self.metrics.requests.labels(path, "413").inc()
+            return error_response(413, f"request body is larger than {self.config.max_body_bytes} bytes "
+                                       "(the router's --max-body-bytes)")
+        problem = validate_body(path, body, check_fields=not self.config.allow_unknown_fields)
         if problem:
             self.metrics.requests.labels(path, "400").inc()
             return error_response(400, problem)
@@ -433,6 +439,9 @@ class LoadBalancer:
             status, text = prefill_task.result()
             if status != 200:
                 raise UpstreamError(502 if status >= 500 else status, f"prefill server failed ({status}): {text[:500]}")
+            error = stream_error(text)
+            if error is not None:  # SGLang reports a refused streaming request inside a 200 stream
+                raise UpstreamError(*error)
             # Prefill answered without publishing counts (capture off on that server).
             return None, "no-counts"
         return None, "counts-timeout"
@@ -544,13 +553,35 @@ def counts_meta(counts: np.ndarray) -> dict:
             "eldr_counts_shape": [int(a.shape[0]), int(a.shape[1])]}
 
 
+def stream_error(text: str) -> tuple[int, str] | None:
+    """(status, message) of the first error event in an SSE body, if it has one."""
+    for line in text.splitlines():
+        if not line.startswith("data:"):
+            continue
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("error"), dict):
+            err = event["error"]
+            code = err.get("code")
+            status = code if isinstance(code, int) and 400 <= code < 600 else 502
+            return status, f"prefill server refused the request: {err.get('message', err)}"
+    return None
+
+
 def _dec(worker: Worker) -> None:
     worker.in_flight = max(0, worker.in_flight - 1)
 
 
-def validate_body(path: str, body: object) -> str | None:
+def validate_body(path: str, body: object, check_fields: bool = True) -> str | None:
     if not isinstance(body, dict):
         return "request body must be a JSON object"
+    if check_fields:
+        unknown = unknown_field(path, body, frozenset({COUNTS_FIELD}))
+        if unknown is not None:
+            return (f"unknown field {unknown!r} for {path} (not a field of SGLang {known_fields().sglang_version}'s "
+                    "request; the router's --allow-unknown-fields passes such fields on)")
     if path == "/generate":
         has = [k for k in ("text", "input_ids") if body.get(k) is not None]
         if not has:

@@ -69,7 +69,8 @@ def test_validate_body_never_raises(path, body):
 def test_validate_body_messages():
     assert validate_body("/generate", {"text": "hi"}) is None
     assert "JSON object" in validate_body("/generate", [1, 2])
-    assert "needs 'text'" in validate_body("/generate", {"prompt": "x"})
+    assert "needs 'text'" in validate_body("/generate", {"rid": "x"})
+    assert "unknown field 'prompt'" in validate_body("/generate", {"prompt": "x"})
     assert "batched" in validate_body("/generate", {"text": ["a", "b"]})
     assert "'stream' must be a boolean" in validate_body("/generate", {"text": "a", "stream": "yes"})
     assert "set by the router" in validate_body("/generate", {"text": "a", "bootstrap_room": 3})

@@ -148,5 +148,20 @@ def test_bad_requests_get_clear_errors_and_the_router_keeps_serving(cluster, cen
     assert r.status_code == 400 and "batched" in r.json()["error"]["message"]
     r = requests.post(router.url + "/generate", json={"text": "x", "stream": "yes"}, timeout=10)
     assert r.status_code == 400
+    r = requests.post(router.url + "/generate", json={"text": "x", "sampling_parms": {}}, timeout=10)
+    assert r.status_code == 400 and "unknown field 'sampling_parms'" in r.json()["error"]["message"]
+    # Checked by SGLang on the prefill server, passed back with its status and message.
+    r = requests.post(router.url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": "4"}},
+                      timeout=30)
+    assert r.status_code == 400 and "expected i64" in r.json()["error"]["message"], r.text
+    r = requests.post(router.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": "many"},
+                      timeout=30)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"], r.text
+    for stream in (False, True):
+        r = requests.post(router.url + "/generate", json={"text": "word " * 5000, "stream": stream}, timeout=60)
+        assert r.status_code == 400 and "longer than the model's context length" in r.json()["error"]["message"]
+    r = requests.post(router.url + "/generate", data=b'{"text": "' + b"x" * (17 << 20) + b'"}', timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "--max-body-bytes" in r.json()["error"]["message"]
     assert generate(router.url, "def main():")["meta_info"]["eldr_route"]["policy"] == "eldr"
     assert decode_in_flight(router.url) == [0, 0]

@@ -1,0 +1,266 @@
+"""Failure semantics with real processes: servers of the test cluster are SIGKILLed or SIGSTOPped
+while the router serves, and restarted afterwards so the cluster is whole for the next test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import numpy as np
+import pytest
+import requests
+import zmq
+
+from sglang_eldr.launch_cluster import free_port
+from sglang_eldr.wire import COUNTS_TOPIC, decode_report, encode_report
+
+from .conftest import EVAL, rows
+
+LONG = {"temperature": 0, "max_new_tokens": 300, "ignore_eos": True}  # prompt + 300 < 512 (context)
+
+
+def workers(url: str) -> dict:
+    return requests.get(url + "/workers", timeout=5).json()
+
+
+def decode_rows(url: str) -> list[dict]:
+    return [w for w in workers(url)["workers"] if w["role"] == "decode"]
+
+
+def wait_for(pred, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def all_idle(url: str) -> bool:
+    return all(w["in_flight"] == 0 for w in workers(url)["workers"])
+
+
+def server_busy(server_url: str) -> int:
+    """Requests an SGLang server holds (running + queued, all disaggregation queues)."""
+    loads = requests.get(server_url + "/v1/loads", timeout=5).json()["loads"]
+    return sum(int(l.get("num_running_reqs", 0)) + int(l.get("num_waiting_reqs", 0))
+               + sum(int(v) for k, v in (l.get("disaggregation") or {}).items()
+                     if k.endswith("_queue_reqs") and isinstance(v, (int, float)))
+               for l in loads)
+
+
+def prompt(i: int = 0) -> str:
+    return rows(EVAL)[i]["text"]
+
+
+def open_stream(url: str, text: str) -> requests.Response:
+    r = requests.post(url + "/generate", json={"text": text, "sampling_params": LONG, "stream": True},
+                      stream=True, timeout=60)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def generate(url: str, text: str, **params) -> requests.Response:
+    return requests.post(url + "/generate", json={
+        "text": text, "sampling_params": {"temperature": 0, "max_new_tokens": 8, **params}}, timeout=120)
+
+
+def test_decoder_killed_mid_stream_then_requests_are_rerouted(cluster, centroids):
+    """kill -9 of the decoder serving a stream: the client gets an error event and the stream ends
+    (no hang). Requests the router then sends to the dead decoder are re-routed to the live one
+    (the prefill still holds their KV). After a restart the decoder is put back in service."""
+    # Checks every second but never enough failures to open the breaker: only requests open it,
+    # and the first passing check after the restart closes it again.
+    router = cluster.start_router(policy="rr", extra=["--health-interval", "1", "--health-failures", "1000"])
+    stream = open_stream(router.url, prompt(0))
+    route = json.loads(stream.headers["X-ELDR-Route"])
+    victim = next(d for d in cluster.decoders if d.url == route["decoder"])
+    survivor = next(d for d in cluster.decoders if d is not victim)
+    lines = stream.iter_lines()
+    first = [next(lines) for _ in range(3)]
+    assert all(l.startswith(b"data:") for l in first if l)
+    cluster.kill(victim)
+    started = time.monotonic()
+    rest = [l for l in lines if l]
+    assert time.monotonic() - started < 30
+    last = json.loads(rest[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == 502 and "mid-stream" in last["error"]["message"], rest[-3:]
+
+    outs = [generate(router.url, prompt(i)) for i in (1, 2)]
+    assert [o.status_code for o in outs] == [200, 200], [o.text for o in outs]
+    routes = [o.json()["meta_info"]["eldr_route"] for o in outs]
+    assert all(r["decoder"] == survivor.url for r in routes)
+    assert [r["fallback"] for r in routes].count("decoder-unreachable") == 1, routes
+    assert [w["healthy"] for w in decode_rows(router.url) if w["url"] == victim.url] == [False]
+    assert all_idle(router.url)
+    metrics = requests.get(router.url + "/metrics", timeout=5).text
+    assert 'eldr_fallbacks_total{reason="decoder-unreachable"} 1.0' in metrics
+
+    cluster.restart(victim)
+    wait_for(lambda: all(w["healthy"] for w in decode_rows(router.url)), 30, "the restarted decoder back in service")
+    used = {generate(router.url, prompt(i)).json()["meta_info"]["eldr_route"]["decoder"] for i in (3, 4)}
+    assert used == {victim.url, survivor.url}
+    assert all_idle(router.url)
+
+
+def test_stopped_decoder_is_taken_out_by_health_checks_and_put_back(cluster, centroids):
+    """SIGSTOP: the decoder accepts connections but never answers. Failed checks open its breaker,
+    requests go to the other decoder, and SIGCONT closes the breaker again. (SGLang's /health runs
+    a one-token generation and takes at least a second, hence the 3 s check timeout.)"""
+    router = cluster.start_router(policy="eldr", centroids=centroids, extra=[
+        "--health-interval", "0.5", "--health-failures", "2", "--health-timeout", "3"])
+    victim, survivor = cluster.decoders
+    os.killpg(victim.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: [w["healthy"] for w in decode_rows(router.url)] == [False, True], 20,
+                 "the stopped decoder taken out")
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda i: generate(router.url, prompt(i)), range(4)))
+        assert [o.status_code for o in outs] == [200] * 4
+        assert {o.json()["meta_info"]["eldr_route"]["decoder"] for o in outs} == {survivor.url}
+    finally:
+        os.killpg(victim.proc.pid, signal.SIGCONT)
+    wait_for(lambda: all(w["healthy"] for w in decode_rows(router.url)), 20, "the decoder back after SIGCONT")
+    assert all_idle(router.url)
+
+
+def test_prefill_killed_gives_clear_errors_and_leaves_no_reservations(cluster, centroids):
+    """The prefill dies (a) with a request queued on it and (b) just after it published a request's
+    counts, before the decoder pulled the KV. Both requests get a 502 that names the prefill, the
+    decoders end up holding nothing, the router's counters return to zero."""
+    prefill = cluster.prefills[0]
+    router = cluster.start_router(policy="eldr", centroids=centroids, extra=["--orphan-grace", "3"])
+    assert generate(router.url, prompt(0)).status_code == 200
+
+    # The test listens to the prefill's counts like the router does, and freezes the prefill the
+    # moment a report goes out: the decoder is about to bootstrap from a server that will not answer.
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, COUNTS_TOPIC)
+    sub.connect(f"tcp://127.0.0.1:{prefill.counts_port}")
+    time.sleep(0.5)
+    frozen = threading.Event()
+
+    def freeze_on_counts():
+        if sub.poll(60_000):
+            sub.recv_multipart()
+            os.killpg(prefill.proc.pid, signal.SIGSTOP)
+            frozen.set()
+
+    watcher = threading.Thread(target=freeze_on_counts, daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            after_counts = pool.submit(generate, router.url, prompt(1), max_new_tokens=32)
+            assert frozen.wait(60), "the prefill never published counts"
+            time.sleep(1.0)
+            queued = pool.submit(generate, router.url, prompt(2))  # waits on the frozen prefill
+            time.sleep(1.0)
+            cluster.kill(prefill)
+            started = time.monotonic()
+            outs = [after_counts.result(60), queued.result(60)]
+            assert time.monotonic() - started < 30
+    finally:
+        sub.close(0)
+        watcher.join(5)
+    for o in outs:
+        assert o.status_code == 502, o.text
+        assert "prefill server failed" in o.json()["error"]["message"], o.text
+    assert all_idle(router.url)
+    for d in cluster.decoders:
+        wait_for(lambda d=d: server_busy(d.url) == 0, 60, f"decoder {d.url} to drop the orphaned request")
+
+    cluster.restart(prefill)
+    wait_for(lambda: all(w["healthy"] for w in workers(router.url)["workers"]), 30, "the prefill back")
+    assert generate(router.url, prompt(3)).status_code == 200
+    assert all_idle(router.url)
+
+
+def test_client_disconnect_mid_stream_aborts_downstream_and_releases_load(cluster, centroids):
+    router = cluster.start_router(policy="eldr", centroids=centroids)
+    stream = open_stream(router.url, prompt(4))
+    decoder = json.loads(stream.headers["X-ELDR-Route"])["decoder"]
+    lines = stream.iter_lines()
+    for _ in range(3):
+        next(lines)
+    assert server_busy(decoder) >= 1  # (a health-check generation may be running too)
+    stream.close()  # the client goes away
+    wait_for(lambda: all_idle(router.url), 15, "the router to release the load")
+    wait_for(lambda: server_busy(decoder) == 0, 15, "the decoder to abort the request")
+    assert generate(router.url, prompt(5)).status_code == 200
+
+
+class CountsRelay:
+    """Stands between a prefill's counts publisher and the router, rewriting each report by
+    `mode`: a misbehaving prefill built from the real one."""
+
+    def __init__(self, upstream_port: int):
+        ctx = zmq.Context.instance()
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, COUNTS_TOPIC)
+        self.sub.connect(f"tcp://127.0.0.1:{upstream_port}")
+        self.pub = ctx.socket(zmq.PUB)
+        self.port = free_port()
+        self.pub.bind(f"tcp://127.0.0.1:{self.port}")
+        self.mode = "pass"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def rewrite(self, data: bytes) -> bytes:
+        r = decode_report(data)
+        counts = r.array()
+        if self.mode == "negative":
+            return encode_report(r.room, r.rid, -counts - 1, r.prompt_tokens)
+        if self.mode == "wrong-shape":
+            return encode_report(r.room, r.rid, np.ones((counts.shape[0] + 1, 3), np.int32), r.prompt_tokens)
+        if self.mode == "short-bytes":
+            return msgspec.msgpack.encode({**msgspec.structs.asdict(r), "counts": r.counts[:-4]})
+        if self.mode == "garbage":
+            return b"\xc1not msgpack"
+        return data
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if self.sub.poll(100):
+                topic, data = self.sub.recv_multipart()
+                self.pub.send_multipart([topic, self.rewrite(data)])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sub.close(0)
+        self.pub.close(0)
+
+
+@pytest.mark.parametrize("mode,fallback", [
+    ("negative", "bad-counts"), ("wrong-shape", "bad-counts"), ("short-bytes", "bad-counts"),
+    ("garbage", "counts-timeout"),
+])
+def test_misbehaving_prefill_counts_fall_back_and_keep_serving(cluster, centroids, relay, mode, fallback):
+    router = cluster.start_router(policy="eldr", centroids=centroids, extra=["--counts-deadline", "1"],
+                                  prefill_counts_port=relay.port)
+    time.sleep(0.5)  # the router's SUB joins the relay
+    relay.mode = mode
+    r = generate(router.url, prompt(6))
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["eldr_route"]["fallback"] == fallback
+    relay.mode = "pass"
+    r = generate(router.url, prompt(7))
+    assert r.status_code == 200 and r.json()["meta_info"]["eldr_route"]["fallback"] is None
+    metrics = requests.get(router.url + "/metrics", timeout=5).text
+    assert f'eldr_fallbacks_total{{reason="{fallback}"}} 1.0' in metrics
+    assert all_idle(router.url)
+
+
+@pytest.fixture(scope="module")
+def relay(cluster):
+    r = CountsRelay(cluster.prefills[0].counts_port)
+    yield r
+    r.close()
