@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             th.join()
         time.sleep(1)
         workers = requests.get(router.url + "/workers", timeout=10).json()["workers"]
-        in_flight = {w["url"]: w["in_flight"] for w in workers if w["role"] == "decode"}
+        in_flight = {f'{w["role"]} {w["url"]}': w["in_flight"] for w in workers}
         metrics = requests.get(router.url + "/metrics", timeout=10).text
     ok = outcomes["ok"]
     errors = sum(v for k, v in outcomes.items() if k.startswith("error"))
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"soak: {args.requests} sent, {ok} ok, {errors} answered with an error, {unanswered} unanswered; "
+          f"in flight at the end: {in_flight}; {report['seconds']} s", file=sys.stderr)
     good = unanswered == 0 and all(v == 0 for v in in_flight.values()) and ok + errors == args.requests
     print("PASS" if good else "FAIL", file=sys.stderr)
     return 0 if good else 1

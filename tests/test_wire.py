@@ -100,3 +100,51 @@ def test_inbox_delivers_over_real_zmq_and_counts_bad_messages():
             pub.close(0)
 
     asyncio.run(scenario())
+
+
+REPORT_KEYS = ["room", "rid", "layers", "experts", "counts", "prompt_tokens", "extra"]
+msgpack_values = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) \
+    | st.binary(max_size=64) | st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)
+
+
+@given(st.dictionaries(st.sampled_from(REPORT_KEYS), msgpack_values, max_size=7))
+def test_near_valid_counts_messages_decode_or_fail_cleanly(fields):
+    """Structured fuzz: maps with the report's own keys and any values. The router only ever sees
+    a report whose array() is consistent, or a DecodeError/ValidationError/ValueError."""
+    try:
+        r = decode_report(msgspec.msgpack.encode(fields))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return
+    try:
+        a = r.array()
+    except ValueError:
+        return
+    assert a.shape == (r.layers, r.experts) and a.dtype == np.dtype("<i4")
+
+
+@given(st.binary(max_size=200) | json_values.map(lambda v: msgspec.json.encode(v)))
+def test_worker_spec_decoding_never_raises_anything_else(data):
+    from sglang_eldr.wire import WorkerSpec
+
+    try:
+        spec = msgspec.json.decode(data, type=WorkerSpec).checked()
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        return
+    assert spec.role in ("prefill", "decode") and spec.url.startswith("http")
+
+
+def test_worker_spec_errors_name_the_field():
+    from sglang_eldr.wire import WorkerSpec
+
+    def err(body: dict) -> str:
+        with pytest.raises((msgspec.ValidationError, ValueError)) as e:
+            msgspec.json.decode(msgspec.json.encode(body), type=WorkerSpec).checked()
+        return str(e.value)
+
+    assert "bootstrap_port" in err({"url": "http://h:1", "role": "prefill"})
+    assert "url" in err({"url": "h:1", "role": "decode"})
+    assert "role" in err({"url": "http://h:1", "role": "both"})
+    assert "weight" in err({"url": "http://h:1", "role": "decode", "weight": 1})
+    assert "counts_port" in err({"url": "http://h:1", "role": "prefill", "bootstrap_port": 8998, "counts_port": 70000})
+    ok = msgspec.json.decode(b'{"url": "http://h:1/", "role": "prefill", "bootstrap_port": 8998}', type=WorkerSpec)
+    assert ok.checked() == WorkerSpec(url="http://h:1", role="prefill", bootstrap_port=8998, counts_port=8999)
