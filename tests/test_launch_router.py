@@ -1,0 +1,39 @@
+"""The router process refuses to start on a bad centroid file or configuration, and says why."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-moe" / "eldr-centroids-2d.eldr"
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "sglang_eldr.launch_router", "--port", "1", "--prefill", "http://127.0.0.1:9"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[: len(b) // 2], "not a readable centroid file|corrupt"),
+    (lambda b: b[:-9] + bytes([b[-9] ^ 0xFF]) + b[-8:], "checksum mismatch|corrupt|not a readable"),
+    (lambda b: b"not a centroid file", "not a readable"),
+])
+def test_corrupt_centroid_file_refuses_to_start(tmp_path, damage, message):
+    bad = tmp_path / "bad.eldr"
+    bad.write_bytes(damage(SHIPPED.read_bytes()))
+    r = launch("--decode", "http://127.0.0.1:10", "--decode", "http://127.0.0.1:11", "--centroids", str(bad))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("launch_router: ") and re.search(message, r.stderr), r.stderr
+
+
+def test_mismatched_or_missing_centroids_refuse_to_start(tmp_path):
+    r = launch(*sum((["--decode", f"http://127.0.0.1:{p}"] for p in (10, 11, 12)), []), "--centroids", str(SHIPPED))
+    assert r.returncode == 2 and "2 centroids but 3 decoders" in r.stderr, r.stderr
+    r = launch("--decode", "http://127.0.0.1:10", "--policy", "eldr")
+    assert r.returncode == 2 and "needs a centroid file" in r.stderr, r.stderr
+    r = launch("--decode", "http://127.0.0.1:10", "--centroids", str(tmp_path / "missing.eldr"))
+    assert r.returncode == 2 and "cannot read" in r.stderr, r.stderr
