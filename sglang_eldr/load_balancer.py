@@ -414,6 +414,13 @@ class LoadBalancer:
     def _show_loads(self) -> None:
         self.metrics.set_in_flight({d.url: l for d, l in zip(self.decoders, self.decode.loads())})
 
+    def _request_failed(self, decoder: Worker) -> None:
+        """A request broke on this decoder after it was accepted: counts toward its breaker like a
+        failed health check (a passing check resets the count)."""
+        self._failures[decoder.url] = self._failures.get(decoder.url, 0) + 1
+        if self._failures[decoder.url] >= self.config.health_failures:
+            self._mark(decoder, healthy=False)
+
     def _mark(self, decoder: Worker, healthy: bool) -> None:
         if decoder in self.decoders:
             self.mark_decoder(self.decoders.index(decoder), healthy)
@@ -489,6 +496,7 @@ class LoadBalancer:
             raise DecoderUnreachable(str(e)) from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             prefill_task.cancel()
+            self._request_failed(decoder)
             raise UpstreamError(502, f"decode server {decoder.url} failed: {type(e).__name__}: {e}") from None
         try:
             payload = json.loads(raw)
@@ -535,6 +543,7 @@ class LoadBalancer:
             return out
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             prefill_task.cancel()
+            self._request_failed(decoder)
             if not out.prepared:
                 raise UpstreamError(502, f"decode server {decoder.url} failed: {type(e).__name__}: {e}") from None
             error = {"error": {"message": f"decode server {decoder.url} failed mid-stream: {type(e).__name__}: {e}",

@@ -130,6 +130,31 @@ def test_stopped_decoder_is_taken_out_by_health_checks_and_put_back(cluster, cen
     assert all_idle(router.url)
 
 
+def test_requests_that_break_on_a_decoder_open_its_breaker(cluster, centroids):
+    """Health checks off: only request failures can take the stopped decoder out. A request that
+    times out on it opens the breaker; re-adding the decoder (membership probe) puts it back."""
+    router = cluster.start_router(policy="rr", extra=[
+        "--health-interval", "0", "--health-failures", "1", "--request-timeout", "3", "--orphan-grace", "30"])
+    victim, survivor = cluster.decoders
+    os.killpg(victim.proc.pid, signal.SIGSTOP)
+    try:
+        outs = [generate(router.url, prompt(i)) for i in (1, 2, 3)]
+    finally:
+        os.killpg(victim.proc.pid, signal.SIGCONT)
+    codes = [o.status_code for o in outs]
+    assert sorted(codes) == [200, 200, 502], [o.text for o in outs]
+    failed = outs[codes.index(502)].json()["error"]["message"]
+    assert victim.url in failed and "TimeoutError" in failed, failed
+    assert [w["healthy"] for w in decode_rows(router.url)] == [False, True]
+    assert all(o.json()["meta_info"]["eldr_route"]["decoder"] == survivor.url for o in outs if o.status_code == 200)
+    assert requests.delete(router.url + "/workers", params={"url": victim.url}, timeout=10).status_code == 200
+    r = requests.post(router.url + "/workers", json={"url": victim.url, "role": "decode"}, timeout=30)
+    assert r.status_code == 201 and r.json()["healthy"] is True
+    used = {generate(router.url, prompt(i)).json()["meta_info"]["eldr_route"]["decoder"] for i in (4, 5)}
+    assert used == {victim.url, survivor.url}
+    assert all_idle(router.url)
+
+
 def test_prefill_killed_gives_clear_errors_and_leaves_no_reservations(cluster, centroids):
     """The prefill dies (a) with a request queued on it and (b) just after it published a request's
     counts, before the decoder pulled the KV. Both requests get a 502 that names the prefill, the
