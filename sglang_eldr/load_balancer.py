@@ -472,11 +472,12 @@ class LoadBalancer:
             done, _ = await asyncio.wait({task, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
             if task not in done and not prefill_task.cancelled() and prefill_task.result()[0] != 200:
                 status, text = prefill_task.result()
-                try:
-                    return await asyncio.wait_for(asyncio.shield(task), self.config.orphan_grace_s)
-                except asyncio.TimeoutError:
+                # asyncio.wait, not wait_for: a timeout of the decode call itself must surface as the
+                # decoder's failure, not be taken for the end of the grace period.
+                done, _ = await asyncio.wait({task}, timeout=self.config.orphan_grace_s)
+                if task not in done:
                     raise UpstreamError(502, f"prefill server failed ({status}) before the KV transfer: "
-                                             f"{text[:300]}") from None
+                                             f"{text[:300]}")
             return await task
         finally:
             if not task.done():
