@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup engine build demo test test-rust test-python bench bench-quick clean
+.PHONY: setup engine build demo test test-rust test-types test-python bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ engine: | $(BIN)/python
 	@if [ -x scripts/install_pd_cpu.sh ]; then scripts/install_pd_cpu.sh $(abspath $(VENV)); fi
 
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7"
+	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "mypy==2.4.1"
 	touch $@
 
 # Editable install of the package; maturin rebuilds the Rust extension incrementally.
@@ -32,10 +32,13 @@ setup: build
 demo: setup
 	$(BIN)/python -m sglang_eldr.demo
 
-test: test-rust test-python
+test: test-rust test-types test-python
 
 test-rust:
 	cargo test -p eldr-router --release -q
+
+test-types: setup
+	$(BIN)/mypy --ignore-missing-imports sglang_eldr
 
 test-python: setup
 	ELDR_REQUIRE_ENGINE=1 $(BIN)/python -m pytest -q tests

@@ -109,6 +109,7 @@ class Cluster:
         env = pd_env(core)
         if self.step_stats and s.role == "decode":
             env["SGLANG_ELDR_STEP_STATS_FILE"] = str(self.log_dir / f"step-stats-{s.port}.json")
+        assert s.log is not None
         with open(s.log, "ab") as log:
             # cwd outside the repo: a source folder named like a package would shadow it.
             s.proc = subprocess.Popen(self._server_cmd(s), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -124,6 +125,7 @@ class Cluster:
     def restart(self, s: Server) -> None:
         """Starts a stopped or killed server again on the same port and waits until it is ready."""
         self.kill(s)
+        assert s.log is not None
         s.log.write_bytes(b"")  # readiness is read from the log
         cores = sorted(os.sched_getaffinity(0))
         self._spawn(s, cores[self.servers.index(s) % len(cores)])
@@ -131,22 +133,15 @@ class Cluster:
 
     def start_servers(self) -> None:
         cores = sorted(os.sched_getaffinity(0))
-        for i in range(self.num_prefill):
-            bp = free_port()
-            self.servers.append(Server("prefill", free_port(), bootstrap_port=bp, counts_port=free_port()))
+        for _ in range(self.num_prefill):
+            self.servers.append(Server("prefill", free_port(), bootstrap_port=free_port(), counts_port=free_port()))
         for _ in range(self.num_decode):
             self.servers.append(Server("decode", free_port()))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(self.servers):
             s.log = self.log_dir / f"{s.role}-{s.port}.log"
-            with open(s.log, "wb") as log:
-                # cwd outside the repo: a source folder named like a package would shadow it.
-                env = pd_env(cores[i % len(cores)])
-                if self.step_stats and s.role == "decode":
-                    env["SGLANG_ELDR_STEP_STATS_FILE"] = str(self.log_dir / f"step-stats-{s.port}.json")
-                s.proc = subprocess.Popen(self._server_cmd(s), stdout=log, stderr=subprocess.STDOUT,
-                                          env=env, cwd=self.log_dir,
-                                          start_new_session=True)
+            s.log.write_bytes(b"")
+            self._spawn(s, cores[i % len(cores)])
 
     def wait_healthy(self, servers: list[Server], path: str = "/health") -> None:
         deadline = time.monotonic() + self.startup_timeout_s

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -102,7 +103,7 @@ class LoadBalancer:
     def __post_init__(self) -> None:
         self.metrics = RouterMetrics([d.url for d in self.decoders])
         self.inbox = CountsInbox()
-        self.session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
         self._refit_task: asyncio.Task | None = None
         self._health_task: asyncio.Task | None = None
@@ -110,9 +111,14 @@ class LoadBalancer:
         self._draining: dict[str, asyncio.Task] = {}  # removed prefills' counts endpoints
         self.policy_name = self.policy_name or self.decode.policy
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the load balancer has not started"
+        return self._session
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
-        self.session = aiohttp.ClientSession(
+        self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.request_timeout_s),
             connector=aiohttp.TCPConnector(limit=0),
         )
@@ -133,8 +139,8 @@ class LoadBalancer:
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.inbox.close()
-        if self.session is not None:
-            await self.session.close()
+        if self._session is not None:
+            await self._session.close()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
@@ -264,7 +270,6 @@ class LoadBalancer:
 
     async def _fan_out(self, method: str, path: str, workers: list[Worker],
                        timeout_s: float = 30.0) -> list[tuple[int, object]]:
-        assert self.session is not None
 
         async def one(w: Worker) -> tuple[int, object]:
             try:
@@ -375,7 +380,7 @@ class LoadBalancer:
             self.inbox.forget(room)
             # The prefill response arrives after the KV transfer; let it finish in the background
             # (its in-flight count drops then). A failed decode has cancelled it already.
-            prefill_task.add_done_callback(lambda _t, p=prefill: _dec(p))
+            prefill_task.add_done_callback(functools.partial(_dec, prefill))
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
     def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int) -> tuple[Worker, dict]:
@@ -454,7 +459,6 @@ class LoadBalancer:
         return None, "counts-timeout"
 
     async def _call_prefill(self, prefill: Worker, path: str, body: dict) -> tuple[int, str]:
-        assert self.session is not None
         try:
             async with self.session.post(prefill.url + path, json=body) as resp:
                 text = await resp.text()
@@ -485,7 +489,6 @@ class LoadBalancer:
 
     async def _unary_decode(self, decoder: Worker, path: str, body: dict, route: dict,
                             prefill_task: asyncio.Task, extra_meta: dict) -> web.Response:
-        assert self.session is not None
 
         async def call() -> tuple[int, bytes]:
             async with self.session.post(decoder.url + path, json=body) as resp:
@@ -513,7 +516,6 @@ class LoadBalancer:
 
     async def _stream_decode(self, request: web.Request, decoder: Worker, path: str, body: dict, route: dict,
                              prefill_task: asyncio.Task) -> web.StreamResponse:
-        assert self.session is not None
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                           "X-ELDR-Route": json.dumps(route)})
         async def pump() -> None:
@@ -580,7 +582,7 @@ def stream_error(text: str) -> tuple[int, str] | None:
     return None
 
 
-def _dec(worker: Worker) -> None:
+def _dec(worker: Worker, _task: object = None) -> None:
     worker.in_flight = max(0, worker.in_flight - 1)
 
 

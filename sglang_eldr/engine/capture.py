@@ -64,6 +64,8 @@ def get_table() -> Optional[SignatureTable]:
 
 def _kv_pool_rows_and_bytes(model_runner) -> tuple[Optional[int], Optional[int]]:
     pool = getattr(model_runner, "token_to_kv_pool", None)
+    if pool is None:
+        return None, None
     rows = None
     kb = getattr(pool, "k_buffer", None)
     if isinstance(kb, (list, tuple)) and kb and isinstance(kb[0], torch.Tensor):
@@ -81,6 +83,7 @@ def _kv_pool_rows_and_bytes(model_runner) -> tuple[Optional[int], Optional[int]]
 
 def _ensure_table(model_runner) -> Optional[SignatureTable]:
     st = _STATE
+    assert st is not None, "ELDR capture used before it was installed"
     if st.table is not None or st.unavailable_reason is not None:
         return st.table
     shape = moe_shape_from_hf_config(getattr(model_runner.model_config, "hf_config", None))
@@ -100,8 +103,7 @@ def _ensure_table(model_runner) -> Optional[SignatureTable]:
     logger.info(
         "ELDR signature table: storage=%s shape=%s dtype=%s bytes=%d kv_pool_bytes=%s ratio=%s",
         st.table.storage,
-        tuple((st.table.ids if st.table.ids is not None else st.table.page_counts).shape),
-        (st.table.ids if st.table.ids is not None else st.table.page_counts).dtype,
+        tuple(st.table.data.shape), st.table.data.dtype,
         st.table.nbytes, kv_bytes, f"{ratio:.5f}" if ratio is not None else "n/a",
     )
     if st.settings.stats_file:

@@ -47,6 +47,8 @@ class SignatureTable:
         self.num_slots = int(num_slots)
         self.device = torch.device(device)
         L, E, K = shape.num_layers, shape.num_experts, shape.top_k
+        self.ids: Optional[torch.Tensor]  # [L, slots, k] expert ids (slot storage)
+        self.page_counts: Optional[torch.Tensor]  # [L, pages, E] counts (page storage)
         if storage == "slot":
             dtype = torch.uint8 if E <= 256 else torch.int16
             self.ids = torch.zeros((L, self.num_slots, K), dtype=dtype, device=self.device)
@@ -66,9 +68,15 @@ class SignatureTable:
 
     # ------------------------------------------------------------------ sizes
     @property
-    def nbytes(self) -> int:
+    def data(self) -> torch.Tensor:
+        """The table itself: `ids` (slot storage) or `page_counts` (page storage)."""
         t = self.ids if self.ids is not None else self.page_counts
-        return t.numel() * t.element_size()
+        assert t is not None
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
 
     # ------------------------------------------------------------------ write path
     def begin_forward(self, out_cache_loc: torch.Tensor) -> torch.Tensor:
@@ -80,6 +88,7 @@ class SignatureTable:
             pages = torch.div(loc, P, rounding_mode="floor")
             starts = pages[(loc % P) == 0]
             # zero rows of pages that this forward starts (reuse of a freed page)
+            assert self.page_counts is not None
             self.page_counts.index_fill_(1, starts, 0)
             self._fwd_pages = pages
         return loc
@@ -93,10 +102,12 @@ class SignatureTable:
             self._seen_layers.add(int(layer_id))
         ids = topk_ids[:n]
         if self.storage == "slot":
+            assert self.ids is not None
             k = min(ids.shape[1], self.ids.shape[2])
             self.ids[layer_id].index_copy_(0, loc, ids[:, :k].to(self.ids.dtype))
         else:
             E = self.shape.num_experts
+            assert self.page_counts is not None and self._fwd_pages is not None
             flat = (self._fwd_pages.unsqueeze(1) * E + ids.to(torch.int64).clamp(0, E - 1)).reshape(-1)
             valid = ((ids >= 0) & (ids < E)).reshape(-1).to(torch.uint8)
             self.page_counts[layer_id].view(-1).index_add_(0, flat, valid)
@@ -126,7 +137,9 @@ class SignatureTable:
         slots = torch.cat([s.to(device=self.device, dtype=torch.int64) for s in slot_lists])
         req_of = torch.repeat_interleave(
             torch.arange(R, device=self.device), torch.tensor(lens, device=self.device))
+        assert self._layer_index is not None
         if self.storage == "slot":
+            assert self.ids is not None
             ids = self.ids.index_select(0, self._layer_index).index_select(1, slots)  # [L, T, k]
             ids = ids.to(torch.int64)
             valid = (ids >= 0) & (ids < E)
@@ -140,6 +153,7 @@ class SignatureTable:
         pages = torch.div(slots, P, rounding_mode="floor")
         pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
         first = (pos % P) == 0  # a prompt starts at a page boundary; one entry per page
+        assert self.page_counts is not None
         rows = self.page_counts.index_select(0, self._layer_index)  # [L, pages, E]
         picked = rows.index_select(1, pages[first]).to(torch.int32)  # [L, npages_total, E]
         out = torch.zeros((R, L, E), dtype=torch.int32, device=self.device)
