@@ -10,64 +10,22 @@ SIGTERM. Servers are pinned round-robin to the CPUs this process may use.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 
 from sglang_eldr.decode_policy import DECODE_POLICIES
+from sglang_eldr.server_process import HOST, ServerProcess, free_port, pd_env, wait_all
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+__all__ = ["Cluster", "Server", "free_port", "pd_env"]
 
 
-def pd_env(core: int | None) -> dict[str, str]:
-    """Environment for one SGLang server of the CPU PD cluster."""
-    env = dict(os.environ)
-    env.update({
-        "MOONCAKE_PROTOCOL": "tcp",
-        "MC_FORCE_TCP": "1",
-        "SGLANG_HOST_IP": HOST,  # never let the transfer engine bind a non-loopback address
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    })
-    # A prefill holds a request's KV until a decoder bootstraps; free it after a minute, not five.
-    env.setdefault("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", "60")
-    if core is not None:
-        env["SGLANG_CPU_OMP_THREADS_BIND"] = str(core)
-    # Built by scripts/install_pd_cpu.sh: turns the transfer engine's wildcard binds into loopback ones.
-    loopback = Path(sys.prefix) / "lib" / "eldr-loopback" / "libeldr_loopback_bind.so"
-    if loopback.exists():
-        env["LD_PRELOAD"] = ":".join(filter(None, [str(loopback), env.get("LD_PRELOAD", "")]))
-    return env
-
-
-@dataclass
-class Server:
-    role: str
-    port: int
-    bootstrap_port: int | None = None
-    counts_port: int | None = None
-    proc: subprocess.Popen | None = None
-    log: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+Server = ServerProcess  # the name the tests and benchmarks use
 
 
 @dataclass
@@ -105,59 +63,37 @@ class Cluster:
             cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
         return cmd + self.extra_server_args
 
-    def _spawn(self, s: Server, core: int) -> None:
+    def _env(self, s: Server, core: int) -> dict[str, str]:
         env = pd_env(core)
         if self.step_stats and s.role == "decode":
             env["SGLANG_ELDR_STEP_STATS_FILE"] = str(self.log_dir / f"step-stats-{s.port}.json")
-        assert s.log is not None
-        with open(s.log, "ab") as log:
-            # cwd outside the repo: a source folder named like a package would shadow it.
-            s.proc = subprocess.Popen(self._server_cmd(s), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                      cwd=self.log_dir, start_new_session=True)
+        return env
 
     def kill(self, s: Server) -> None:
         """SIGKILL a server's whole process group (fault injection)."""
-        if s.proc is not None and s.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(s.proc.pid, signal.SIGKILL)
-            s.proc.wait()
+        s.kill()
 
     def restart(self, s: Server) -> None:
         """Starts a stopped or killed server again on the same port and waits until it is ready."""
-        self.kill(s)
-        assert s.log is not None
-        s.log.write_bytes(b"")  # readiness is read from the log
-        cores = sorted(os.sched_getaffinity(0))
-        self._spawn(s, cores[self.servers.index(s) % len(cores)])
+        s.kill()
+        s.start()
         self.wait_healthy([s])
 
     def start_servers(self) -> None:
         cores = sorted(os.sched_getaffinity(0))
         for _ in range(self.num_prefill):
-            self.servers.append(Server("prefill", free_port(), bootstrap_port=free_port(), counts_port=free_port()))
+            port = free_port()
+            self.servers.append(Server("prefill", port, self.log_dir / f"prefill-{port}.log",
+                                       bootstrap_port=free_port(), counts_port=free_port()))
         for _ in range(self.num_decode):
-            self.servers.append(Server("decode", free_port()))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+            port = free_port()
+            self.servers.append(Server("decode", port, self.log_dir / f"decode-{port}.log"))
         for i, s in enumerate(self.servers):
-            s.log = self.log_dir / f"{s.role}-{s.port}.log"
-            s.log.write_bytes(b"")
-            self._spawn(s, cores[i % len(cores)])
+            s.cmd, s.env = self._server_cmd(s), self._env(s, cores[i % len(cores)])
+            s.start()
 
     def wait_healthy(self, servers: list[Server], path: str = "/health") -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        pending = list(servers)
-        while pending:
-            for s in list(pending):
-                if s.proc is not None and s.proc.poll() is not None:
-                    tail = s.log.read_text(errors="replace")[-3000:] if s.log else ""
-                    raise RuntimeError(f"{s.role} server on port {s.port} exited with {s.proc.returncode}:\n{tail}")
-                with contextlib.suppress(requests.RequestException):
-                    if requests.get(s.url + path, timeout=2).status_code == 200 and _warmed_up(s):
-                        pending.remove(s)
-            if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"not healthy after {self.startup_timeout_s:.0f} s: {[s.url for s in pending]}")
-            if pending:
-                time.sleep(0.5)
+        wait_all(servers, self.startup_timeout_s, path)
 
     @property
     def prefills(self) -> list[Server]:
@@ -183,11 +119,7 @@ class Cluster:
         if c and (policy or self.policy).startswith("eldr"):
             cmd += ["--centroids", str(c)]
         cmd += self.router_args + (extra or [])
-        r = Server("router", port)
-        r.log = self.log_dir / f"router-{port}.log"
-        with open(r.log, "wb") as log:
-            r.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_dir,
-                                      start_new_session=True)
+        r = Server("router", port, self.log_dir / f"router-{port}.log", cmd=cmd).start()
         self.router = r
         self.wait_healthy([r])
         return r
@@ -209,13 +141,13 @@ class Cluster:
 
     def stop_router(self) -> None:
         if self.router is not None:
-            _stop(self.router)
+            self.router.stop(grace_s=10)
             self.router = None
 
     def stop(self) -> None:
         self.stop_router()
         for s in self.servers:
-            _stop(s)
+            s.stop(grace_s=10)
 
     def __enter__(self) -> "Cluster":
         try:
@@ -228,26 +160,6 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _warmed_up(s: Server) -> bool:
-    """SGLang logs "fired up" once its warm-up request has run; /health can answer earlier."""
-    if s.role == "router" or s.log is None:
-        return True
-    return b"fired up" in s.log.read_bytes()
-
-
-def _stop(s: Server, grace_s: float = 10.0) -> None:
-    if s.proc is None or s.proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(s.proc.pid, signal.SIGTERM)
-    try:
-        s.proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(s.proc.pid, signal.SIGKILL)
-        s.proc.wait()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,16 +53,10 @@ def centroids(cluster) -> str:
 @pytest.fixture(scope="package")
 def reference_server(cluster):
     """A plain (non-PD) ELDR server of the same model: greedy outputs to compare against."""
-    import subprocess
-    import sys
-
-    s = Server("plain", free_port())
-    s.log = cluster.log_dir / "plain.log"
+    port = free_port()
     cmd = [sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", str(MODEL), "--host", "127.0.0.1",
-           "--port", str(s.port), "--device", "cpu", "--max-total-tokens", "8192"]
-    with open(s.log, "wb") as log:
-        s.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=pd_env(0), cwd=cluster.log_dir,
-                                  start_new_session=True)
+           "--port", str(port), "--device", "cpu", "--max-total-tokens", "8192"]
+    s = Server("plain", port, cluster.log_dir / "plain.log", cmd=cmd, env=pd_env(0)).start()
     cluster.servers.append(s)  # stopped with the cluster
     cluster.wait_healthy([s])
     return s

@@ -4,7 +4,6 @@ while the router serves, and restarted afterwards so the cluster is whole for th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -116,7 +115,7 @@ def test_stopped_decoder_is_taken_out_by_health_checks_and_put_back(cluster, cen
     router = cluster.start_router(policy="eldr", centroids=centroids, extra=[
         "--health-interval", "0.5", "--health-failures", "2", "--health-timeout", "3"])
     victim, survivor = cluster.decoders
-    os.killpg(victim.proc.pid, signal.SIGSTOP)
+    victim.signal(signal.SIGSTOP)
     try:
         wait_for(lambda: [w["healthy"] for w in decode_rows(router.url)] == [False, True], 20,
                  "the stopped decoder taken out")
@@ -125,7 +124,7 @@ def test_stopped_decoder_is_taken_out_by_health_checks_and_put_back(cluster, cen
         assert [o.status_code for o in outs] == [200] * 4
         assert {o.json()["meta_info"]["eldr_route"]["decoder"] for o in outs} == {survivor.url}
     finally:
-        os.killpg(victim.proc.pid, signal.SIGCONT)
+        victim.signal(signal.SIGCONT)
     wait_for(lambda: all(w["healthy"] for w in decode_rows(router.url)), 20, "the decoder back after SIGCONT")
     assert all_idle(router.url)
 
@@ -136,11 +135,11 @@ def test_requests_that_break_on_a_decoder_open_its_breaker(cluster, centroids):
     router = cluster.start_router(policy="rr", extra=[
         "--health-interval", "0", "--health-failures", "1", "--request-timeout", "3", "--orphan-grace", "30"])
     victim, survivor = cluster.decoders
-    os.killpg(victim.proc.pid, signal.SIGSTOP)
+    victim.signal(signal.SIGSTOP)
     try:
         outs = [generate(router.url, prompt(i)) for i in (1, 2, 3)]
     finally:
-        os.killpg(victim.proc.pid, signal.SIGCONT)
+        victim.signal(signal.SIGCONT)
     codes = [o.status_code for o in outs]
     assert sorted(codes) == [200, 200, 502], [o.text for o in outs]
     failed = outs[codes.index(502)].json()["error"]["message"]
@@ -175,7 +174,7 @@ def test_prefill_killed_gives_clear_errors_and_leaves_no_reservations(cluster, c
     def freeze_on_counts():
         if sub.poll(60_000):
             sub.recv_multipart()
-            os.killpg(prefill.proc.pid, signal.SIGSTOP)
+            prefill.signal(signal.SIGSTOP)
             frozen.set()
 
     watcher = threading.Thread(target=freeze_on_counts, daemon=True)

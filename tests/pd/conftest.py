@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from sglang_eldr import server_process
+from sglang_eldr.server_process import LOOPBACK_PRELOAD  # noqa: F401 - used by the tests
 from tests.engine.servers import Server, free_port
 from tests.pd import tiny_untied
 from tests.pd.client import generate_body, post
@@ -34,7 +35,6 @@ MAX_NEW_TOKENS = 16
 # Small, so that the "decoder never comes" test is quick; still far above the ~1 s a decoder takes
 # to bootstrap here.
 BOOTSTRAP_TIMEOUT_S = 12
-LOOPBACK_PRELOAD = Path(sys.prefix) / "lib" / "eldr-loopback" / "libeldr_loopback_bind.so"
 
 
 def _missing() -> str | None:
@@ -67,16 +67,8 @@ def _cores() -> list[int]:
 
 
 def pd_env(core: int) -> dict[str, str]:
-    env = {
-        "MOONCAKE_PROTOCOL": "tcp",
-        "MC_FORCE_TCP": "1",
-        "SGLANG_HOST_IP": "127.0.0.1",
-        "SGLANG_USE_CPU_ENGINE": "1",
-        "SGLANG_CPU_OMP_THREADS_BIND": str(core),
-        "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(BOOTSTRAP_TIMEOUT_S),
-    }
-    if LOOPBACK_PRELOAD.exists():
-        env["LD_PRELOAD"] = str(LOOPBACK_PRELOAD)
+    env = server_process.pd_env(core, bootstrap_timeout_s=BOOTSTRAP_TIMEOUT_S)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
     return env
 
 
