@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--centroids", default=None, help="centroid file (default: shipped, else calibrate)")
+    ap.add_argument("--tau", type=float, default=0.1,
+                    help="locality band width of the eldr policies (default: 0.1, the router's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke mode: one rate, few prompts, one repeat")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare_policies.json")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: list[dict] = []
     cluster = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, log_dir=work,
-                      step_stats=True)
+                      step_stats=True, tau=args.tau)
     with cluster:
         centroids = args.centroids or (str(MODEL / f"eldr-centroids-{args.decoders}d.eldr")
                                        if (MODEL / f"eldr-centroids-{args.decoders}d.eldr").exists() else None)
@@ -155,11 +157,13 @@ def summarize(results: list[dict], policies: list[str]) -> dict:
                          f"{agg['ttft_p50_ms']:>8.1f}m | {agg['output_tok_s']:>7.1f} | {agg['distinct_experts_per_layer_step']}")
         cell = {r["policy"]: r for r in table if r["rate"] == rate}
         base = [cell[b] for b in BASELINES if b in cell]
-        if "eldr" in cell and base:
+        for name in ("eldr", "eldr-static"):
+            if name not in cell or not base:
+                continue
             b50 = min(b["tpot_p50_ms"] for b in base)
             b99 = min(b["tpot_p99_ms"] for b in base)
-            e = cell["eldr"]
-            lines.append(f"  -> rate {rate}: ELDR TPOT p50 {100 * (e['tpot_p50_ms'] / b50 - 1):+.1f}% and p99 "
+            e = cell[name]
+            lines.append(f"  -> rate {rate}: {name} TPOT p50 {100 * (e['tpot_p50_ms'] / b50 - 1):+.1f}% and p99 "
                          f"{100 * (e['tpot_p99_ms'] / b99 - 1):+.1f}% vs the best baseline")
             if "jsq" in cell and e["distinct_experts_per_layer_step"] and cell["jsq"]["distinct_experts_per_layer_step"]:
                 lines.append(f"     distinct experts/step {100 * (e['distinct_experts_per_layer_step'] / cell['jsq']['distinct_experts_per_layer_step'] - 1):+.1f}% vs jsq; "
