@@ -111,9 +111,9 @@ def test_decoder_killed_mid_stream_then_requests_are_rerouted(cluster, centroids
 def test_stopped_decoder_is_taken_out_by_health_checks_and_put_back(cluster, centroids):
     """SIGSTOP: the decoder accepts connections but never answers. Failed checks open its breaker,
     requests go to the other decoder, and SIGCONT closes the breaker again. (SGLang's /health runs
-    a one-token generation and takes at least a second, hence the 3 s check timeout.)"""
+    a one-token generation and takes at least a second, hence the 4 s check timeout.)"""
     router = cluster.start_router(policy="eldr", centroids=centroids, extra=[
-        "--health-interval", "0.5", "--health-failures", "2", "--health-timeout", "3"])
+        "--health-interval", "0.5", "--health-failures", "2", "--health-timeout", "4"])
     victim, survivor = cluster.decoders
     victim.signal(signal.SIGSTOP)
     try:
