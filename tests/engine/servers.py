@@ -14,9 +14,24 @@ from typing import Any, Optional
 
 from sglang_eldr.server_process import ServerProcess, free_port
 
-__all__ = ["Server", "free_port"]
+__all__ = ["Server", "free_port", "post_json"]
 
 STARTUP_TIMEOUT_S = float(os.environ.get("ELDR_SERVER_STARTUP_TIMEOUT", "240"))
+
+
+def post_json(url: str, payload: Any, timeout: float = 300) -> tuple[int, Any]:
+    """POST `payload` as JSON; (status, decoded JSON body, or its text when it is not JSON)."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read()
+            return r.status, (json.loads(body) if body else None)
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:
+            return e.code, body.decode(errors="replace")
 
 
 class Server(ServerProcess):
@@ -54,18 +69,7 @@ class Server(ServerProcess):
 
     # ------------------------------------------------------------------ HTTP
     def post(self, path: str, payload: Any, timeout: float = 300) -> tuple[int, Any]:
-        data = json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else None)
-        except urllib.error.HTTPError as e:
-            body = e.read()
-            try:
-                return e.code, json.loads(body)
-            except ValueError:
-                return e.code, body.decode(errors="replace")
+        return post_json(self.url + path, payload, timeout)
 
     def generate(self, input_ids, *, max_new_tokens: int = 1, counts: Optional[bool] = True,
                  **extra) -> dict:

@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Optional
 
+from tests.engine.servers import post_json
+
 
 def generate_body(prompt: str, *, max_new_tokens: int, bootstrap_port: Optional[int] = None,
                   room: Optional[int] = None, stream: bool = False) -> dict:
@@ -27,17 +29,7 @@ def generate_body(prompt: str, *, max_new_tokens: int, bootstrap_port: Optional[
 
 
 def post(url: str, body: dict, timeout: float = 300) -> tuple[int, Any]:
-    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw.decode(errors="replace")
+    return post_json(url + "/generate", body, timeout)
 
 
 def post_stream(url: str, body: dict, timeout: float = 300) -> tuple[int, list[str]]:
