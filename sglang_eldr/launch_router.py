@@ -4,6 +4,10 @@ Mirrors `sglang_router.launch_router --pd-disaggregation`: `--prefill URL [BOOTS
 [COUNTS_PORT]]` (repeatable) and `--decode URL` (repeatable). The decoder of each request is
 chosen after its prefill, from the expert counts the prefill server publishes on COUNTS_PORT
 (default BOOTSTRAP_PORT + 1, which is also `sglang_eldr.launch_server`'s default).
+
+Endpoints: POST /generate, /v1/completions, /v1/chat/completions; GET /health, /metrics
+(Prometheus), /workers, /server_info, /v1/models; POST /flush_cache; POST /workers and
+DELETE /workers/{url} to add or remove servers while serving (see the README's operations section).
 """
 
 from __future__ import annotations
