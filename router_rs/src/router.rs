@@ -169,6 +169,25 @@ impl Router {
         Ok(())
     }
 
+    /// One in-flight count (>= 0) per worker, and one health flag per worker when given.
+    fn check_fleet(&self, loads: &[i64], healthy: Option<&[bool]>) -> Result<()> {
+        self.check_len("loads", loads.len())?;
+        if let Some(h) = healthy {
+            self.check_len("healthy", h.len())?;
+        }
+        if let Some(index) = loads.iter().position(|l| *l < 0) {
+            return Err(RouterError::Negative { arg: "loads", index, value: loads[index] as f64 });
+        }
+        Ok(())
+    }
+
+    fn check_len(&self, arg: &'static str, len: usize) -> Result<()> {
+        if len != self.workers {
+            return Err(RouterError::Shape { arg, expected: format!("[{}]", self.workers), got: format!("[{len}]") });
+        }
+        Ok(())
+    }
+
     fn with_scores<T: CountValue, R>(
         &self,
         signal: Signal<T>,
@@ -195,27 +214,8 @@ impl Router {
     /// Touches no router state.
     pub fn select<T: CountValue>(&self, signal: Signal<T>, loads: &[i64], healthy: Option<&[bool]>) -> Result<usize> {
         let mut band_policy = self.band.ok_or(RouterError::NoLocality("select"))?;
-        if loads.len() != self.workers {
-            return Err(RouterError::Shape {
-                arg: "loads",
-                expected: format!("[{}]", self.workers),
-                got: format!("[{}]", loads.len()),
-            });
-        }
-        if let Some(index) = loads.iter().position(|l| *l < 0) {
-            return Err(RouterError::Negative { arg: "loads", index, value: loads[index] as f64 });
-        }
-        let healthy = match healthy {
-            Some(h) if h.len() != self.workers => {
-                return Err(RouterError::Shape {
-                    arg: "healthy",
-                    expected: format!("[{}]", self.workers),
-                    got: format!("[{}]", h.len()),
-                })
-            }
-            Some(h) => h,
-            None => &self.all_healthy,
-        };
+        self.check_fleet(loads, healthy)?;
+        let healthy = healthy.unwrap_or(&self.all_healthy);
         let fleet = Fleet { loads, healthy };
         self.with_scores(signal, |scores, band| band_policy.choose(&fleet, scores, band))
     }
@@ -274,18 +274,7 @@ impl Router {
     /// Sets every worker's in-flight count and health at once. For a router built to replace
     /// another after a membership change: the survivors' requests are still in flight.
     pub fn restore_state(&self, loads: &[i64], healthy: &[bool]) -> Result<()> {
-        for (arg, len) in [("loads", loads.len()), ("healthy", healthy.len())] {
-            if len != self.workers {
-                return Err(RouterError::Shape {
-                    arg,
-                    expected: format!("[{}]", self.workers),
-                    got: format!("[{len}]"),
-                });
-            }
-        }
-        if let Some(index) = loads.iter().position(|l| *l < 0) {
-            return Err(RouterError::Negative { arg: "loads", index, value: loads[index] as f64 });
-        }
+        self.check_fleet(loads, Some(healthy))?;
         let mut st = self.lock();
         st.loads.copy_from_slice(loads);
         st.healthy.copy_from_slice(healthy);
