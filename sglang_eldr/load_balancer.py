@@ -224,7 +224,6 @@ class LoadBalancer:
         if worker.role == "decode":
             self.decode.add(worker.url, healthy=worker.healthy)
             self.decoders.append(worker)
-            self._show_loads()
         else:
             self.prefills.append(worker)
             task = self._draining.pop(worker.counts_endpoint, None)
@@ -250,7 +249,6 @@ class LoadBalancer:
             idx = self.decoders.index(worker)
             self.decode.remove(idx, worker.url)
             del self.decoders[idx]
-            self._show_loads()
         else:
             self.prefills.remove(worker)
             # Its requests in flight still wait for their counts: unsubscribe once they are done.
@@ -410,11 +408,14 @@ class LoadBalancer:
         return decoder, msgspec.to_builtins(route)
 
     def _release(self, decoder: Worker) -> None:
-        """Ends one request on `decoder`; if it was removed meanwhile, only its own count drops."""
+        """Ends one request on `decoder`; if it was removed meanwhile, only its own count drops.
+        (The in-flight gauge is read from the router when /metrics is scraped, not here.)"""
         decoder.in_flight -= 1
-        if decoder in self.decoders:
-            self.decode.release(self.decoders.index(decoder))
-        self._show_loads()
+        try:
+            idx = self.decoders.index(decoder)
+        except ValueError:
+            return  # removed: the router no longer counts it
+        self.decode.release(idx)
 
     def _show_loads(self) -> None:
         self.metrics.set_in_flight({d.url: l for d, l in zip(self.decoders, self.decode.loads())})

@@ -27,16 +27,18 @@ def known_fields() -> RequestFields:
     return msgspec.json.decode(FIELDS_FILE.read_bytes(), type=RequestFields)
 
 
+@cache
+def _allowed(path: str) -> frozenset[str] | None:
+    names = known_fields().endpoints.get(path)
+    return frozenset(names) if names is not None else None
+
+
 def unknown_field(path: str, body: dict, extra: frozenset[str] = frozenset()) -> str | None:
     """The first field of `body` the endpoint does not know, or None."""
-    fields = known_fields()
-    allowed = fields.endpoints.get(path)
+    allowed = _allowed(path)
     if allowed is None:
         return None
-    for k in body:
-        if k not in allowed and k not in extra:
-            return k
-    return None
+    return next((k for k in body if k not in allowed and k not in extra), None)
 
 
 def from_installed_sglang() -> RequestFields:
