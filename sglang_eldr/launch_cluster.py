@@ -57,10 +57,7 @@ class Cluster:
         ]
         if s.role == "prefill":
             cmd += ["--disaggregation-bootstrap-port", str(s.bootstrap_port), "--eldr-counts-port", str(s.counts_port)]
-        else:
-            # The default "host_pool" backup sizes a host pool after a fixed 10 GiB reserve, which a
-            # small CPU box does not have; on CPU the KV already lives in host memory.
-            cmd += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+        # (On CPU the plugin's PD guard already gives decode servers the cpu_tensor retraction backup.)
         return cmd + self.extra_server_args
 
     def _env(self, s: Server, core: int) -> dict[str, str]:
