@@ -82,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             cluster.restart(victim)
             events.append(f"{time.monotonic() - started:.0f}s: decoder {victim.url} back")
 
-        def task(i: int) -> None:
-            res = one(router.url, rng.choice(rows), stream=i % 2 == 1, max_new_tokens=args.max_new_tokens)
-            with lock:
-                outcomes[res] += 1
+        backlog = threading.BoundedSemaphore(args.concurrency * 3)  # in flight + queued
+
+        def task(i: int, row: dict) -> None:
+            try:
+                res = one(router.url, row, stream=i % 2 == 1, max_new_tokens=args.max_new_tokens)
+                with lock:
+                    outcomes[res] += 1
+            finally:
+                backlog.release()
 
         chaos_threads = []
         with ThreadPoolExecutor(args.concurrency) as pool:
@@ -94,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                     th = threading.Thread(target=chaos, args=(i,))
                     th.start()
                     chaos_threads.append(th)
-                pool.submit(task, i)
+                backlog.acquire()
+                pool.submit(task, i, rng.choice(rows))
                 time.sleep(1 / args.rate)
-                while pool._work_queue.qsize() > args.concurrency * 2:  # bounded backlog
-                    time.sleep(0.05)
         for th in chaos_threads:
             th.join()
         time.sleep(1)
