@@ -19,50 +19,10 @@ from sglang_eldr.launch_cluster import free_port
 from sglang_eldr.wire import COUNTS_TOPIC, decode_report, encode_report
 
 from .conftest import EVAL, rows
-
-LONG = {"temperature": 0, "max_new_tokens": 300, "ignore_eos": True}  # prompt + 300 < 512 (context)
-
-
-def workers(url: str) -> dict:
-    return requests.get(url + "/workers", timeout=5).json()
-
-
-def decode_rows(url: str) -> list[dict]:
-    return [w for w in workers(url)["workers"] if w["role"] == "decode"]
-
-
-def wait_for(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def all_idle(url: str) -> bool:
-    return all(w["in_flight"] == 0 for w in workers(url)["workers"])
-
-
-def server_busy(server_url: str) -> int:
-    """Requests an SGLang server holds (running + queued, all disaggregation queues)."""
-    loads = requests.get(server_url + "/v1/loads", timeout=5).json()["loads"]
-    return sum(int(l.get("num_running_reqs", 0)) + int(l.get("num_waiting_reqs", 0))
-               + sum(int(v) for k, v in (l.get("disaggregation") or {}).items()
-                     if k.endswith("_queue_reqs") and isinstance(v, (int, float)))
-               for l in loads)
-
+from .helpers import all_idle, decode_rows, open_stream, server_busy, wait_for, workers
 
 def prompt(i: int = 0) -> str:
     return rows(EVAL)[i]["text"]
-
-
-def open_stream(url: str, text: str) -> requests.Response:
-    r = requests.post(url + "/generate", json={"text": text, "sampling_params": LONG, "stream": True},
-                      stream=True, timeout=60)
-    assert r.status_code == 200, r.text
-    return r
 
 
 def generate(url: str, text: str, **params) -> requests.Response:

@@ -10,7 +10,7 @@ import requests
 from sglang_eldr.launch_cluster import free_port
 
 from .conftest import EVAL, rows
-from .test_faults import all_idle, open_stream, wait_for, workers
+from .helpers import all_idle, open_stream, wait_for, workers
 
 
 def generate(url: str, text: str) -> dict:

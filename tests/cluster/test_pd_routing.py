@@ -16,6 +16,7 @@ from sglang_eldr.decode_policy import DECODE_POLICIES
 from sglang_eldr.router_rs import LocalityBandRouter
 
 from .conftest import EVAL, rows
+from .helpers import decode_rows
 
 PARAMS = {"temperature": 0, "max_new_tokens": 12}
 TAU = 0.1  # the cluster's default band
@@ -35,8 +36,7 @@ def generate(url: str, text: str, **extra) -> dict:
 
 
 def decode_in_flight(url: str) -> list[int]:
-    workers = requests.get(url + "/workers", timeout=5).json()["workers"]
-    return [w["in_flight"] for w in workers if w["role"] == "decode"]
+    return [w["in_flight"] for w in decode_rows(url)]
 
 
 def check_receipt(route: dict, policy: str, decoders: list[str], prefill: str) -> None:
