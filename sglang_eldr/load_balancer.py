@@ -612,9 +612,32 @@ def validate_body(path: str, body: object, check_fields: bool = True) -> str | N
             return "'messages' must be a non-empty list"
     if "stream" in body and not isinstance(body["stream"], bool):
         return "'stream' must be a boolean"
+    problem = single_choice_problem(path, body)
+    if problem:
+        return problem
     for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
         if k in body:
             return f"'{k}' is set by the router; do not send it"
+    return None
+
+
+def single_choice_problem(path: str, body: dict) -> str | None:
+    """Why `body` asks for more than one choice, or None. SGLang expands n > 1 into n requests that
+    share the one bootstrap room the router gave, so the decode handshake fails (a 500): refuse it."""
+    if path == "/generate":
+        params = body.get("sampling_params")
+        where, fields = "sampling_params.", params if isinstance(params, dict) else {}
+    else:
+        where, fields = "", body
+    for name in ("n", "best_of"):
+        v = fields.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            return f"'{where}{name}' must be a positive integer, got {v!r}"
+        if v > 1:
+            return (f"'{where}{name}' = {v}: the PD router serves one choice per request; send {v} requests "
+                    f"(the prefix cache makes the repeated prefill cheap) or leave '{name}' at 1")
     return None
 
 

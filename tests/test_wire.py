@@ -77,6 +77,20 @@ def test_validate_body_messages():
     assert "'messages'" in validate_body("/v1/chat/completions", {"messages": []})
 
 
+def test_more_than_one_choice_is_refused_before_any_server_work():
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    assert "'n' = 2" in validate_body("/v1/completions", {"prompt": "a", "n": 2})
+    assert "'best_of' = 3" in validate_body("/v1/completions", {"prompt": "a", "best_of": 3})
+    assert "'n' = 4" in validate_body("/v1/chat/completions", {**chat, "n": 4})
+    assert "'sampling_params.n' = 2" in validate_body("/generate", {"text": "a", "sampling_params": {"n": 2}})
+    assert "positive integer" in validate_body("/v1/completions", {"prompt": "a", "n": "2"})
+    assert "positive integer" in validate_body("/generate", {"text": "a", "sampling_params": {"n": 0}})
+    for path, body in (("/v1/completions", {"prompt": "a", "n": 1, "best_of": 1}), ("/v1/chat/completions", chat),
+                       ("/v1/chat/completions", {**chat, "n": None}),
+                       ("/generate", {"text": "a", "sampling_params": {"n": 1}})):
+        assert validate_body(path, body) is None, (path, body)
+
+
 def test_inbox_delivers_over_real_zmq_and_counts_bad_messages():
     async def scenario():
         ctx = zmq.Context.instance()
