@@ -189,6 +189,8 @@ def fit(
 def build_parser():
     import argparse
 
+    from sglang_eldr.paths import local_path, model_path
+
     ap = argparse.ArgumentParser(
         prog="python -m sglang_eldr.calibrate",
         description="Fit ELDR centroids from a calibration workload: runs the prompts on an ELDR server "
@@ -197,10 +199,12 @@ def build_parser():
     )
     ap.add_argument("--url", "--prefill-url", dest="url", required=True,
                     help="an sglang_eldr.launch_server (capture on) or sglang_eldr.launch_router URL")
-    ap.add_argument("--model-path", required=True, help="the served model (its tokenizer and geometry)")
-    ap.add_argument("--prompts", required=True, help='JSONL, one {"text": ..., "domain": ...} per line')
+    ap.add_argument("--model-path", required=True, type=model_path,
+                    help="the served model (its tokenizer and geometry)")
+    ap.add_argument("--prompts", required=True, type=local_path,
+                    help='JSONL, one {"text": ..., "domain": ...} per line')
     ap.add_argument("--decoders", type=int, required=True, help="number of decode workers (centroids)")
-    ap.add_argument("--out", required=True, help="centroid file to write")
+    ap.add_argument("--out", required=True, type=local_path, help="centroid file to write")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="decode tokens per prompt for the decode profile")
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: 4)")
     ap.add_argument("--no-layer-mask", action="store_true", help="keep every layer (skip the Spearman selection)")

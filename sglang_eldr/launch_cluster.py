@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 from sglang_eldr.decode_policy import DECODE_POLICIES
+from sglang_eldr.paths import local_path, model_path
 from sglang_eldr.server_process import HOST, ServerProcess, free_port, pd_env, wait_all
 
 __all__ = ["Cluster", "Server", "free_port", "pd_env"]
@@ -45,6 +46,12 @@ class Cluster:
     step_stats: bool = False  # decoders write distinct-experts-per-step statistics (benchmarks)
     servers: list[Server] = field(default_factory=list)
     router: Server | None = None
+
+    def __post_init__(self) -> None:
+        # Servers run with the log directory as working directory: relative paths must not reach them.
+        self.model_path = model_path(self.model_path)
+        self.centroids = local_path(self.centroids) if self.centroids else None
+        self.log_dir = Path(local_path(self.log_dir))
 
     # ------------------------------------------------------------------ servers
     def _server_cmd(self, s: Server) -> list[str]:
@@ -162,18 +169,20 @@ class Cluster:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m sglang_eldr.launch_cluster", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-path", required=True, help="model directory (e.g. models/tiny-qwen3-moe)")
+    ap.add_argument("--model-path", required=True, type=model_path,
+                    help="model directory (e.g. models/tiny-qwen3-moe) or hub id")
     ap.add_argument("--num-prefill", type=int, default=1, help="prefill servers (default: 1)")
     ap.add_argument("--num-decode", type=int, default=2, help="decode servers (default: 2)")
     ap.add_argument("--policy", choices=DECODE_POLICIES, default="eldr", help="decode policy (default: eldr)")
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--centroids", help="centroid file for the eldr policies")
-    src.add_argument("--calibrate", metavar="PROMPTS_JSONL",
+    src.add_argument("--centroids", type=local_path, help="centroid file for the eldr policies")
+    src.add_argument("--calibrate", metavar="PROMPTS_JSONL", type=local_path,
                      help="calibrate on these prompts first (writes centroids into the log directory)")
     ap.add_argument("--tau", type=float, default=0.1, help="locality band width (default: 0.1)")
     ap.add_argument("--port", type=int, default=30000, help="router port (default: 30000)")
     ap.add_argument("--max-total-tokens", type=int, default=16384, help="KV budget per server (default: 16384)")
-    ap.add_argument("--log-dir", type=Path, default=None, help="server and router logs (default: a temp dir)")
+    ap.add_argument("--log-dir", type=lambda p: Path(local_path(p)), default=None,
+                    help="server and router logs (default: a temp dir)")
     return ap
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from sglang_eldr import centroids as centroid_file
 from sglang_eldr.decode_policy import DECODE_POLICIES, DecodeChooser
 from sglang_eldr.load_balancer import LBConfig, LoadBalancer, Worker
+from sglang_eldr.paths import local_path
 from sglang_eldr.prefill_policy import PREFILL_POLICIES, PrefillPicker
 
 DEFAULT_BOOTSTRAP_PORT = 8998
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-load-gate", type=int, default=4,
                     help="prefix-hash yields to the least-loaded prefill when its choice has more than this "
                          "many extra requests in flight (default: 4)")
-    ap.add_argument("--centroids", help="centroid file from `python -m sglang_eldr.calibrate` (eldr policies)")
+    ap.add_argument("--centroids", type=local_path,
+                    help="centroid file from `python -m sglang_eldr.calibrate` (eldr policies)")
     ap.add_argument("--tau", type=float, default=0.1,
                     help="locality band width: 0 = pure locality, 1 = pure least-loaded (default: 0.1)")
     ap.add_argument("--max-imbalance", type=int, default=2,

@@ -3,6 +3,7 @@ server as the output reference. Routers are started per test (about a second eac
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -36,8 +37,11 @@ def cluster(tmp_path_factory):
     why = _missing()
     if why:
         pytest.fail(why)  # the suite installs everything; a missing piece is a failure, not a skip
-    c = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, max_total_tokens=8192,
-                log_dir=tmp_path_factory.mktemp("cluster"))
+    # A relative model path, as users type it: the servers run in the log directory, so this
+    # exercises the Cluster's path resolution for real.
+    with contextlib.chdir(ROOT):
+        c = Cluster(model_path=str(MODEL.relative_to(ROOT)), num_prefill=1, num_decode=2, max_total_tokens=8192,
+                    log_dir=tmp_path_factory.mktemp("cluster"))
     with c:
         yield c
 
