@@ -7,7 +7,14 @@ chosen after its prefill, from the expert counts the prefill server publishes on
 
 Endpoints: POST /generate, /v1/completions, /v1/chat/completions; GET /health, /metrics
 (Prometheus), /workers, /server_info, /v1/models; POST /flush_cache; POST /workers and
-DELETE /workers/{url} to add or remove servers while serving (see the README's operations section).
+DELETE /workers/{url} to add or remove servers while serving (see the README's operations section);
+POST /centroids to load a centroid file while serving.
+
+An eldr policy started without --centroids serves at once, least-loaded (receipts say
+`fallback: "no-centroids"`; /health and /workers say `routing: "least-loaded (no centroids)"`),
+until a file arrives: `curl --data-binary @m.eldr localhost:30000/centroids` validates it like
+--centroids (checksum, geometry, one centroid per current decoder; a bad file gets a 400 and
+routing stays as it was) and swaps it in without cutting any request.
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prefix-hash yields to the least-loaded prefill when its choice has more than this "
                          "many extra requests in flight (default: 4)")
     ap.add_argument("--centroids", type=local_path,
-                    help="centroid file from `python -m sglang_eldr.calibrate` (eldr policies)")
+                    help="centroid file from `python -m sglang_eldr.calibrate` (eldr policies; without it they "
+                         "route least-loaded until one is POSTed to /centroids)")
     ap.add_argument("--tau", type=float, default=0.1,
                     help="locality band width: 0 = pure locality, 1 = pure least-loaded (default: 0.1)")
     ap.add_argument("--max-imbalance", type=int, default=2,

@@ -32,6 +32,7 @@ import msgspec
 import numpy as np
 from aiohttp import web
 
+from sglang_eldr import centroids as centroid_file
 from sglang_eldr.counts_inbox import CountsInbox
 from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.metrics import RouterMetrics
@@ -126,10 +127,14 @@ class LoadBalancer:
             if p.counts_port is not None:
                 self.inbox.connect(p.counts_endpoint)
         self.inbox.start()
-        if self.decode.refit is not None:
-            self._refit_task = asyncio.create_task(self.decode.refit.run(), name="eldr-refit")
+        self._start_refit()
         if self.config.health_interval_s > 0:
             self._health_task = asyncio.create_task(self._health_loop(), name="eldr-health")
+
+    def _start_refit(self) -> None:
+        """The periodic online refit, once the policy has one (eldr, when centroids are loaded)."""
+        if self.decode.refit is not None and self._refit_task is None:
+            self._refit_task = asyncio.create_task(self.decode.refit.run(), name="eldr-refit")
 
     async def stop(self, app: web.Application) -> None:
         for t in (self._refit_task, self._health_task):
@@ -154,6 +159,7 @@ class LoadBalancer:
         app.router.add_post("/workers", self.handle_add_worker)
         app.router.add_delete("/workers", self.handle_remove_worker)
         app.router.add_delete("/workers/{url:.+}", self.handle_remove_worker)
+        app.router.add_post("/centroids", self.handle_centroids)
         app.router.add_post("/flush_cache", self.handle_flush_cache)
         app.router.add_get("/server_info", self.handle_server_info)
         app.router.add_get("/get_server_info", self.handle_server_info)
@@ -184,7 +190,8 @@ class LoadBalancer:
     # ------------------------------------------------------------------ small endpoints
     async def handle_health(self, request: web.Request) -> web.Response:
         ok = any(p.healthy for p in self.prefills) and any(self.decode.healthy())
-        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+        return web.json_response({"status": "ok" if ok else "unavailable", "routing": self.decode.routing},
+                                 status=200 if ok else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         self._show_loads()
@@ -201,9 +208,40 @@ class LoadBalancer:
         rows = [self._row(w) for w in self.prefills + self.decoders]
         for row, load, healthy in zip(rows[len(self.prefills):], self.decode.loads(), self.decode.healthy()):
             row.update(in_flight=load, healthy=healthy)  # the Rust router's view, which routing uses
-        return web.json_response({"policy": self.policy_name, "workers": rows,
-                                  "centroids": self.decode.num_decoders if self.decode.locality else None,
+        return web.json_response({"policy": self.policy_name, "routing": self.decode.routing, "workers": rows,
+                                  "centroids": self.decode.num_decoders if self.decode.has_centroids else None,
+                                  "centroid_file": self._centroid_summary(),
                                   "membership_refits": self.decode.membership_refits})
+
+    def _centroid_summary(self) -> dict | None:
+        cs = self.decode.centroid_set
+        if cs is None:
+            return None
+        return {"decoders": cs.num_workers, "layers_kept": int(cs.layer_mask.sum()), "layers": cs.geometry.layers,
+                "experts": cs.geometry.experts, "fit_requests": cs.fit.num_requests,
+                "created_unix": cs.fit.created_unix, "source": cs.fit.source}
+
+    async def handle_centroids(self, request: web.Request) -> web.Response:
+        """POST /centroids (body: a centroid file): validated like the file given at startup and
+        swapped into the decode router atomically, loads and health kept; a file that does not
+        fit is refused with a 400 and the current centroids (or none) stay."""
+        if not self.decode.locality:
+            return error_response(409, f"POST /centroids: policy {self.policy_name} routes by load only and takes "
+                                       "no centroids; start the router with --policy eldr or eldr-static")
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"POST /centroids: body larger than {self.config.max_body_bytes} bytes "
+                                       "(the router's --max-body-bytes)")
+        try:
+            self.decode.load_centroids(centroid_file.loads(data, source="the request body"))
+        except ValueError as e:  # CentroidFileError, or the Rust router refusing the arrays
+            self.metrics.centroid_updates.labels("refused").inc()
+            return error_response(400, f"POST /centroids: {e}; the current centroids stay")
+        self._start_refit()
+        self.metrics.centroid_updates.labels("loaded").inc()
+        logger.warning("centroids loaded from POST /centroids: %s", self._centroid_summary())
+        return web.json_response({"routing": self.decode.routing, "centroid_file": self._centroid_summary()})
 
     async def handle_add_worker(self, request: web.Request) -> web.Response:
         """POST /workers {"url", "role": "prefill"|"decode", "bootstrap_port"?, "counts_port"?}.
@@ -393,7 +431,10 @@ class LoadBalancer:
             fallback = "bad-counts"
             receipt = self.decode.choose(None)
         self.metrics.route_seconds.observe(time.perf_counter() - route_started)
-        if fallback is None and self.decode.locality and receipt["scores"] is None:
+        locality = self.decode.has_centroids
+        if self.decode.locality and not locality and fallback != "decoder-unreachable":
+            fallback = "no-centroids"  # whatever the counts did: there is nothing to compare them to yet
+        elif fallback is None and locality and receipt["scores"] is None:
             fallback = "zero-signature"
         if fallback is not None:
             self.metrics.fallbacks.labels(fallback).inc()
@@ -402,8 +443,8 @@ class LoadBalancer:
         self.metrics.routed.labels(decoder.url).inc()
         route = RouteReceipt(
             policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
-            fallback=fallback, scores=receipt["scores"] if self.decode.locality else None,
-            band=receipt["band"] if self.decode.locality else None,
+            fallback=fallback, scores=receipt["scores"] if locality else None,
+            band=receipt["band"] if locality else None,
         )
         return decoder, msgspec.to_builtins(route)
 

@@ -24,6 +24,8 @@ class RouterMetrics:
         self.request_seconds = Histogram("eldr_request_seconds", "End-to-end request time", registry=self.registry)
         self.membership = Counter("eldr_membership_changes", "Workers added or removed at runtime",
                                   ["role", "change"], registry=self.registry)
+        self.centroid_updates = Counter("eldr_centroid_updates", "POST /centroids by result (loaded, refused)",
+                                        ["result"], registry=self.registry)
         self.set_in_flight(dict.fromkeys(decoders, 0))
 
     def set_in_flight(self, loads: dict[str, int]) -> None:

@@ -45,6 +45,11 @@ class OnlineRefit:
         self.skipped = 0
         self.last_error: str | None = None
 
+    def retarget(self, router, idf: np.ndarray, layer_mask: np.ndarray) -> None:
+        """Fits for `router` in the space of a new centroid file from now on (the window's raw
+        counts stay valid)."""
+        self.router, self.idf, self.layer_mask = router, idf, layer_mask
+
     def observe(self, counts: np.ndarray) -> None:
         self._recent.append((time.monotonic(), counts))
 
@@ -52,13 +57,15 @@ class OnlineRefit:
         cutoff = time.monotonic() - self.window_s
         return [c for t, c in list(self._recent) if t >= cutoff]
 
-    def fit(self, k: int):
-        """Balanced spherical K-means with `k` centroids on the window, or None when it holds too
-        few requests (fewer than `min_samples`, or than `k` with a non-zero signature)."""
+    def fit(self, k: int, space: tuple[np.ndarray, np.ndarray] | None = None):
+        """Balanced spherical K-means with `k` centroids on the window, in `space` (IDF, layer
+        mask; default the current one), or None when it holds too few requests (fewer than
+        `min_samples`, or than `k` with a non-zero signature)."""
+        idf, layer_mask = space if space is not None else (self.idf, self.layer_mask)
         samples = self.window()
         if len(samples) < max(self.min_samples, k):
             return None
-        sigs = build_signatures(np.stack(samples), self.idf, self.layer_mask)
+        sigs = build_signatures(np.stack(samples), idf, layer_mask)
         sigs = sigs[sigs.any(axis=1)]
         if len(sigs) < k:
             return None
@@ -67,8 +74,10 @@ class OnlineRefit:
 
     def refit_once(self) -> bool:
         """Fits and swaps if the window holds enough requests; returns whether it swapped."""
-        router = self.router  # membership changes replace the router; fit against one of them
-        new = self.fit(router.num_workers)
+        # Membership changes and centroid uploads replace the router (and its space) meanwhile:
+        # fit for one of them; a swap into a replaced router is simply lost.
+        router, space = self.router, (self.idf, self.layer_mask)
+        new = self.fit(router.num_workers, space)
         if new is None:
             self.skipped += 1
             return False

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sglang_eldr import launch_router
+
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-moe" / "eldr-centroids-2d.eldr"
 
 
@@ -33,7 +35,13 @@ def test_corrupt_centroid_file_refuses_to_start(tmp_path, damage, message):
 def test_mismatched_or_missing_centroids_refuse_to_start(tmp_path):
     r = launch(*sum((["--decode", f"http://127.0.0.1:{p}"] for p in (10, 11, 12)), []), "--centroids", str(SHIPPED))
     assert r.returncode == 2 and "2 centroids but 3 decoders" in r.stderr, r.stderr
-    r = launch("--decode", "http://127.0.0.1:10", "--policy", "eldr")
-    assert r.returncode == 2 and "needs a centroid file" in r.stderr, r.stderr
     r = launch("--decode", "http://127.0.0.1:10", "--centroids", str(tmp_path / "missing.eldr"))
     assert r.returncode == 2 and "cannot read" in r.stderr, r.stderr
+
+
+def test_eldr_without_centroids_starts_least_loaded():
+    args = launch_router.build_parser().parse_args(
+        ["--prefill", "http://127.0.0.1:9", "--decode", "http://127.0.0.1:10", "--policy", "eldr"])
+    lb = launch_router.build_balancer(args)
+    assert lb.decode.routing == "least-loaded (no centroids)" and lb.decode.num_decoders == 1
+    assert "POST /centroids" in launch_router.build_parser().format_help()

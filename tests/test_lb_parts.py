@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from sglang_eldr import calibrate
+from sglang_eldr import centroids as centroid_file
+from sglang_eldr.centroids import CentroidFileError
 from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
 from sglang_eldr.refit import OnlineRefit
@@ -61,8 +63,6 @@ def test_prefix_hash_is_sticky_and_yields_to_load():
 def test_decode_chooser_validates_configuration():
     counts, _ = two_domains(20)
     cs = calibrate.fit(counts, 2, top_k=2)
-    with pytest.raises(ValueError, match="needs a centroid file"):
-        DecodeChooser("eldr", 2)
     with pytest.raises(ValueError, match="2 centroids but 3 decoders"):
         DecodeChooser("eldr-static", 3, cs)
     with pytest.raises(ValueError, match="unknown 'lru'"):
@@ -123,3 +123,59 @@ def test_a_new_decoder_gets_a_refit_centroid_when_the_window_is_full():
     assert not np.allclose(chooser.router.centroids()[2], mean / np.linalg.norm(mean), atol=1e-3)
     chooser.remove(2, "http://new:1")
     assert chooser.membership_refits == 2 and chooser.router.centroids().shape[0] == 2
+
+
+def test_eldr_without_centroids_routes_least_loaded_until_a_file_is_loaded():
+    counts, _ = two_domains(200)
+    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    chooser = DecodeChooser("eldr", 2, tau=0.0, refit_min_samples=50)
+    assert chooser.routing == "least-loaded (no centroids)" and not chooser.has_centroids and chooser.refit is None
+    held = [chooser.choose(c) for c in counts[:3]]
+    assert [r["worker"] for r in held] == [0, 1, 0] and all(r["scores"] is None for r in held)  # JSQ
+    chooser.set_healthy(1, False)
+    # Membership before centroids only changes the decoder count.
+    chooser.add("http://c:1")
+    assert chooser.num_decoders == 3 and chooser.loads() == [2, 1, 0] and chooser.healthy() == [True, False, True]
+    with pytest.raises(CentroidFileError, match="2 centroids but 3 decoders"):
+        chooser.load_centroids(cs)
+    with pytest.raises(CentroidFileError, match="the prefill servers report counts of shape \\[2, 16\\]"):
+        chooser.load_centroids(calibrate.fit(np.concatenate([counts[:9], counts[:9, :1]], axis=1), 3, top_k=2))
+    assert chooser.routing == "least-loaded (no centroids)"
+    chooser.remove(2, "http://c:1")
+    # Loaded: locality from now on, in-flight loads and health kept, the online refit armed.
+    chooser.load_centroids(cs)
+    assert chooser.routing == "locality" and chooser.loads() == [2, 1] and chooser.healthy() == [True, False]
+    assert chooser.refit is not None and chooser.refit.router is chooser.router
+    chooser.set_healthy(1, True)
+    r = chooser.choose(counts[3])
+    assert r["scores"] is not None and r["band"] is not None
+    for w in [h["worker"] for h in held] + [r["worker"]]:
+        chooser.release(w)
+    assert chooser.loads() == [0, 0]
+    # A replacement must fit the geometry in use; a refused one leaves the router as it was.
+    router = chooser.router
+    other = calibrate.fit(np.concatenate([counts[:8], counts[:8]], axis=1), 2, top_k=2)
+    with pytest.raises(CentroidFileError, match="centroids in use are for layers=2"):
+        chooser.load_centroids(other)
+    assert chooser.router is router
+    with pytest.raises(CentroidFileError, match="routes by load only"):
+        DecodeChooser("jsq", 2).load_centroids(cs)
+    # The periodic refit fits in the new space after a replacement.
+    for c in counts[:120]:
+        chooser.release(chooser.choose(c)["worker"])
+    chooser.load_centroids(calibrate.fit(counts[100:], 2, top_k=2, seed=3))
+    assert chooser.refit is not None and chooser.refit.refit_once() and chooser.refit.router is chooser.router
+
+
+def test_centroid_bytes_are_validated_like_a_file(tmp_path):
+    counts, _ = two_domains(40)
+    data = centroid_file.dumps(calibrate.fit(counts, 2, top_k=2))
+    cs = centroid_file.loads(data)
+    assert cs.num_workers == 2 and cs.geometry.layers == 2
+    (tmp_path / "c.eldr").write_bytes(data)
+    np.testing.assert_array_equal(centroid_file.load(tmp_path / "c.eldr").centroids, cs.centroids)
+    for damaged, message in ((data[: len(data) // 2], "not a readable centroid file"),
+                             (data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:], "checksum mismatch"),
+                             (b"", "not a readable")):
+        with pytest.raises(CentroidFileError, match=f"upload: {message}"):
+            centroid_file.loads(damaged, source="upload")
