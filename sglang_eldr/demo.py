@@ -70,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         if SHIPPED_CENTROIDS.exists() and not args.recalibrate:
             cluster.centroids = str(SHIPPED_CENTROIDS)
             print(f"[{time.monotonic() - t0:5.1f}s] using shipped centroids {SHIPPED_CENTROIDS.relative_to(ROOT)}")
+            router = cluster.start_router()
         else:
-            print(f"[{time.monotonic() - t0:5.1f}s] calibrating on {CALIB.relative_to(ROOT)} ...")
-            cluster.centroids = str(cluster.calibrate(CALIB))
+            router = cluster.start_router(with_centroids=False)
+            print(f"[{time.monotonic() - t0:5.1f}s] calibrating on {CALIB.relative_to(ROOT)} through the router "
+                  "(least-loaded until the centroids are loaded into it) ...")
+            cluster.calibrate(CALIB)
+        assert cluster.centroids is not None
         cs = centroid_file.load(cluster.centroids)
-        router = cluster.start_router()
         print(f"[{time.monotonic() - t0:5.1f}s] ELDR router ({args.policy}, tau {cluster.tau}) on {router.url}; "
               f"centroids fitted on {cs.fit.num_requests} prompts, layers kept {cs.layer_mask.astype(int).tolist()}")
 

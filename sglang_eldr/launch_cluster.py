@@ -2,9 +2,11 @@
 
 Starts `--num-prefill` prefill and `--num-decode` decode servers of one model (via
 `sglang_eldr.launch_server`, Mooncake over TCP on 127.0.0.1, `prefill_complete` allocation so
-prefill runs before the decoder is known), optionally calibrates centroids on them, then starts
-the router and waits until everything is healthy. All children are stopped on exit, Ctrl-C or
-SIGTERM. Servers are pinned round-robin to the CPUs this process may use.
+prefill runs before the decoder is known), then starts the router and waits until everything is
+healthy. With `--calibrate` the router serves from the start (least-loaded), the calibration runs
+through it, and the fitted centroids are loaded into it in place (POST /centroids, no restart).
+All children are stopped on exit, Ctrl-C or SIGTERM. Servers are pinned round-robin to the CPUs
+this process may use.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ router
     def start_router(self, policy: str | None = None, centroids: str | None = None, extra: list[str] | None = None,
-                     prefill_counts_port: int | None = None) -> Server:
-        """(Re)starts the router; `prefill_counts_port` overrides where it listens for counts (tests)."""
+                     prefill_counts_port: int | None = None, with_centroids: bool = True) -> Server:
+        """(Re)starts the router; `prefill_counts_port` overrides where it listens for counts (tests).
+        `with_centroids=False` starts an eldr policy without a file: least-loaded until `install_centroids`."""
         self.stop_router()
         port = self.router_port or free_port()
         cmd = [sys.executable, "-m", "sglang_eldr.launch_router", "--host", HOST, "--port", str(port),
@@ -119,7 +122,7 @@ class Cluster:
             cmd += ["--prefill", p.url, str(p.bootstrap_port), str(prefill_counts_port or p.counts_port)]
         for d in self.decoders:
             cmd += ["--decode", d.url]
-        c = centroids or self.centroids
+        c = (centroids or self.centroids) if with_centroids else None
         if c and (policy or self.policy).startswith("eldr"):
             cmd += ["--centroids", str(c)]
         cmd += self.router_args + (extra or [])
@@ -128,20 +131,36 @@ class Cluster:
         self.wait_healthy([r])
         return r
 
-    def calibrate(self, prompts: Path, out: Path | None = None) -> Path:
-        """Fits centroids for this cluster's decoders by running `prompts` through a JSQ router."""
+    def calibrate(self, prompts: Path, out: Path | None = None, max_new_tokens: int = 32) -> Path:
+        """Fits centroids for this cluster's decoders by running `prompts` through the router
+        (the running one, else one started with the cluster's policy and no centroids, which
+        serves least-loaded meanwhile) and, for an eldr policy, installs them there with
+        POST /centroids: no restart, no request cut. Later `start_router` calls use the file."""
         from sglang_eldr import calibrate
 
+        if not self.policy.startswith("eldr"):
+            raise ValueError(f"calibrate: policy {self.policy} takes no centroids (use eldr or eldr-static)")
         out = out or self.log_dir / "centroids.eldr"
-        r = self.start_router(policy="jsq")
-        try:
-            code = calibrate.main(["--url", r.url, "--model-path", self.model_path, "--prompts", str(prompts),
-                                   "--decoders", str(self.num_decode), "--out", str(out)])
-        finally:
-            self.stop_router()
+        r = self.router if self.router is not None else self.start_router(with_centroids=False)
+        code = calibrate.main(["--url", r.url, "--model-path", self.model_path, "--prompts", str(prompts),
+                               "--decoders", str(len(self.decoders)), "--out", str(out),
+                               "--max-new-tokens", str(max_new_tokens)])
         if code != 0:
             raise RuntimeError(f"calibration failed (exit {code})")
+        self.install_centroids(out)
+        self.centroids = str(out)
         return out
+
+    def install_centroids(self, path: str | Path) -> dict:
+        """POSTs a centroid file to the running router; returns its summary, raises on refusal."""
+        import requests
+
+        assert self.router is not None, "the router is not running"
+        r = requests.post(self.router.url + "/centroids", data=Path(path).read_bytes(),
+                          headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        if r.status_code != 200:
+            raise RuntimeError(f"the router refused {path} ({r.status_code}): {r.text[:500]}")
+        return r.json()
 
     def stop_router(self) -> None:
         if self.router is not None:
@@ -177,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--centroids", type=local_path, help="centroid file for the eldr policies")
     src.add_argument("--calibrate", metavar="PROMPTS_JSONL", type=local_path,
-                     help="calibrate on these prompts first (writes centroids into the log directory)")
+                     help="calibrate on these prompts through the router, which serves least-loaded meanwhile, "
+                          "then load the centroids into it (written into the log directory)")
     ap.add_argument("--tau", type=float, default=0.1, help="locality band width (default: 0.1)")
     ap.add_argument("--port", type=int, default=30000, help="router port (default: 30000)")
     ap.add_argument("--max-total-tokens", type=int, default=16384, help="KV budget per server (default: 16384)")
@@ -190,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_prefill < 1 or args.num_decode < 1:
         print("launch_cluster: need at least one prefill and one decode server", file=sys.stderr)
+        return 2
+    if (args.calibrate or args.centroids) and not args.policy.startswith("eldr"):
+        print(f"launch_cluster: --calibrate/--centroids are for the eldr policies, not {args.policy}", file=sys.stderr)
         return 2
     cluster = Cluster(model_path=args.model_path, num_prefill=args.num_prefill, num_decode=args.num_decode,
                       policy=args.policy, centroids=args.centroids, tau=args.tau, router_port=args.port,
@@ -205,9 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         with cluster:
             print(f"servers healthy: {[s.url for s in cluster.servers]} (logs in {cluster.log_dir})", flush=True)
             if args.calibrate:
-                cluster.centroids = str(cluster.calibrate(Path(args.calibrate)))
-            r = cluster.start_router()
-            print(f"ELDR router ready on {r.url} (policy {args.policy}); Ctrl-C to stop", flush=True)
+                r = cluster.start_router(with_centroids=False)
+                print(f"ELDR router ready on {r.url} (policy {args.policy}), least-loaded while it calibrates "
+                      f"on {args.calibrate}", flush=True)
+                print(f"centroids {cluster.calibrate(Path(args.calibrate))} loaded: routing by locality; "
+                      "Ctrl-C to stop", flush=True)
+            else:
+                r = cluster.start_router()
+                print(f"ELDR router ready on {r.url} (policy {args.policy}); Ctrl-C to stop", flush=True)
             while not stop["flag"]:
                 time.sleep(0.5)
                 for s in cluster.servers + [r]:
