@@ -43,3 +43,8 @@ def test_cluster_resolves_its_paths(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # what a server's working directory is
     assert Path(c.model_path, "config.json").exists() and Path(c.centroids).exists()
     assert Cluster(model_path=HUB_ID, log_dir=tmp_path).model_path == HUB_ID
+
+
+def test_calibrate_needs_an_eldr_policy(capsys):
+    assert launch_cluster.main(["--model-path", MODEL, "--policy", "jsq", "--calibrate", "calib.jsonl"]) == 2
+    assert "for the eldr policies, not jsq" in capsys.readouterr().err
