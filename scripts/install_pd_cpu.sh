@@ -17,7 +17,7 @@
 #     `mooncake` package directory, so switching uninstalls the other one first.
 #   * VENV_DIR/lib/eldr-loopback/libeldr_loopback_bind.so from shims/loopback_bind/: an LD_PRELOAD
 #     library that turns wildcard binds (Mooncake's handshake and data listeners, torch's TCPStore)
-#     into 127.0.0.1 binds. Set LD_PRELOAD to it in the servers' environment (printed at the end).
+#     into binds to the server's own address (ELDR_BIND_ADDR, default 127.0.0.1). Set LD_PRELOAD to it in the servers' environment (printed at the end).
 # Then runs scripts/pd_transfer_smoke.py: two transfer engines move 1 MiB over TCP on 127.0.0.1.
 set -euo pipefail
 

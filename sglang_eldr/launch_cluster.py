@@ -1,7 +1,7 @@
 """`python -m sglang_eldr.launch_cluster`: a local PD cluster behind the ELDR router.
 
 Starts `--num-prefill` prefill and `--num-decode` decode servers of one model (via
-`sglang_eldr.launch_server`, Mooncake over TCP on 127.0.0.1, `prefill_complete` allocation so
+`sglang_eldr.launch_server`, Mooncake over TCP on `--host`, `prefill_complete` allocation so
 prefill runs before the decoder is known), then starts the router and waits until everything is
 healthy. With `--calibrate` the router serves from the start (least-loaded), the calibration runs
 through it, and the fitted centroids are loaded into it in place (POST /centroids, no restart).
@@ -46,6 +46,8 @@ class Cluster:
     max_total_tokens: int = 16384
     startup_timeout_s: float = 300.0
     step_stats: bool = False  # decoders write distinct-experts-per-step statistics (benchmarks)
+    hosts: list[str] = field(default_factory=list)  # per server (prefills, then decoders); default HOST
+    router_host: str = HOST
     servers: list[Server] = field(default_factory=list)
     router: Server | None = None
 
@@ -59,18 +61,20 @@ class Cluster:
     def _server_cmd(self, s: Server) -> list[str]:
         cmd = [
             sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", self.model_path,
-            "--host", HOST, "--port", str(s.port), "--device", "cpu",
+            "--host", s.host, "--port", str(s.port), "--device", "cpu",
             "--max-total-tokens", str(self.max_total_tokens),
             "--disaggregation-mode", s.role, "--disaggregation-transfer-backend", "mooncake",
             "--disaggregation-decode-allocation-policy", "prefill_complete",
         ]
         if s.role == "prefill":
             cmd += ["--disaggregation-bootstrap-port", str(s.bootstrap_port), "--eldr-counts-port", str(s.counts_port)]
+        elif self.step_stats:
+            cmd += ["--eldr-capture"]  # decoders capture only when a benchmark reads their steps
         # (On CPU the plugin's PD guard already gives decode servers the cpu_tensor retraction backup.)
         return cmd + self.extra_server_args
 
     def _env(self, s: Server, core: int) -> dict[str, str]:
-        env = pd_env(core)
+        env = pd_env(core, host=s.host)
         if self.step_stats and s.role == "decode":
             env["SGLANG_ELDR_STEP_STATS_FILE"] = str(self.log_dir / f"step-stats-{s.port}.json")
         return env
@@ -87,13 +91,18 @@ class Cluster:
 
     def start_servers(self) -> None:
         cores = sorted(os.sched_getaffinity(0))
-        for _ in range(self.num_prefill):
-            port = free_port()
-            self.servers.append(Server("prefill", port, self.log_dir / f"prefill-{port}.log",
-                                       bootstrap_port=free_port(), counts_port=free_port()))
-        for _ in range(self.num_decode):
-            port = free_port()
-            self.servers.append(Server("decode", port, self.log_dir / f"decode-{port}.log"))
+        n = self.num_prefill + self.num_decode
+        if self.hosts and len(self.hosts) != n:
+            raise ValueError(f"hosts: {len(self.hosts)} addresses for {n} servers")
+        hosts = self.hosts or [HOST] * n
+        for i in range(self.num_prefill):
+            h = hosts[i]
+            port = free_port(h)
+            self.servers.append(Server("prefill", port, self.log_dir / f"prefill-{h}-{port}.log", host=h,
+                                       bootstrap_port=free_port(h), counts_port=free_port(h)))
+        for h in hosts[self.num_prefill:]:
+            port = free_port(h)
+            self.servers.append(Server("decode", port, self.log_dir / f"decode-{h}-{port}.log", host=h))
         for i, s in enumerate(self.servers):
             s.cmd, s.env = self._server_cmd(s), self._env(s, cores[i % len(cores)])
             s.start()
@@ -115,18 +124,19 @@ class Cluster:
         """(Re)starts the router; `prefill_counts_port` overrides where it listens for counts (tests).
         `with_centroids=False` starts an eldr policy without a file: least-loaded until `install_centroids`."""
         self.stop_router()
-        port = self.router_port or free_port()
-        cmd = [sys.executable, "-m", "sglang_eldr.launch_router", "--host", HOST, "--port", str(port),
+        port = self.router_port or free_port(self.router_host)
+        cmd = [sys.executable, "-m", "sglang_eldr.launch_router", "--host", self.router_host, "--port", str(port),
                "--policy", policy or self.policy, "--tau", str(self.tau), "--log-level", "warning"]
         for p in self.prefills:
-            cmd += ["--prefill", p.url, str(p.bootstrap_port), str(prefill_counts_port or p.counts_port)]
+            # The router asks each prefill for its counts endpoint (GET /eldr/info) unless overridden.
+            cmd += ["--prefill", p.url, str(p.bootstrap_port)] + ([str(prefill_counts_port)] if prefill_counts_port else [])
         for d in self.decoders:
             cmd += ["--decode", d.url]
         c = (centroids or self.centroids) if with_centroids else None
         if c and (policy or self.policy).startswith("eldr"):
             cmd += ["--centroids", str(c)]
         cmd += self.router_args + (extra or [])
-        r = Server("router", port, self.log_dir / f"router-{port}.log", cmd=cmd).start()
+        r = Server("router", port, self.log_dir / f"router-{port}.log", host=self.router_host, cmd=cmd).start()
         self.router = r
         self.wait_healthy([r])
         return r
@@ -200,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "then load the centroids into it (written into the log directory)")
     ap.add_argument("--tau", type=float, default=0.1, help="locality band width (default: 0.1)")
     ap.add_argument("--port", type=int, default=30000, help="router port (default: 30000)")
+    ap.add_argument("--host", default=HOST,
+                    help=f"the address every server and the router listen on, and the transfer engine and "
+                         f"counts publisher advertise (default: {HOST}); for servers on several hosts, start "
+                         "each with python -m sglang_eldr.launch_server and the router with launch_router")
     ap.add_argument("--max-total-tokens", type=int, default=16384, help="KV budget per server (default: 16384)")
     ap.add_argument("--log-dir", type=lambda p: Path(local_path(p)), default=None,
                     help="server and router logs (default: a temp dir)")
@@ -217,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(model_path=args.model_path, num_prefill=args.num_prefill, num_decode=args.num_decode,
                       policy=args.policy, centroids=args.centroids, tau=args.tau, router_port=args.port,
                       max_total_tokens=args.max_total_tokens,
+                      hosts=[args.host] * (args.num_prefill + args.num_decode), router_host=args.host,
                       **({"log_dir": args.log_dir} if args.log_dir else {}))
     stop = {"flag": False}
 

@@ -1,9 +1,11 @@
 """`python -m sglang_eldr.launch_router`: the ELDR PD load balancer.
 
 Mirrors `sglang_router.launch_router --pd-disaggregation`: `--prefill URL [BOOTSTRAP_PORT
-[COUNTS_PORT]]` (repeatable) and `--decode URL` (repeatable). The decoder of each request is
-chosen after its prefill, from the expert counts the prefill server publishes on COUNTS_PORT
-(default BOOTSTRAP_PORT + 1, which is also `sglang_eldr.launch_server`'s default).
+[COUNTS]]` (repeatable) and `--decode URL` (repeatable). The decoder of each request is chosen
+after its prefill, from the expert counts the prefill server publishes. By default the router asks
+each prefill where its publisher listens (GET URL/eldr/info, which `sglang_eldr.launch_server`
+serves); COUNTS (PORT or HOST:PORT) overrides that. Servers may be on any hosts: the router
+connects to the addresses in the URLs and to the advertised counts endpoints.
 
 Endpoints: POST /generate, /v1/completions, /v1/chat/completions; GET /health, /metrics
 (Prometheus), /workers, /server_info, /v1/models; POST /flush_cache; POST /workers and
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from urllib.parse import urlparse
 
 from aiohttp import web
 
@@ -34,18 +37,27 @@ from sglang_eldr.prefill_policy import PREFILL_POLICIES, PrefillPicker
 DEFAULT_BOOTSTRAP_PORT = 8998
 
 
+def parse_counts(spec: str) -> tuple[str | None, int]:
+    """COUNTS of `--prefill`: PORT, HOST:PORT or [IPv6]:PORT."""
+    head, sep, port = spec.rpartition(":")
+    host = head.strip("[]") if sep else None
+    if not port.isdigit() or not 0 < int(port) < 65536 or (sep and not host):
+        raise ValueError(f"counts endpoint {spec!r}: expected PORT or HOST:PORT")
+    return host, int(port)
+
+
 def parse_prefill(spec: list[str]) -> Worker:
     if not 1 <= len(spec) <= 3:
-        raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT [COUNTS_PORT]], got {' '.join(spec)}")
+        raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT [COUNTS]], got {' '.join(spec)}")
     url = spec[0].rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--prefill: {url!r} is not an http(s) URL")
+    if not url.startswith(("http://", "https://")) or not urlparse(url).hostname:
+        raise ValueError(f"--prefill: {url!r} is not an http(s)://HOST:PORT URL")
     try:
         bootstrap = int(spec[1]) if len(spec) > 1 and spec[1].lower() != "none" else DEFAULT_BOOTSTRAP_PORT
-        counts = int(spec[2]) if len(spec) > 2 else bootstrap + 1
     except ValueError:
-        raise ValueError(f"--prefill {url}: ports must be integers, got {spec[1:]}") from None
-    return Worker(url=url, role="prefill", bootstrap_port=bootstrap, counts_port=counts)
+        raise ValueError(f"--prefill {url}: the bootstrap port must be an integer, got {spec[1]!r}") from None
+    counts_host, counts_port = parse_counts(spec[2]) if len(spec) > 2 else (None, None)
+    return Worker(url=url, role="prefill", bootstrap_port=bootstrap, counts_port=counts_port, counts_host=counts_host)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sglang_eldr.launch_router", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--prefill", nargs="+", action="append", required=True, metavar="URL [PORT]",
-                    help="prefill server URL, optional bootstrap port (default 8998) and counts port "
-                         "(default bootstrap+1); repeat for several prefill servers")
+    ap.add_argument("--prefill", nargs="+", action="append", required=True, metavar="URL [BOOTSTRAP [COUNTS]]",
+                    help="prefill server URL, optional bootstrap port (default 8998) and counts endpoint "
+                         "(PORT or HOST:PORT; default: what the prefill advertises at GET /eldr/info); "
+                         "repeat for several prefill servers")
     ap.add_argument("--decode", action="append", required=True, metavar="URL", help="decode server URL; repeat")
     ap.add_argument("--policy", choices=DECODE_POLICIES, default="eldr",
                     help="decode policy: eldr (locality band, online refit), eldr-static (no refit), "
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refit-min-samples", type=int, default=None,
                     help="requests needed in the window to refit (default: max(64, 16 per decoder))")
     ap.add_argument("--seed", type=int, default=0, help="seed for random/p2c and the refit (default: 0)")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address of the router's HTTP port (default: 127.0.0.1; 0.0.0.0 for every interface)")
     ap.add_argument("--port", type=int, default=30000, help="bind port (default: 30000)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap

@@ -14,8 +14,11 @@ plugin (``sglang_eldr.engine.settings``); hooks are registered through SGLang's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import socket
 import sys
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from sglang_eldr.engine import settings as S
@@ -31,24 +34,29 @@ def add_eldr_args(parser: argparse.ArgumentParser) -> None:
         "Options added by sglang_eldr; all other options are SGLang's.",
     )
     g.add_argument(
-        "--eldr-capture", action=argparse.BooleanOptionalAction, default=True,
-        help="Record every token's routed experts (top-k ids per MoE layer) into a signature table "
-             "co-indexed with the KV pool, so requests can ask for their prompt's expert counts with "
-             "\"return_eldr_counts\": true (exact with radix-cache prefix hits). Default: on.",
+        "--eldr-capture", action=argparse.BooleanOptionalAction, default=None,
+        help="Turn on SGLang's routed-experts capturer (--enable-return-routed-experts) and reduce each "
+             "request's prompt expert counts from it when its prefill ends, for the ELDR router (PD "
+             "prefill) and for requests with \"return_eldr_counts\": true (exact with radix-cache prefix "
+             "hits and CUDA graphs). Default: on, except on decode servers (--disaggregation-mode decode), "
+             "where nothing reads the counts unless a benchmark asks.",
     )
     g.add_argument(
-        "--eldr-storage", choices=("auto",) + S.STORAGE_CHOICES, default="auto",
-        help="Signature table layout. 'slot': top-k ids per KV slot, [layers, kv_slots, top_k] uint8 "
-             "(int16 if more than 256 experts); exact for any --page-size. 'page': per-KV-page expert "
-             "count rows [layers, pages, experts] uint8 (needs page size <= 255); smaller only when "
-             "page_size * top_k > experts. 'auto' (default): 'slot'.",
+        "--eldr-counts-host", default=None,
+        help="PD prefill servers: the address the expert-counts publisher (ZMQ PUB) binds. Default: "
+             "--host. The router learns the endpoint from GET /eldr/info on this server.",
     )
     g.add_argument(
         "--eldr-counts-port", type=int, default=None,
-        help="PD prefill servers: publish each request's prompt expert counts, as soon as its prefill "
-             "forward ends, on a ZMQ PUB socket at tcp://127.0.0.1:PORT for the ELDR router "
-             "(python -m sglang_eldr.launch_router). Default: --disaggregation-bootstrap-port + 1 when "
-             "--disaggregation-mode prefill, else off.",
+        help="PD prefill servers: the port of the expert-counts publisher. Default: a port the OS reports "
+             "free on the counts host when the server starts (from its ephemeral range, so it cannot be "
+             "a bootstrap or HTTP port in use); GET /eldr/info advertises it.",
+    )
+    g.add_argument(
+        "--eldr-counts-advertise-host", default=None,
+        help="The host the router must connect to for counts, when it differs from the bind address "
+             "(e.g. the publisher binds 0.0.0.0). Default: the counts host, or for a wildcard bind the "
+             "host the router reaches this server's HTTP port at.",
     )
     g.add_argument(
         "--eldr-cpu-defaults", action=argparse.BooleanOptionalAction, default=True,
@@ -92,7 +100,47 @@ def _check_plugin_registered() -> None:
             os.environ["SGLANG_PLUGINS"] = ",".join(items + [PLUGIN_NAME])
 
 
-def prepare(argv: list[str]) -> list[str]:
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+@dataclass(frozen=True)
+class EldrLaunch:
+    """What the ELDR side of one server was given, as GET /eldr/info reports it."""
+
+    mode: str  # SGLang's --disaggregation-mode: null | prefill | decode
+    capture: bool
+    bootstrap_port: int | None = None
+    counts_host: str | None = None  # bind address of the counts publisher (PD prefill only)
+    counts_port: int | None = None
+    advertise_host: str | None = None  # None: the router uses the host it knows this server by
+
+    def info(self) -> dict:
+        endpoint = None
+        if self.counts_port is not None:
+            endpoint = {"host": self.advertise_host, "port": self.counts_port}
+        return {"eldr": True, "mode": self.mode, "capture": self.capture,
+                "bootstrap_port": self.bootstrap_port, "counts": endpoint}
+
+
+def free_port(host: str) -> int:
+    """A port the OS reports free on `host` now (from the ephemeral range)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_opts(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--disaggregation-mode", default="null")
+    p.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
+    p.add_argument("--disaggregation-decode-allocation-policy", default=None)
+    known, _ = p.parse_known_args(argv)
+    return known
+
+
+def prepare(argv: list[str]) -> tuple[list[str], EldrLaunch]:
     """Split off the ELDR options, export them for the plugin and return SGLang's argv."""
     eldr = argparse.ArgumentParser(add_help=False)
     add_eldr_args(eldr)
@@ -109,23 +157,60 @@ def prepare(argv: list[str]) -> list[str]:
         if not _has_opt(rest, "--sleep-on-idle"):
             rest += ["--sleep-on-idle"]
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    storage = "slot" if opts.eldr_storage == "auto" else opts.eldr_storage
-    counts_port = opts.eldr_counts_port
-    pd = argparse.ArgumentParser(add_help=False)
-    pd.add_argument("--disaggregation-mode", default="null")
-    pd.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
-    pd_opts, _ = pd.parse_known_args(rest)
-    if counts_port is None and pd_opts.disaggregation_mode == "prefill":
-        counts_port = pd_opts.disaggregation_bootstrap_port + 1
-    if counts_port is not None:
-        os.environ[S.ENV_COUNTS_PORT] = str(counts_port)
-    else:
-        os.environ.pop(S.ENV_COUNTS_PORT, None)
+    srv = _server_opts(rest)
+    mode = srv.disaggregation_mode
+    if mode in ("prefill", "decode"):
+        policy = srv.disaggregation_decode_allocation_policy
+        if policy is None:
+            # The ELDR router sends a request to the prefill alone and picks the decoder afterwards.
+            rest += ["--disaggregation-decode-allocation-policy", "prefill_complete"]
+        elif policy != "prefill_complete":
+            raise LayoutError(f"--disaggregation-decode-allocation-policy {policy}: ELDR PD serving needs "
+                              "prefill_complete (the decoder is chosen after prefill)")
+    capture = opts.eldr_capture if opts.eldr_capture is not None else mode != "decode"
+    if capture and not _has_opt(rest, "--enable-return-routed-experts"):
+        rest += ["--enable-return-routed-experts"]
+    launch = EldrLaunch(mode=mode, capture=capture,
+                        bootstrap_port=srv.disaggregation_bootstrap_port if mode == "prefill" else None)
+    os.environ.pop(S.ENV_COUNTS_PORT, None)
+    os.environ.pop(S.ENV_COUNTS_HOST, None)
+    if mode == "prefill" and capture:
+        host = opts.eldr_counts_host if opts.eldr_counts_host is not None else srv.host
+        port = opts.eldr_counts_port if opts.eldr_counts_port is not None else free_port(host or "0.0.0.0")
+        if port == srv.disaggregation_bootstrap_port:
+            raise LayoutError(f"--eldr-counts-port {port} is this server's bootstrap port")
+        advertise = opts.eldr_counts_advertise_host or (None if host in WILDCARD_HOSTS else host)
+        launch = dataclasses.replace(launch, counts_host=host, counts_port=port, advertise_host=advertise)
+        os.environ[S.ENV_COUNTS_PORT] = str(port)
+        os.environ[S.ENV_COUNTS_HOST] = host or "0.0.0.0"
     os.environ[S.ENV_ENABLE] = "1"
-    os.environ[S.ENV_CAPTURE] = "1" if opts.eldr_capture else "0"
-    os.environ[S.ENV_STORAGE] = storage
+    os.environ[S.ENV_CAPTURE] = "1" if capture else "0"
     os.environ[S.ENV_CPU_GUARDS] = "1" if on_cpu else "0"
-    return rest
+    return rest, launch
+
+
+class LayoutError(ValueError):
+    """A server layout ELDR (or SGLang's PD mode it relies on) cannot serve; refused before any model load."""
+
+
+def check_layout(server_args) -> None:
+    """Runs SGLang's own argument resolution (its PD limits: prefill_complete with attention TP > 1,
+    PP, CP, a decode radix cache...) so a refused layout ends here, before any model load."""
+    try:
+        server_args.resolve_once()
+    except ValueError as e:
+        raise LayoutError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+
+
+def add_info_route(launch: EldrLaunch) -> None:
+    """GET /eldr/info on SGLang's HTTP app: the ELDR role and the counts endpoint to connect to."""
+    from fastapi.responses import JSONResponse
+    from sglang.srt.entrypoints.http_server import app
+
+    async def eldr_info() -> JSONResponse:
+        return JSONResponse(launch.info())
+
+    app.add_api_route("/eldr/info", eldr_info, methods=["GET"])
 
 
 def print_help() -> None:
@@ -145,7 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     if "-h" in argv or "--help" in argv:
         print_help()
         return
-    rest = prepare(argv)
+    try:
+        rest, launch = prepare(argv)
+    except LayoutError as e:
+        print(f"launch_server: refused: {e}", file=sys.stderr)
+        sys.exit(2)
     _check_plugin_registered()
 
     # SGLang reads the device environment at import time: import it only now.
@@ -156,6 +245,12 @@ def main(argv: list[str] | None = None) -> None:
 
     load_plugins()
     server_args = prepare_server_args(rest)
+    try:
+        check_layout(server_args)
+    except LayoutError as e:
+        print(f"launch_server: refused: {e}", file=sys.stderr)
+        sys.exit(2)
+    add_info_route(launch)
     try:
         run_server(server_args)
     finally:

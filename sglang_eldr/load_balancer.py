@@ -51,17 +51,22 @@ class Worker:
     url: str
     role: str  # "prefill" | "decode"
     bootstrap_port: int | None = None
-    counts_port: int | None = None
+    counts_port: int | None = None  # None: not known yet, asked from the prefill's GET /eldr/info
+    counts_host: str | None = None  # None: the host of `url`
     healthy: bool = True
     in_flight: int = 0
 
     @property
     def host(self) -> str:
-        return urlparse(self.url).hostname or "127.0.0.1"
+        host = urlparse(self.url).hostname
+        if host is None:
+            raise ValueError(f"worker URL {self.url!r} has no host")
+        return host
 
     @property
     def counts_endpoint(self) -> str:
-        return f"tcp://{self.host}:{self.counts_port}"
+        host = self.counts_host or self.host
+        return f"tcp://[{host}]:{self.counts_port}" if ":" in host else f"tcp://{host}:{self.counts_port}"
 
 
 @dataclass
@@ -123,10 +128,8 @@ class LoadBalancer:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.request_timeout_s),
             connector=aiohttp.TCPConnector(limit=0),
         )
-        for p in self.prefills:
-            if p.counts_port is not None:
-                self.inbox.connect(p.counts_endpoint)
         self.inbox.start()
+        await asyncio.gather(*(self._connect_counts(p) for p in self.prefills))
         self._start_refit()
         if self.config.health_interval_s > 0:
             self._health_task = asyncio.create_task(self._health_loop(), name="eldr-health")
@@ -167,6 +170,22 @@ class LoadBalancer:
         app.router.add_get("/model_info", self.handle_models)
         return app
 
+    async def _connect_counts(self, prefill: Worker) -> None:
+        """Subscribes to a prefill's counts; an endpoint not given is asked from the prefill, which
+        advertises where its publisher listens (GET /eldr/info). Retried by the health loop."""
+        if prefill.counts_port is None:
+            (status, info), = await self._fan_out("GET", "/eldr/info", [prefill], timeout_s=self.config.health_timeout_s)
+            counts = info.get("counts") if status == 200 and isinstance(info, dict) else None
+            if not isinstance(counts, dict) or not isinstance(counts.get("port"), int):
+                if status == 200:
+                    logger.warning("prefill %s advertises no counts endpoint (capture off, or not a PD prefill "
+                                   "server): its requests are routed least-loaded", prefill.url)
+                return
+            prefill.counts_host = counts.get("host") if isinstance(counts.get("host"), str) else None
+            prefill.counts_port = counts["port"]
+            logger.info("prefill %s publishes counts on %s", prefill.url, prefill.counts_endpoint)
+        self.inbox.connect(prefill.counts_endpoint)
+
     # ------------------------------------------------------------------ health
     async def _health_loop(self) -> None:
         """Circuit breaker per worker: `health_failures` failed checks in a row take it out of
@@ -175,6 +194,7 @@ class LoadBalancer:
             await asyncio.sleep(self.config.health_interval_s)
             workers = self.prefills + self.decoders
             results = await self._fan_out("GET", "/health", workers, timeout_s=self.config.health_timeout_s)
+            await asyncio.gather(*(self._connect_counts(p) for p in self.prefills if p.counts_port is None))
             for w, (status, _) in zip(workers, results):
                 if w not in self.prefills and w not in self.decoders:
                     continue  # removed while the checks ran
@@ -201,7 +221,8 @@ class LoadBalancer:
     def _row(self, w: Worker) -> dict:
         row = {"url": w.url, "role": w.role, "healthy": w.healthy, "in_flight": w.in_flight}
         if w.role == "prefill":
-            row.update(bootstrap_port=w.bootstrap_port, counts_port=w.counts_port)
+            row.update(bootstrap_port=w.bootstrap_port,
+                       counts_endpoint=w.counts_endpoint if w.counts_port is not None else None)
         return row
 
     async def handle_workers(self, request: web.Request) -> web.Response:
@@ -267,7 +288,7 @@ class LoadBalancer:
             task = self._draining.pop(worker.counts_endpoint, None)
             if task is not None:
                 task.cancel()
-            self.inbox.connect(worker.counts_endpoint)
+            await self._connect_counts(worker)
         self.metrics.membership.labels(worker.role, "added").inc()
         logger.warning("%s %s added (%s)", worker.role, worker.url, "healthy" if worker.healthy else "unhealthy")
         return web.json_response(self._row(worker), status=201)
@@ -388,7 +409,10 @@ class LoadBalancer:
         self._background.add(prefill_task)
         prefill_task.add_done_callback(self._background.discard)
         try:
-            counts, fallback = await self._await_counts(counts_future, prefill_task)
+            if prefill.counts_port is None:  # it advertised no counts endpoint (yet): nothing to wait for
+                counts, fallback = None, "no-counts-endpoint"
+            else:
+                counts, fallback = await self._await_counts(counts_future, prefill_task)
             stream = bool(body.get("stream", False))
             extra = counts_meta(counts) if want_counts and counts is not None else {}
             for attempt in range(self.config.decode_attempts):
@@ -484,8 +508,12 @@ class LoadBalancer:
             return_when=asyncio.FIRST_COMPLETED,
         )
         if counts_future in done:
+            report = counts_future.result()
+            if report.unavailable is not None:
+                logger.info("prefill has no counts for room %d: %s", report.room, report.unavailable)
+                return None, "counts-unavailable"
             try:
-                return counts_future.result().array(), None
+                return report.array(), None
             except ValueError as e:
                 logger.warning("malformed counts report: %s", e)
                 return None, "bad-counts"

@@ -17,24 +17,31 @@ from pathlib import Path
 
 import requests
 
-HOST = "127.0.0.1"
-# Built by scripts/install_pd_cpu.sh: turns the transfer engine's wildcard binds into loopback ones.
+HOST = "127.0.0.1"  # the default address of a local test or demo cluster; every helper takes another
+# Built by scripts/install_pd_cpu.sh: turns the transfer engine's wildcard binds into binds to the
+# server's own address (ELDR_BIND_ADDR).
 LOOPBACK_PRELOAD = Path(sys.prefix) / "lib" / "eldr-loopback" / "libeldr_loopback_bind.so"
 
 
-def free_port() -> int:
+def free_port(host: str = HOST) -> int:
     with socket.socket() as s:
-        s.bind((HOST, 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def pd_env(core: int | None, bootstrap_timeout_s: int | None = None) -> dict[str, str]:
-    """Environment for one SGLang server of a CPU PD cluster (Mooncake over TCP on loopback)."""
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def pd_env(core: int | None, bootstrap_timeout_s: int | None = None, host: str = HOST) -> dict[str, str]:
+    """Environment for one SGLang server of a CPU PD cluster (Mooncake over TCP) on address `host`:
+    the transfer engine advertises `host`, and the preload keeps its wildcard listeners there."""
     env = dict(os.environ)
     env.update({
         "MOONCAKE_PROTOCOL": "tcp",
         "MC_FORCE_TCP": "1",
-        "SGLANG_HOST_IP": HOST,  # never let the transfer engine bind a non-loopback address
+        "SGLANG_HOST_IP": host,  # never let the transfer engine bind or advertise another address
+        "ELDR_BIND_ADDR": host,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
@@ -63,6 +70,7 @@ class ServerProcess:
     role: str  # "prefill" | "decode" | "plain" | "router"
     port: int
     log: Path
+    host: str = HOST
     cmd: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
     bootstrap_port: int | None = None
@@ -71,7 +79,7 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"http://{url_host(self.host)}:{self.port}"
 
     def start(self) -> ServerProcess:
         """Starts (or starts again) the command, appending to a fresh log."""

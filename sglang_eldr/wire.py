@@ -23,6 +23,9 @@ class CountsReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     experts: int
     counts: bytes  # little-endian int32, row-major [layers, experts]
     prompt_tokens: int
+    # Why the prefill has no trustworthy counts for this request (then layers = experts = 0 and
+    # counts is empty); the router routes it least-loaded at once instead of waiting.
+    unavailable: str | None = None
 
     def array(self) -> np.ndarray:
         """The counts as int32 [layers, experts]; ValueError when the message is inconsistent."""
@@ -39,7 +42,13 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(CountsReport)
 
 
-def encode_report(room: int, rid: str, counts: np.ndarray, prompt_tokens: int) -> bytes:
+def encode_report(room: int, rid: str, counts: np.ndarray | None, prompt_tokens: int,
+                  unavailable: str | None = None) -> bytes:
+    """A report with the counts, or (counts None) one that says why there are none."""
+    if counts is None:
+        return _ENCODER.encode(CountsReport(room=int(room), rid=str(rid), layers=0, experts=0, counts=b"",
+                                            prompt_tokens=int(prompt_tokens),
+                                            unavailable=unavailable or "no counts"))
     a = np.ascontiguousarray(counts, dtype="<i4")
     return _ENCODER.encode(
         CountsReport(room=int(room), rid=str(rid), layers=int(a.shape[0]), experts=int(a.shape[1]),
@@ -69,29 +78,32 @@ class RouteReceipt(msgspec.Struct):
 
 
 class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of `POST /workers`. A prefill's counts port defaults to its bootstrap port + 1 (what
-    `launch_server` uses)."""
+    """Body of `POST /workers`. A prefill's counts endpoint, when not given, is asked from the
+    prefill itself (GET /eldr/info), which advertises where its publisher listens."""
 
     url: str
     role: Literal["prefill", "decode"]
     bootstrap_port: int | None = None
     counts_port: int | None = None
+    counts_host: str | None = None
 
     def checked(self) -> "WorkerSpec":
-        """The spec normalised (URL without a trailing slash, counts port filled in); ValueError
-        naming the field when it is unusable."""
+        """The spec normalised (URL without a trailing slash); ValueError naming the field when it
+        is unusable."""
         url = self.url.rstrip("/")
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
             raise ValueError(f"url: {self.url!r} is not http(s)://HOST:PORT")
         if self.role == "decode":
-            if self.bootstrap_port is not None or self.counts_port is not None:
-                raise ValueError("bootstrap_port/counts_port: only for prefill workers")
+            if self.bootstrap_port is not None or self.counts_port is not None or self.counts_host is not None:
+                raise ValueError("bootstrap_port/counts_port/counts_host: only for prefill workers")
             return WorkerSpec(url=url, role="decode")
         if self.bootstrap_port is None:
             raise ValueError("bootstrap_port: required for a prefill worker")
-        counts = self.counts_port if self.counts_port is not None else self.bootstrap_port + 1
-        for name, port in (("bootstrap_port", self.bootstrap_port), ("counts_port", counts)):
-            if not 0 < port < 65536:
+        for name, port in (("bootstrap_port", self.bootstrap_port), ("counts_port", self.counts_port)):
+            if port is not None and not 0 < port < 65536:
                 raise ValueError(f"{name}: {port} is not a TCP port")
-        return WorkerSpec(url=url, role="prefill", bootstrap_port=self.bootstrap_port, counts_port=counts)
+        if self.counts_host is not None and self.counts_port is None:
+            raise ValueError("counts_host: give counts_port with it")
+        return WorkerSpec(url=url, role="prefill", bootstrap_port=self.bootstrap_port,
+                          counts_port=self.counts_port, counts_host=self.counts_host or None)

@@ -45,3 +45,17 @@ def test_eldr_without_centroids_starts_least_loaded():
     lb = launch_router.build_balancer(args)
     assert lb.decode.routing == "least-loaded (no centroids)" and lb.decode.num_decoders == 1
     assert "POST /centroids" in launch_router.build_parser().format_help()
+
+
+def test_prefill_spec_counts_endpoint_forms():
+    w = launch_router.parse_prefill(["http://10.0.0.7:30000", "8998"])
+    assert (w.bootstrap_port, w.counts_port, w.counts_host) == (8998, None, None)  # asked from the prefill
+    w = launch_router.parse_prefill(["http://10.0.0.7:30000", "8998", "9100"])
+    assert w.counts_endpoint == "tcp://10.0.0.7:9100"
+    w = launch_router.parse_prefill(["http://10.0.0.7:30000", "8998", "10.0.1.7:9100"])
+    assert w.counts_endpoint == "tcp://10.0.1.7:9100"
+    w = launch_router.parse_prefill(["http://[fd00::7]:30000", "8998", "9100"])
+    assert w.counts_endpoint == "tcp://[fd00::7]:9100"
+    for bad in (["http://h:1", "8998", "x"], ["http://h:1", "8998", ":9"], ["http://h:1", "8998", "h:70000"]):
+        with pytest.raises(ValueError, match="counts endpoint"):
+            launch_router.parse_prefill(bad)

@@ -161,4 +161,7 @@ def test_worker_spec_errors_name_the_field():
     assert "weight" in err({"url": "http://h:1", "role": "decode", "weight": 1})
     assert "counts_port" in err({"url": "http://h:1", "role": "prefill", "bootstrap_port": 8998, "counts_port": 70000})
     ok = msgspec.json.decode(b'{"url": "http://h:1/", "role": "prefill", "bootstrap_port": 8998}', type=WorkerSpec)
-    assert ok.checked() == WorkerSpec(url="http://h:1", role="prefill", bootstrap_port=8998, counts_port=8999)
+    # No counts port: the router asks the prefill where it publishes (GET /eldr/info).
+    assert ok.checked() == WorkerSpec(url="http://h:1", role="prefill", bootstrap_port=8998, counts_port=None)
+    assert "counts_host" in err({"url": "http://h:1", "role": "prefill", "bootstrap_port": 8998, "counts_host": "h"})
+    assert "counts_host" in err({"url": "http://h:1", "role": "decode", "counts_host": "h"})

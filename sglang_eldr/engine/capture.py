@@ -1,37 +1,45 @@
-"""Scheduler-process hooks: capture routed experts into the signature table, reduce counts per request.
+"""Prompt expert counts from SGLang's own routed-experts capturer.
 
-* ``ModelRunner.forward`` (AROUND): allocates the table on first use (sized like the KV pool, on the
-  model's device) and exposes the forward's ``out_cache_loc`` to the capture hook for KV-writing
-  forwards (extend, mixed, decode). Decode tokens are captured too: the radix cache also caches output
-  tokens, so a later prompt can hit slots that were written by a decode step.
-* ``capture_routed_experts_if_allowed`` (AFTER): SGLang's single top-k capture site for every MoE
-  backend; writes the layer's ids into the table rows of the forward's KV slots. Device ops only.
-* ``SchedulerBatchResultProcessor.process_batch_result_prefill`` and, on a PD prefill server,
-  ``SchedulerDisaggregationPrefillMixin.process_batch_result_disagg_prefill`` (BEFORE): for every request whose
-  prefill completes in this batch and that asked for counts, gathers its prompt's KV slots from
-  ``req_to_token`` and reduces the table into ``[L, E]`` counts (one bincount for the batch), before
-  SGLang may release the request's KV.
-* ``SchedulerOutputStreamer.is_request_level_customized_info_key`` (AFTER): marks the counts keys as
-  request-level so SGLang's ``customized_info`` channel carries them once to the tokenizer manager.
+SGLang's ``RoutedExpertsCapturer`` (``state_capturer/routed_experts.py``, on with
+``--enable-return-routed-experts``, which ``launch_server`` sets when capture is on) writes every MoE
+layer's top-k ids into a static device buffer inside the forward (so inside CUDA graphs as well),
+keeps this DP rank's tokens, and copies them to a host cache indexed by KV slot
+(``host_cache.buffer[out_cache_loc] = topk``), on the overlap scheduler's copy stream. That host
+cache is co-indexed with the KV cache: a request's prompt rows are read back through
+``req_to_token[req_pool_idx, :prompt_len]``, so a prefix served from the radix cache contributes
+exactly what the request that computed it wrote, and a reused slot holds what its new owner wrote.
+
+When a request's prefill ends (``process_batch_result_prefill``, or on a PD prefill server
+``process_batch_result_disagg_prefill``; BEFORE hooks, so the KV slots are still the request's),
+the counts of every request that asked (``return_eldr_counts``) or that the PD router waits for are
+reduced in one gather and one bincount for the whole batch. They go to the client through SGLang's
+``customized_info`` channel and, on a PD prefill server, to the router through the counts publisher.
+
+A request whose rows cannot be trusted gets no counts but a reason (``unavailable``): its prefix
+was loaded from the hierarchical (host) cache, whose load-back does not restore routed-expert rows,
+or the capturer is missing or returned ids out of range. The router then routes it least-loaded
+and counts the fallback; stale rows are never reported.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Optional
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
+from sglang_eldr.engine import counts_publisher
 from sglang_eldr.engine.counts_wire import META_KEY, META_SHAPE_KEY, REQUEST_FIELD, encode_counts
-from sglang_eldr.engine.moe_shape import moe_shape_from_hf_config
+from sglang_eldr.engine.moe_shape import MoeShape, moe_layer_ids, moe_shape_from_hf_config
 from sglang_eldr.engine.settings import EldrSettings
-from sglang_eldr.engine.signature_cache import SignatureTable
 
 logger = logging.getLogger(__name__)
 
-T_FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
-T_CAPTURE = "sglang.srt.layers.moe.topk.capture_routed_experts_if_allowed"
 T_PREFILL_RESULT = (
     "sglang.srt.managers.scheduler_components.batch_result_processor."
     "SchedulerBatchResultProcessor.process_batch_result_prefill"
@@ -46,127 +54,83 @@ T_REQUEST_LEVEL_KEY = (
 )
 
 
-class _CaptureState:
+def reduce_counts(host_rows: torch.Tensor, slot_lists: Sequence[torch.Tensor], layers: torch.Tensor,
+                  num_experts: int) -> torch.Tensor:
+    """Counts ``[n, L, E]`` (int32) of ``n`` requests from a per-KV-slot top-k table.
+
+    ``host_rows``: ``[slots, hidden_layers, top_k]`` int32 expert ids (the capturer's host cache);
+    ``slot_lists``: each request's KV slots; ``layers``: the MoE layer ids, in order.
+    ValueError when an id is out of ``[0, E)`` (the rows cannot be trusted).
+    """
+    n, L = len(slot_lists), int(layers.numel())
+    if n == 0:
+        return torch.zeros((0, L, num_experts), dtype=torch.int32)
+    lengths = torch.tensor([int(s.numel()) for s in slot_lists], dtype=torch.int64)
+    slots = torch.cat([s.reshape(-1) for s in slot_lists]).to(device="cpu", dtype=torch.int64)
+    ids = host_rows.index_select(0, slots).index_select(1, layers).to(torch.int64)  # [T, L, k]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        raise ValueError(f"routed-expert ids out of range [0, {num_experts}): "
+                         f"min {int(ids.min())}, max {int(ids.max())}")
+    owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), lengths)  # [T]
+    flat = (owner[:, None, None] * L + torch.arange(L, dtype=torch.int64)[None, :, None]) * num_experts + ids
+    return torch.bincount(flat.reshape(-1), minlength=n * L * num_experts).reshape(n, L, num_experts).to(torch.int32)
+
+
+@dataclass
+class ReductionTimer:
+    """In-process cost of the reductions (benchmarks read it from the stats file)."""
+
+    batches: int = 0
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    per_batch_ms: list[float] = field(default_factory=list)
+
+    def add(self, requests: int, tokens: int, seconds: float) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.tokens += tokens
+        self.seconds += seconds
+        if len(self.per_batch_ms) < 10_000:
+            self.per_batch_ms.append(seconds * 1e3)
+
+
+class _Capture:
     def __init__(self, settings: EldrSettings):
         self.settings = settings
-        self.table: Optional[SignatureTable] = None
-        self.unavailable_reason: Optional[str] = None  # dense model, unknown pool...
-        self.loc: Optional[torch.Tensor] = None  # out_cache_loc of the running forward
-        self._warned_shape = False
+        self.shape: Optional[MoeShape] = None
+        self.layers: Optional[torch.Tensor] = None
+        self.unavailable_reason: Optional[str] = None  # dense model, capturer missing...
+        self.timer = ReductionTimer()
+        self.unavailable: dict[str, int] = {}
+
+    def geometry(self, owner: Any) -> Optional[tuple[MoeShape, torch.Tensor]]:
+        if self.shape is not None and self.layers is not None:
+            return self.shape, self.layers
+        if self.unavailable_reason is not None:
+            return None
+        hf = getattr(getattr(owner, "model_config", None), "hf_config", None)
+        shape = moe_shape_from_hf_config(hf)
+        if shape is None:
+            self.unavailable_reason = "the model is not a mixture-of-experts model"
+            return None
+        self.shape = shape
+        self.layers = torch.tensor(moe_layer_ids(hf), dtype=torch.int64)
+        logger.info("ELDR counts from SGLang's routed-experts capturer: %d MoE layers of %d, %d experts, top-%d",
+                    len(self.layers), shape.num_layers, shape.num_experts, shape.top_k)
+        return self.shape, self.layers
+
+    def note_unavailable(self, reason: str) -> None:
+        self.unavailable[reason] = self.unavailable.get(reason, 0) + 1
 
 
-_STATE: Optional[_CaptureState] = None
+_STATE: Optional[_Capture] = None
 
 
-def get_table() -> Optional[SignatureTable]:
-    return _STATE.table if _STATE is not None else None
+def _capturer():
+    from sglang.srt.state_capturer.routed_experts import get_global_experts_capturer
 
-
-def _kv_pool_rows_and_bytes(model_runner) -> tuple[Optional[int], Optional[int]]:
-    pool = getattr(model_runner, "token_to_kv_pool", None)
-    if pool is None:
-        return None, None
-    rows = None
-    kb = getattr(pool, "k_buffer", None)
-    if isinstance(kb, (list, tuple)) and kb and isinstance(kb[0], torch.Tensor):
-        rows = int(kb[0].shape[0])
-    if rows is None and getattr(pool, "size", None) is not None:
-        rows = int(pool.size) + int(getattr(model_runner, "page_size", 1) or 1)
-    nbytes = None
-    try:
-        k, v = pool.get_kv_size_bytes()
-        nbytes = int(k) + int(v)
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    return rows, nbytes
-
-
-def _ensure_table(model_runner) -> Optional[SignatureTable]:
-    st = _STATE
-    assert st is not None, "ELDR capture used before it was installed"
-    if st.table is not None or st.unavailable_reason is not None:
-        return st.table
-    shape = moe_shape_from_hf_config(getattr(model_runner.model_config, "hf_config", None))
-    if shape is None:
-        st.unavailable_reason = "the model is not a mixture-of-experts model"
-        logger.info("ELDR: %s; expert capture disabled", st.unavailable_reason)
-        return None
-    rows, kv_bytes = _kv_pool_rows_and_bytes(model_runner)
-    if rows is None:
-        st.unavailable_reason = "the KV pool layout is not supported by ELDR capture"
-        logger.warning("ELDR: %s; expert capture disabled", st.unavailable_reason)
-        return None
-    st.table = SignatureTable(shape, rows, model_runner.device,
-                              page_size=int(getattr(model_runner, "page_size", 1) or 1),
-                              storage=st.settings.storage)
-    ratio = (st.table.nbytes / kv_bytes) if kv_bytes else None
-    logger.info(
-        "ELDR signature table: storage=%s shape=%s dtype=%s bytes=%d kv_pool_bytes=%s ratio=%s",
-        st.table.storage,
-        tuple(st.table.data.shape), st.table.data.dtype,
-        st.table.nbytes, kv_bytes, f"{ratio:.5f}" if ratio is not None else "n/a",
-    )
-    if st.settings.stats_file:
-        try:
-            with open(st.settings.stats_file, "w") as f:
-                json.dump({
-                    "storage": st.table.storage,
-                    "table_bytes": st.table.nbytes,
-                    "kv_pool_bytes": kv_bytes,
-                    "kv_slots": rows,
-                    "page_size": st.table.page_size,
-                    "num_layers": shape.num_layers,
-                    "num_experts": shape.num_experts,
-                    "top_k": shape.top_k,
-                }, f)
-        except OSError as e:
-            logger.warning("ELDR: cannot write stats file: %s", e)
-    return st.table
-
-
-def _writes_kv(forward_batch) -> bool:
-    mode = getattr(forward_batch, "forward_mode", None)
-    if mode is None:
-        return False
-    try:
-        if mode.is_target_verify() or mode.is_idle():
-            return False
-        return bool(mode.is_extend() or mode.is_decode())
-    except AttributeError:
-        return False
-
-
-# ---------------------------------------------------------------------------------- hooks
-def forward_around(original, model_runner, forward_batch, *args, **kwargs):
-    st = _STATE
-    loc = getattr(forward_batch, "out_cache_loc", None)
-    if st is None or loc is None or not _writes_kv(forward_batch):
-        return original(model_runner, forward_batch, *args, **kwargs)
-    table = _ensure_table(model_runner)
-    if table is None:
-        return original(model_runner, forward_batch, *args, **kwargs)
-    st.loc = table.begin_forward(loc)
-    try:
-        return original(model_runner, forward_batch, *args, **kwargs)
-    finally:
-        st.loc = None
-        table.end_forward()
-
-
-def capture_after(result, topk_config, layer_id, topk_ids, *args, **kwargs):
-    st = _STATE
-    if st is None or st.loc is None or layer_id is None or st.table is None:
-        return None
-    if not getattr(topk_config, "allow_routed_experts_capture", True):
-        return None
-    if topk_ids.shape[0] < st.loc.shape[0]:
-        if not st._warned_shape:
-            st._warned_shape = True
-            logger.warning("ELDR: top-k rows (%d) < KV writes (%d); not captured",
-                           topk_ids.shape[0], st.loc.shape[0])
-        return None
-    st.table.write(int(layer_id), st.loc, topk_ids)
-    return None
+    return get_global_experts_capturer()
 
 
 def _wants_counts(req) -> bool:
@@ -174,36 +138,105 @@ def _wants_counts(req) -> bool:
     return isinstance(cp, dict) and cp.get(REQUEST_FIELD) is True
 
 
-def prefill_result_before(processor, batch, result, *args, **kwargs):
+def _prefill_done(req, batch) -> bool:
+    """The request's last prefill chunk ran in this batch (it is not a decode or retracted one)."""
+    if getattr(req, "inflight_middle_chunks", 0) > 0 or req.finished() or getattr(req, "is_retracted", False):
+        return False
+    return req not in (getattr(batch, "decoding_reqs", None) or ())
+
+
+def _to_publish(req) -> bool:
+    return (counts_publisher.active() and getattr(req, "bootstrap_room", None) is not None
+            and not getattr(req, "_eldr_published", False))
+
+
+def _to_return(req) -> bool:
+    return _wants_counts(req) and not getattr(req, "_eldr_counts_done", False)
+
+
+def _host_prefix(req) -> bool:
+    """Part of the prefix came from HiCache (host or storage), whose load-back writes no expert rows."""
+    return bool(getattr(req, "cached_tokens_host", 0) or getattr(req, "storage_hit_length", 0))
+
+
+def _ensure_host_rows(result) -> None:
+    """With the overlap scheduler, SGLang writes this batch's host rows in the result processor we
+    run before: wait for its copy and write them now (SGLang then finds nothing left to do)."""
+    pending = getattr(result, "routed_experts_output", None)
+    if pending is None:
+        return
+    copy_done = getattr(result, "copy_done", None)
+    if copy_done is not None:
+        copy_done.synchronize()
+    pending.finalize()
+    result.routed_experts_output = None
+
+
+def prefill_result_before(owner: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE both prefill result processors; ``owner`` is the result processor or the Scheduler."""
     st = _STATE
-    if st is None or st.table is None or not getattr(processor, "is_generation", True):
+    if st is None or not getattr(owner, "is_generation", True):
         return None
-    decoding = getattr(batch, "decoding_reqs", None) or ()
-    todo = []
-    for req in batch.reqs:
-        if not _wants_counts(req) or getattr(req, "_eldr_counts_done", False):
-            continue
-        if getattr(req, "inflight_middle_chunks", 0) > 0 or req.finished() or getattr(req, "is_retracted", False):
-            continue
-        if req in decoding:
-            continue
-        todo.append(req)
+    todo = [r for r in batch.reqs if (_to_publish(r) or _to_return(r)) and _prefill_done(r, batch)]
     if not todo:
         return None
-    copy_done = getattr(result, "copy_done", None)
-    if copy_done is not None:  # overlap scheduler: the forward may still be running
-        copy_done.synchronize()
-    r2t = processor.req_to_token_pool.req_to_token
-    slot_lists = [r2t[req.kv.req_pool_idx, : len(req.origin_input_ids)] for req in todo]
-    counts = st.table.counts(slot_lists).cpu().numpy()
-    for req, c in zip(todo, counts):
-        text, shape = encode_counts(c)
-        if req.customized_info is None:
-            req.customized_info = {}
-        req.customized_info[META_KEY] = [text]
-        req.customized_info[META_SHAPE_KEY] = [shape]
-        req._eldr_counts_done = True
+    started = time.perf_counter()
+    geometry = st.geometry(owner)
+    capturer = _capturer()
+    counts: dict[int, np.ndarray] = {}
+    reasons: dict[int, str] = {}
+    if geometry is None:
+        reasons = {id(r): st.unavailable_reason or "no MoE geometry" for r in todo}
+    elif capturer is None:
+        reasons = {id(r): "SGLang's routed-experts capturer is not active" for r in todo}
+    else:
+        shape, layers = geometry
+        for r in todo:
+            if _host_prefix(r):
+                reasons[id(r)] = "prefix loaded from the hierarchical cache"
+        good = [r for r in todo if id(r) not in reasons]
+        if good:
+            try:
+                _ensure_host_rows(result)
+                r2t = owner.req_to_token_pool.req_to_token
+                slot_lists = [r2t[r.kv.req_pool_idx, : len(r.origin_input_ids)] for r in good]
+                out = reduce_counts(capturer.host_cache.buffer, slot_lists, layers, shape.num_experts).numpy()
+                counts = {id(r): c for r, c in zip(good, out)}
+            except Exception as e:  # noqa: BLE001 - never break serving; the request falls back
+                logger.warning("ELDR: counts reduction failed (%s) for %d request(s)", e, len(good))
+                reasons.update({id(r): f"counts reduction failed: {e}" for r in good})
+    st.timer.add(len(todo), sum(len(r.origin_input_ids) for r in todo), time.perf_counter() - started)
+    if st.settings.stats_file:
+        _write_stats(st.settings.stats_file, capturer)
+    for r in todo:
+        c = counts.get(id(r))
+        if c is None:
+            st.note_unavailable(reasons[id(r)])
+        if _to_publish(r):
+            counts_publisher.publish(r, c, reasons.get(id(r)))
+            r._eldr_published = True
+        if _to_return(r) and c is not None:
+            text, shape_list = encode_counts(c)
+            if r.customized_info is None:
+                r.customized_info = {}
+            r.customized_info[META_KEY] = [text]
+            r.customized_info[META_SHAPE_KEY] = [shape_list]
+            r._eldr_counts_done = True
     return None
+
+
+def _write_stats(path: str, capturer: Any) -> None:
+    data = stats()
+    if capturer is not None:
+        buf = capturer.host_cache.buffer
+        data["host_cache_shape"] = list(buf.shape)
+        data["host_cache_bytes"] = int(buf.numel() * buf.element_size())
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(data, f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        logger.warning("ELDR: cannot write stats file: %s", e)
 
 
 def request_level_key_after(result, streamer, key, *args, **kwargs):
@@ -212,13 +245,22 @@ def request_level_key_after(result, streamer, key, *args, **kwargs):
     return None
 
 
+def stats() -> dict:
+    """The reduction timings and fallback reasons so far (for the stats file)."""
+    st = _STATE
+    if st is None:
+        return {}
+    t = st.timer
+    return {"reduce_batches": t.batches, "reduce_requests": t.requests, "reduce_tokens": t.tokens,
+            "reduce_seconds": t.seconds, "reduce_ms_per_batch": t.per_batch_ms[-1000:],
+            "unavailable": dict(st.unavailable)}
+
+
 def register(settings: EldrSettings) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     global _STATE
-    _STATE = _CaptureState(settings)
-    HookRegistry.register(T_FORWARD, forward_around, HookType.AROUND)
-    HookRegistry.register(T_CAPTURE, capture_after, HookType.AFTER)
+    _STATE = _Capture(settings)
     HookRegistry.register(T_PREFILL_RESULT, prefill_result_before, HookType.BEFORE)
     HookRegistry.register(T_DISAGG_PREFILL_RESULT, prefill_result_before, HookType.BEFORE)
     HookRegistry.register(T_REQUEST_LEVEL_KEY, request_level_key_after, HookType.AFTER)

@@ -1,91 +1,144 @@
 """Prefill-server side of the ELDR PD protocol: publish each PD request's prompt expert counts.
 
-A BEFORE hook on the PD prefill result processor (`process_batch_result_disagg_prefill`) runs when
-a batch's prefill forward has ended and before SGLang hands the KV to the transfer engine and may
-release it. For every request whose last prefill chunk just ran, the prompt's counts are reduced
-from the signature table (through its KV slots, so radix-cache prefix hits are exact) and sent as a
-`CountsReport` on a ZMQ PUB socket (topic `eldr-counts`) bound to 127.0.0.1:<counts port>. The load
-balancer subscribes and picks the decoder as soon as the report lands (docs/protocol.md).
+`capture.prefill_result_before` calls :func:`publish` when a PD request's last prefill chunk has
+run, before SGLang hands the KV to the transfer engine. Reports (`wire.CountsReport`, topic
+`eldr-counts`) leave on one ZMQ PUB socket per server, bound to the counts host and port the server
+was given (`launch_server --eldr-counts-host/--eldr-counts-port`; the host defaults to `--host`).
+
+One socket per server, whatever the parallel layout: with DP attention every DP rank runs its own
+scheduler process with its own requests. The scheduler of DP rank 0 (attention-TP rank 0) owns the
+PUB socket and a PULL socket on a local IPC path; every publishing rank, rank 0 included, PUSHes its
+reports there and a proxy thread forwards them, so no two processes bind the counts port and each
+rank reports its own requests. Other attention-TP ranks see the same requests and publish nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from typing import Optional
+import tempfile
+import threading
+from typing import Any, Optional
 
+import numpy as np
 import zmq
 
-from sglang_eldr.engine import capture
 from sglang_eldr.wire import COUNTS_TOPIC, encode_report
 
 logger = logging.getLogger(__name__)
 
-T_DISAGG_PREFILL_RESULT = (
-    "sglang.srt.disaggregation.prefill.SchedulerDisaggregationPrefillMixin.process_batch_result_disagg_prefill"
-)
+
+def ipc_endpoint(host: str, port: int) -> str:
+    """The local endpoint the ranks of one server push to (short: IPC paths are limited to ~100 bytes)."""
+    tag = hashlib.sha1(f"{host}:{port}".encode()).hexdigest()[:16]
+    return f"ipc://{tempfile.gettempdir()}/eldr-counts-{tag}.ipc"
 
 
-class _Publisher:
-    def __init__(self, host: str, port: int):
+class Publisher:
+    """Publishes reports for one scheduler process; `hub=True` for the process that owns the PUB."""
+
+    def __init__(self, host: str, port: int, hub: bool):
         self.endpoint = f"tcp://{host}:{port}"
-        self.sock: Optional[zmq.Socket] = None
+        self.ipc = ipc_endpoint(host, port)
+        self.hub = hub
+        self._push: Optional[zmq.Socket] = None
+        self._thread: Optional[threading.Thread] = None
         self.sent = 0
+        self.dropped = 0
+
+    def _start_hub(self, ctx: zmq.Context) -> None:
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 100_000)
+        pub.bind(self.endpoint)
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(self.ipc)
+
+        def forward() -> None:
+            try:
+                zmq.proxy(pull, pub)
+            except zmq.ContextTerminated:
+                pass
+
+        self._thread = threading.Thread(target=forward, name="eldr-counts-proxy", daemon=True)
+        self._thread.start()
+        logger.info("ELDR counts publisher bound to %s (ranks push to %s)", self.endpoint, self.ipc)
 
     def socket(self) -> zmq.Socket:
         # Bound lazily in the scheduler process (the hook runs there; the HTTP process never binds).
-        if self.sock is None:
-            self.sock = zmq.Context.instance().socket(zmq.PUB)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.setsockopt(zmq.SNDHWM, 100_000)
-            self.sock.bind(self.endpoint)
-            logger.info("ELDR counts publisher bound to %s", self.endpoint)
-        return self.sock
+        if self._push is None:
+            ctx: zmq.Context = zmq.Context.instance()
+            if self.hub:
+                self._start_hub(ctx)
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.SNDHWM, 100_000)
+            push.connect(self.ipc)
+            self._push = push
+        return self._push
 
     def send(self, payload: bytes) -> None:
         try:
             self.socket().send_multipart([COUNTS_TOPIC, payload], flags=zmq.NOBLOCK)
             self.sent += 1
         except zmq.Again:
-            logger.warning("ELDR counts publisher: send queue full, report dropped (router falls back to JSQ)")
+            self.dropped += 1
+            logger.warning("ELDR counts publisher: send queue full, report dropped (the router falls back)")
 
 
-_PUB: Optional[_Publisher] = None
+_PUB: Optional[Publisher] = None
+_CONFIG: Optional[tuple[str, int]] = None
 
 
-def _ready(req) -> bool:
-    return (
-        getattr(req, "bootstrap_room", None) is not None
-        and getattr(req, "inflight_middle_chunks", 0) <= 0
-        and not getattr(req, "_eldr_published", False)
-        and not req.finished()
-    )
+def _rank(ctx: Any, *names: str) -> int:
+    for name in names:
+        try:
+            v = getattr(ctx, name)
+        except Exception:  # noqa: BLE001 - SGLang raises for ranks that were never published
+            continue
+        if isinstance(v, int):
+            return v
+    return 0
 
 
-def disagg_prefill_result_before(scheduler, batch, result, *args, **kwargs):
-    table = capture.get_table()
-    if _PUB is None or table is None:
+def ranks_role(parallel: Any) -> tuple[bool, bool]:
+    """(publishes, owns the PUB socket) for the scheduler process whose ranks `parallel` holds."""
+    publishes = _rank(parallel, "attn_tp_rank") == 0 and _rank(parallel, "pp_rank") == 0
+    return publishes, publishes and _rank(parallel, "attn_dp_rank", "dp_rank") == 0
+
+
+T_SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
+
+
+def active() -> bool:
+    return _CONFIG is not None
+
+
+def scheduler_init_after(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Each scheduler process decides its part once; the hub binds at once, so ranks that publish
+    before it ever has a request of its own are heard."""
+    global _PUB
+    if _CONFIG is None or _PUB is not None:
         return None
-    todo = [r for r in batch.reqs if _ready(r)]
-    if not todo:
-        return None
-    copy_done = getattr(result, "copy_done", None)
-    if copy_done is not None:
-        copy_done.synchronize()
-    r2t = scheduler.req_to_token_pool.req_to_token
-    try:
-        counts = table.counts([r2t[r.kv.req_pool_idx, : len(r.origin_input_ids)] for r in todo]).cpu().numpy()
-    except Exception as e:  # noqa: BLE001 - never break serving; the router falls back to JSQ
-        logger.warning("ELDR: counts reduction failed (%s); no report for %d request(s)", e, len(todo))
-        return None
-    for req, c in zip(todo, counts):
-        _PUB.send(encode_report(req.bootstrap_room, req.rid, c, len(req.origin_input_ids)))
-        req._eldr_published = True
+    from sglang.srt.runtime_context import get_parallel
+
+    publishes, hub = ranks_role(get_parallel())
+    if publishes:
+        _PUB = Publisher(*_CONFIG, hub=hub)
+        _PUB.socket()
     return None
+
+
+def publish(req: Any, counts: Optional[np.ndarray], unavailable: Optional[str]) -> None:
+    """Sends one request's report (its counts, or why there are none), from publishing ranks."""
+    if _PUB is not None:
+        _PUB.send(encode_report(req.bootstrap_room, req.rid, counts, len(req.origin_input_ids), unavailable))
 
 
 def register(host: str, port: int) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    global _PUB
-    _PUB = _Publisher(host, port)
-    HookRegistry.register(T_DISAGG_PREFILL_RESULT, disagg_prefill_result_before, HookType.BEFORE)
+    global _CONFIG
+    _CONFIG = (host, port)
+    HookRegistry.register(T_SCHEDULER_INIT, scheduler_init_after, HookType.AFTER)

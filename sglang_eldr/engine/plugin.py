@@ -25,10 +25,9 @@ def load() -> None:
     from sglang_eldr.engine import capture, cpu_guards, request_api
 
     if settings.cpu_guards:
-        cpu_guards.register()
-    if settings.cpu_guards:
         from sglang_eldr.engine import pd_cpu_guards
 
+        cpu_guards.register()
         pd_cpu_guards.register()
     request_api.register(settings)
     if settings.capture:
@@ -36,10 +35,11 @@ def load() -> None:
         if settings.counts_port is not None:
             from sglang_eldr.engine import counts_publisher
 
-            counts_publisher.register("127.0.0.1", settings.counts_port)
+            counts_publisher.register(settings.counts_host, settings.counts_port)
         if settings.step_stats_file:
             from sglang_eldr.engine import step_stats
 
             step_stats.register(settings.step_stats_file)
-    logger.info("ELDR plugin loaded: capture=%s storage=%s cpu_guards=%s",
-                settings.capture, settings.storage, settings.cpu_guards)
+    logger.info("ELDR plugin loaded: capture=%s counts=%s cpu_guards=%s", settings.capture,
+                f"{settings.counts_host}:{settings.counts_port}" if settings.counts_port else "off",
+                settings.cpu_guards)

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 ENV_ENABLE = "SGLANG_ELDR"
 ENV_CAPTURE = "SGLANG_ELDR_CAPTURE"
-ENV_STORAGE = "SGLANG_ELDR_STORAGE"
 ENV_CPU_GUARDS = "SGLANG_ELDR_CPU_GUARDS"
 ENV_STATS_FILE = "SGLANG_ELDR_STATS_FILE"
 ENV_COUNTS_PORT = "SGLANG_ELDR_COUNTS_PORT"
+ENV_COUNTS_HOST = "SGLANG_ELDR_COUNTS_HOST"
 ENV_STEP_STATS_FILE = "SGLANG_ELDR_STEP_STATS_FILE"
-
-STORAGE_CHOICES = ("slot", "page")
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -33,24 +31,21 @@ def _flag(name: str, default: bool) -> bool:
 class EldrSettings:
     enabled: bool
     capture: bool
-    storage: str  # "slot" or "page"
     cpu_guards: bool
     stats_file: str | None
     counts_port: int | None = None  # PD prefill: publish each request's counts here (ZMQ PUB)
+    counts_host: str = "127.0.0.1"  # the address the counts publisher binds
     step_stats_file: str | None = None  # decode: distinct experts per step, for benchmarks
 
     @classmethod
     def from_env(cls) -> "EldrSettings":
-        storage = os.environ.get(ENV_STORAGE, "slot").strip().lower() or "slot"
-        if storage not in STORAGE_CHOICES:
-            raise ValueError(f"{ENV_STORAGE}={storage!r}: expected one of {STORAGE_CHOICES}")
         enabled = _flag(ENV_ENABLE, False)
         return cls(
             enabled=enabled,
             capture=enabled and _flag(ENV_CAPTURE, True),
-            storage=storage,
             cpu_guards=enabled and _flag(ENV_CPU_GUARDS, False),
             stats_file=os.environ.get(ENV_STATS_FILE) or None,
             counts_port=int(os.environ[ENV_COUNTS_PORT]) if os.environ.get(ENV_COUNTS_PORT) else None,
+            counts_host=os.environ.get(ENV_COUNTS_HOST) or "127.0.0.1",
             step_stats_file=os.environ.get(ENV_STEP_STATS_FILE) or None,
         )

@@ -1,9 +1,10 @@
 """Decode-step statistics for benchmarks: distinct experts per MoE layer in each decode batch.
 
-An AFTER hook on `ModelRunner.forward` reads the batch's freshly captured top-k ids from the
-signature table (slot storage) and accumulates, per decode step, the number of distinct experts
-per layer. Totals are rewritten to a JSON file (at most twice a second) that benchmarks read
-before and after a run. It costs one host sync per decode step, so it is only on when
+An AFTER hook on `ModelRunner.forward` reads the decode batch's top-k ids from the device buffer of
+SGLang's routed-experts capturer (written inside the forward, CUDA graphs included) and
+accumulates, per decode step, the number of distinct experts per MoE layer. Totals are rewritten to
+a JSON file (at most twice a second) that benchmarks read before and after a run. It costs one host
+sync per decode step and needs capture on the decoder (`--eldr-capture`), so it is only on when
 `SGLANG_ELDR_STEP_STATS_FILE` is set (bench/compare_policies.py does that).
 """
 
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from sglang_eldr.engine import capture
+from sglang_eldr.engine.moe_shape import moe_layer_ids, moe_shape_from_hf_config
 
 T_FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 
@@ -27,6 +28,8 @@ class _Stats:
         self.distinct_sum = 0.0
         self.tokens_sum = 0
         self.last_write = 0.0
+        self.layers: torch.Tensor | None = None
+        self.num_experts = 0
 
     def add(self, distinct_per_layer: float, tokens: int) -> None:
         self.steps += 1
@@ -48,18 +51,28 @@ _STATS: _Stats | None = None
 
 
 def forward_after(result, model_runner, forward_batch, *args, **kwargs):
-    table = capture.get_table()
+    from sglang.srt.state_capturer.routed_experts import get_global_experts_capturer
+
+    capturer = get_global_experts_capturer()
     mode = getattr(forward_batch, "forward_mode", None)
-    if _STATS is None or table is None or table.ids is None or mode is None or not mode.is_decode():
+    if _STATS is None or capturer is None or mode is None or not mode.is_decode():
         return None
     loc = getattr(forward_batch, "out_cache_loc", None)
     if loc is None or loc.numel() == 0:
         return None
-    ids = table.ids.index_select(1, loc.to(torch.int64)).to(torch.int64)  # [L, B, k]
-    layers = ids.shape[0]
-    seen = torch.zeros((layers, table.shape.num_experts), dtype=torch.bool, device=ids.device)
-    seen.scatter_(1, ids.reshape(layers, -1), True)
-    _STATS.add(float(seen.sum(dim=1).float().mean()), int(loc.numel()))
+    if _STATS.layers is None:
+        hf = model_runner.model_config.hf_config
+        shape = moe_shape_from_hf_config(hf)
+        if shape is None:
+            return None
+        _STATS.layers = torch.tensor(moe_layer_ids(hf), dtype=torch.int64, device=capturer.device_cache.buffer.device)
+        _STATS.num_experts = shape.num_experts
+    n = int(loc.numel())
+    ids = capturer.device_cache.buffer[:n, :, : capturer.topk_size].index_select(1, _STATS.layers).to(torch.int64)
+    layers = ids.shape[1]
+    seen = torch.zeros((layers, _STATS.num_experts), dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, ids.permute(1, 0, 2).reshape(layers, -1), True)
+    _STATS.add(float(seen.sum(dim=1).float().mean()), n)
     return None
 
 

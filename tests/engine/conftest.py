@@ -85,10 +85,10 @@ def eldr_server(request, moe_dir, server_logs) -> Server:
 
 @pytest.fixture(scope="package")
 def eldr_paged_server(request, moe_dir, server_logs) -> Server:
-    """Chunked prefill smaller than the prompts, page size 16, page storage, a KV pool small enough to
+    """Chunked prefill smaller than the prompts, page size 16, a KV pool small enough to
     evict."""
     return _serve(request, moe_dir, server_logs, "eldr-paged", args=(
-        "--chunked-prefill-size", "64", "--page-size", "16", "--eldr-storage", "page",
+        "--chunked-prefill-size", "64", "--page-size", "16",
         "--max-total-tokens", "1024", "--max-running-requests", "4"))
 
 
