@@ -130,9 +130,24 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def _is_moe(model_path: str | None, trust_remote_code: bool) -> bool:
+    if not model_path:
+        return False
+    try:
+        from transformers import AutoConfig
+
+        from sglang_eldr.engine.moe_shape import moe_shape_from_hf_config
+
+        return moe_shape_from_hf_config(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)) is not None
+    except Exception:  # noqa: BLE001 - SGLang reports an unreadable model itself
+        return True
+
+
 def _server_opts(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model-path", "--model", dest="model_path", default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--disaggregation-mode", default="null")
     p.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
     p.add_argument("--disaggregation-decode-allocation-policy", default=None)
@@ -168,7 +183,8 @@ def prepare(argv: list[str]) -> tuple[list[str], EldrLaunch]:
             raise LayoutError(f"--disaggregation-decode-allocation-policy {policy}: ELDR PD serving needs "
                               "prefill_complete (the decoder is chosen after prefill)")
     capture = opts.eldr_capture if opts.eldr_capture is not None else mode != "decode"
-    if capture and not _has_opt(rest, "--enable-return-routed-experts"):
+    # SGLang's capturer assumes a MoE config; a dense model keeps it off (requests for counts get a 400).
+    if capture and _is_moe(srv.model_path, srv.trust_remote_code) and not _has_opt(rest, "--enable-return-routed-experts"):
         rest += ["--enable-return-routed-experts"]
     launch = EldrLaunch(mode=mode, capture=capture,
                         bootstrap_port=srv.disaggregation_bootstrap_port if mode == "prefill" else None)
