@@ -12,11 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.engine.helpers import counts_of, token_ids
+from tests.engine.helpers import counts_of, reference_counts, token_ids
 
 pytestmark = pytest.mark.needs_engine
 
-NEAR_TIE = 0.05  # logit gap between the k-th and (k+1)-th expert below which a flip is tolerated
 MIN_AGREEMENT = 0.97
 
 
@@ -31,24 +30,6 @@ def hf_model(moe_dir):
     return m
 
 
-def _reference(model, ids):
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.tensor([ids]), output_router_logits=True)
-    cfg = model.config
-    k, E = cfg.num_experts_per_tok, cfg.num_experts
-    counts, ties = [], []
-    for logits in out.router_logits:  # one [tokens, E] per MoE layer
-        logits = logits.reshape(-1, E).float()
-        top = torch.topk(logits, k + 1, dim=-1)
-        picks = top.indices[:, :k]
-        counts.append(torch.bincount(picks.reshape(-1), minlength=E).numpy())
-        gap = top.values[:, k - 1] - top.values[:, k]
-        ties.append(int((gap < NEAR_TIE).sum()))
-    return np.stack(counts).astype(np.int32), np.array(ties)
-
-
 def test_counts_match_transformers_float32(eldr_server, hf_model, moe_dir):
     prompts = [token_ids(n, 700 + n) for n in (16, 64, 150, 333)]
     try:
@@ -61,7 +42,7 @@ def test_counts_match_transformers_float32(eldr_server, hf_model, moe_dir):
     for ids in prompts:
         eldr_server.flush_cache()
         got = counts_of(eldr_server.generate(ids))
-        ref, ties = _reference(hf_model, ids)
+        ref, ties = reference_counts(hf_model, ids)
         assert got.shape == ref.shape
         moved = np.abs(got - ref).sum(axis=1) // 2
         assert (moved <= ties).all(), f"len {len(ids)}: moved picks {moved} > near ties {ties}"

@@ -20,6 +20,7 @@ from sglang_eldr import server_process
 from sglang_eldr.server_process import LOOPBACK_PRELOAD  # noqa: F401 - used by the tests
 from tests.engine.servers import Server, free_port
 from tests.pd import tiny_untied
+from tests.engine.helpers import counts_of
 from tests.pd.client import generate_body, post
 
 HERE = Path(__file__).parent
@@ -79,6 +80,7 @@ class PDPair:
     bootstrap_port: int
     plain: Server
     reference: dict = field(default_factory=dict)  # prompt -> plain server's /generate body
+    reference_counts: dict = field(default_factory=dict)  # prompt -> plain server's eldr_counts [L, E]
 
     def all_servers(self) -> list[Server]:
         return [self.prefill, self.decode, self.plain]
@@ -132,5 +134,9 @@ def pd_pair(request, pd_model_dir, tmp_path_factory) -> PDPair:
         status, body = post(plain.url, generate_body(p, max_new_tokens=MAX_NEW_TOKENS))
         assert status == 200, body
         pair.reference[p] = body
+        plain.flush_cache()
+        status, body = post(plain.url, {**generate_body(p, max_new_tokens=1), "return_eldr_counts": True})
+        assert status == 200, body
+        pair.reference_counts[p] = counts_of(body)
     plain.stop()
     return pair
