@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Add what SGLang PD disaggregation (Mooncake over TCP, loopback) needs on a CPU-only machine to a venv
-# that scripts/install_engine.sh already populated.
+# Add what SGLang PD disaggregation (Mooncake over TCP) needs on a CPU-only machine to a venv that
+# scripts/install_engine.sh already populated. On a GPU host it installs Mooncake's CUDA build only.
 #
 #   scripts/install_pd_cpu.sh VENV_DIR
 #
@@ -27,6 +27,23 @@ PY="$VENV/bin/python"
 [[ -x "$PY" ]] || { echo "install_pd_cpu: $PY not found; run scripts/install_engine.sh $VENV first" >&2; exit 2; }
 
 MOONCAKE_VERSION="0.3.13.post1"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A GPU host gets Mooncake's CUDA build and none of the CPU-only pieces (same target rule as
+# scripts/install_engine.sh: ELDR_ENGINE_TARGET=auto|cpu|gpu, auto = gpu when nvidia-smi lists one).
+TARGET="${ELDR_ENGINE_TARGET:-auto}"
+if [[ "$TARGET" == auto ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then TARGET=gpu; else TARGET=cpu; fi
+fi
+if [[ "$TARGET" == gpu ]]; then
+  if "$PY" -c "import importlib.metadata as m; m.version('mooncake-transfer-engine-non-cuda')" 2>/dev/null; then
+    echo "install_pd_cpu: GPU host: removing the CPU-only mooncake-transfer-engine-non-cuda"
+    "$PY" -m pip uninstall -y -q mooncake-transfer-engine-non-cuda
+  fi
+  echo "install_pd_cpu: GPU host: pip install mooncake-transfer-engine==$MOONCAKE_VERSION (CUDA build); no CPU pieces"
+  "$PY" -m pip install -q "mooncake-transfer-engine==$MOONCAKE_VERSION"
+  exit 0
+fi
 CUDART_VERSION="12.8.90"
 VARIANT="${ELDR_MOONCAKE_VARIANT:-non-cuda}"
 case "$VARIANT" in

@@ -58,6 +58,9 @@ class Cluster:
         self.log_dir = Path(local_path(self.log_dir))
 
     # ------------------------------------------------------------------ servers
+    def free_port(self, host: str) -> int:
+        return free_port(host)
+
     def _server_cmd(self, s: Server) -> list[str]:
         cmd = [
             sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", self.model_path,
@@ -97,11 +100,11 @@ class Cluster:
         hosts = self.hosts or [HOST] * n
         for i in range(self.num_prefill):
             h = hosts[i]
-            port = free_port(h)
+            port = self.free_port(h)
             self.servers.append(Server("prefill", port, self.log_dir / f"prefill-{h}-{port}.log", host=h,
-                                       bootstrap_port=free_port(h), counts_port=free_port(h)))
+                                       bootstrap_port=self.free_port(h), counts_port=self.free_port(h)))
         for h in hosts[self.num_prefill:]:
-            port = free_port(h)
+            port = self.free_port(h)
             self.servers.append(Server("decode", port, self.log_dir / f"decode-{h}-{port}.log", host=h))
         for i, s in enumerate(self.servers):
             s.cmd, s.env = self._server_cmd(s), self._env(s, cores[i % len(cores)])
@@ -124,7 +127,7 @@ class Cluster:
         """(Re)starts the router; `prefill_counts_port` overrides where it listens for counts (tests).
         `with_centroids=False` starts an eldr policy without a file: least-loaded until `install_centroids`."""
         self.stop_router()
-        port = self.router_port or free_port(self.router_host)
+        port = self.router_port or self.free_port(self.router_host)
         cmd = [sys.executable, "-m", "sglang_eldr.launch_router", "--host", self.router_host, "--port", str(port),
                "--policy", policy or self.policy, "--tau", str(self.tau), "--log-level", "warning"]
         for p in self.prefills:

@@ -1,0 +1,75 @@
+"""`python -m sglang_eldr.launch_server` before any model load: ELDR defaults per role, and layouts
+that cannot work refused with one line naming SGLang's own limit (exit 2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sglang_eldr import launch_server
+from sglang_eldr.engine import settings as S
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-moe"
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in (S.ENV_ENABLE, S.ENV_CAPTURE, S.ENV_COUNTS_PORT, S.ENV_COUNTS_HOST, S.ENV_CPU_GUARDS):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", os.environ.get("SGLANG_USE_CPU_ENGINE", "1"))
+
+
+def test_capture_is_on_for_prefill_and_off_for_decode_unless_asked(clean_env):
+    rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--host", "127.0.0.7",
+                                          "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", "8998"])
+    assert launch.capture and "--enable-return-routed-experts" in rest
+    assert rest[rest.index("--disaggregation-decode-allocation-policy") + 1] == "prefill_complete"
+    assert launch.counts_host == "127.0.0.7" and launch.advertise_host == "127.0.0.7"
+    assert launch.counts_port not in (None, 8998) and os.environ[S.ENV_COUNTS_PORT] == str(launch.counts_port)
+    assert launch.info()["counts"] == {"host": "127.0.0.7", "port": launch.counts_port}
+
+    rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--disaggregation-mode", "decode"])
+    assert not launch.capture and "--enable-return-routed-experts" not in rest
+    assert launch.info()["counts"] is None and os.environ[S.ENV_CAPTURE] == "0"
+    rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--disaggregation-mode", "decode", "--eldr-capture"])
+    assert launch.capture and "--enable-return-routed-experts" in rest
+
+    rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--host", "0.0.0.0", "--disaggregation-mode",
+                                          "prefill", "--eldr-counts-port", "9111",
+                                          "--eldr-counts-advertise-host", "10.1.2.3"])
+    assert (launch.counts_host, launch.counts_port, launch.advertise_host) == ("0.0.0.0", 9111, "10.1.2.3")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", str(MODEL), *args],
+                          capture_output=True, text=True, timeout=180, env=env, cwd="/")
+
+
+def refusal(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.splitlines() if l.startswith("launch_server: refused:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert "Load weight" not in r.stderr + r.stdout  # refused before any model load
+    return lines[0]
+
+
+def test_allocation_policy_other_than_prefill_complete_is_refused():
+    t0 = time.monotonic()
+    line = refusal(run("--disaggregation-mode", "prefill", "--disaggregation-decode-allocation-policy", "early"))
+    assert "prefill_complete" in line and time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("args,limit", [
+    (("--disaggregation-mode", "prefill", "--tp", "2"), "attention tensor parallelism"),
+    (("--disaggregation-mode", "prefill", "--pp-size", "2"), "pipeline"),
+    (("--disaggregation-mode", "decode", "--disaggregation-decode-enable-radix-cache"), "decode radix cache"),
+])
+def test_layouts_sglang_cannot_serve_are_refused_with_its_reason(args, limit):
+    line = refusal(run("--disaggregation-transfer-backend", "mooncake", *args))
+    assert limit in line, line
