@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import numpy.typing as npt
+from ortools.graph.python import min_cost_flow
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 from sklearn.cluster import kmeans_plusplus
@@ -98,14 +99,61 @@ def select_layers(
     return mask, curve, rho(np.arange(layers))
 
 
+def balanced_assignment(cost: npt.ArrayLike, cap: int) -> np.ndarray:
+    """The optimal capacity-constrained assignment: labels [N] minimising sum cost[i, labels[i]]
+    with every sample in exactly one of the K clusters and at most `cap` samples per cluster.
+
+    Solved exactly as the N x K transportation problem, a min-cost flow (source -> sample, capacity
+    1 -> cluster at cost[i, k] -> sink, capacity `cap`) with OR-Tools' cost-scaling solver, which is
+    exact in integers: each row is shifted by its minimum (the optimum does not move) and scaled to
+    at least 40 fractional bits, far finer than the float32 signatures the costs come from."""
+    c = np.asarray(cost, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] == 0:
+        raise ValueError(f"cost: expected a non-empty [N, K] matrix, got shape {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("cost: contains non-finite values")
+    n, k = c.shape
+    if cap * k < n:
+        raise ValueError(f"cap: {k} clusters of at most {cap} cannot hold {n} samples")
+    c = c - c.min(axis=1, keepdims=True)
+    span = float(c.max())
+    # OR-Tools needs max |cost| x (nodes + 1) and the total cost inside int64.
+    bits = min(40, 61 - math.ceil(math.log2(n + k + 2)))
+    scale = 2.0**bits / span if span > 0 else 0.0
+    sink = n + k
+    flow = min_cost_flow.SimpleMinCostFlow()
+    flow.add_arcs_with_capacity_and_unit_cost(
+        np.repeat(np.arange(n, dtype=np.int32), k),
+        np.tile(np.arange(n, n + k, dtype=np.int32), n),
+        np.ones(n * k, dtype=np.int64),
+        np.rint(c.ravel() * scale).astype(np.int64),
+    )
+    flow.add_arcs_with_capacity_and_unit_cost(
+        np.arange(n, n + k, dtype=np.int32),
+        np.full(k, sink, dtype=np.int32),
+        np.full(k, cap, dtype=np.int64),
+        np.zeros(k, dtype=np.int64),
+    )
+    supplies = np.zeros(n + k + 1, dtype=np.int64)
+    supplies[:n] = 1
+    supplies[sink] = -n
+    flow.set_nodes_supplies(np.arange(n + k + 1, dtype=np.int32), supplies)
+    status = flow.solve()
+    if status != flow.OPTIMAL:
+        raise RuntimeError(f"balanced assignment: min-cost flow ended with status {status}")
+    x = np.asarray(flow.flows(np.arange(n * k, dtype=np.int32))).reshape(n, k)
+    if not (np.all((x == 0) | (x == 1)) and np.all(x.sum(axis=1) == 1) and np.all(x.sum(axis=0) <= cap)):
+        raise RuntimeError("balanced assignment: min-cost flow returned an infeasible assignment")
+    return np.asarray(x.argmax(axis=1), dtype=np.int64)
+
+
 def balanced_spherical_kmeans(
     x: npt.ArrayLike, k: int, seed: int = 0, max_iter: int = 50
 ) -> tuple[FloatArray, np.ndarray, int]:
     """Spherical K-means where every cluster holds at most ceil(N/k) points.
 
-    Assignment is the optimal capacity-constrained one (Hungarian on cost 1 - x·c with each
-    cluster replicated ceil(N/k) times); seeding is k-means++. Returns (unit centroids [k, d],
-    labels [N], iterations)."""
+    Assignment is the optimal capacity-constrained one (`balanced_assignment` on cost 1 - x·c);
+    seeding is k-means++. Returns (unit centroids [k, d], labels [N], iterations)."""
     pts = _unit_rows(np.asarray(x, dtype=np.float64))
     n = len(pts)
     if k <= 0:
@@ -118,10 +166,7 @@ def balanced_spherical_kmeans(
     labels = np.full(n, -1)
     it = 0
     for it in range(1, max_iter + 1):
-        cost = np.repeat(1.0 - pts @ centers.T, cap, axis=1)
-        rows, cols = linear_sum_assignment(cost)
-        new_labels = np.empty(n, dtype=np.int64)
-        new_labels[rows] = cols // cap
+        new_labels = balanced_assignment(1.0 - pts @ centers.T, cap)
         for c in range(k):
             members = pts[new_labels == c]
             if len(members):

@@ -6,8 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import kmeans_plusplus
 
 from sglang_eldr import calibrate, centroids
 from sglang_eldr.centroids import CentroidFileError, Geometry
@@ -66,6 +68,107 @@ def test_balanced_kmeans_recovers_planted_domains_even_when_unbalanced():
     pre2 = np.concatenate([pre, pre[labels == 0]])
     _, l2, _ = calibrate.balanced_spherical_kmeans(build_signatures(pre2), 4, seed=0)
     assert np.bincount(l2).max() <= math.ceil(len(pre2) / 4)
+
+
+def hungarian_assignment(cost: np.ndarray, cap: int) -> np.ndarray:
+    """Test-only reference: the N x (K * cap) replicated Hungarian the package used before."""
+    rows, cols = linear_sum_assignment(np.repeat(cost, cap, axis=1))
+    labels = np.empty(len(cost), dtype=np.int64)
+    labels[rows] = cols // cap
+    return labels
+
+
+def hungarian_kmeans(x, k: int, seed: int = 0, max_iter: int = 50):
+    """Test-only reference: balanced_spherical_kmeans as it was, on the replicated Hungarian."""
+    pts = calibrate._unit_rows(np.asarray(x, dtype=np.float64))
+    n = len(pts)
+    cap = math.ceil(n / k)
+    centers, _ = kmeans_plusplus(pts, n_clusters=k, random_state=seed)
+    centers = calibrate._unit_rows(centers)
+    labels = np.full(n, -1)
+    it = 0
+    for it in range(1, max_iter + 1):
+        new_labels = hungarian_assignment(1.0 - pts @ centers.T, cap)
+        for c in range(k):
+            members = pts[new_labels == c]
+            if len(members):
+                mean = members.sum(0)
+                norm = np.linalg.norm(mean)
+                if norm > 0:
+                    centers[c] = mean / norm
+        if np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+    return centers.astype(np.float32), labels, it
+
+
+def _check_feasible(labels: np.ndarray, n: int, k: int, cap: int) -> None:
+    assert labels.shape == (n,) and labels.dtype == np.int64
+    assert labels.min() >= 0 and labels.max() < k  # every sample in exactly one cluster
+    assert np.bincount(labels, minlength=k).max() <= cap
+
+
+@settings(max_examples=200)
+@given(n=st.integers(1, 40), k=st.integers(1, 7), slack=st.integers(0, 3), seed=st.integers(0, 10**6))
+def test_balanced_assignment_equals_hungarian_on_continuous_costs(n, k, slack, seed):
+    # Random continuous costs: the optimum is unique (almost surely), so the labels must match.
+    cap = math.ceil(n / k) + slack
+    cost = np.random.default_rng(seed).random((n, k)) * 2.0
+    got, want = calibrate.balanced_assignment(cost, cap), hungarian_assignment(cost, cap)
+    _check_feasible(got, n, k, cap)
+    np.testing.assert_array_equal(got, want)
+    idx = np.arange(n)
+    assert cost[idx, got].sum() == pytest.approx(cost[idx, want].sum(), abs=1e-9)
+
+
+@settings(max_examples=200)
+@given(n=st.integers(1, 40), k=st.integers(1, 7), levels=st.integers(1, 4), seed=st.integers(0, 10**6))
+def test_balanced_assignment_optimal_cost_with_ties(n, k, levels, seed):
+    # Few distinct cost values: many optima; any one of them, at the Hungarian's total cost.
+    cap = math.ceil(n / k)
+    rng = np.random.default_rng(seed)
+    cost = rng.integers(0, levels, size=(n, k)) / levels - 0.5
+    got, want = calibrate.balanced_assignment(cost, cap), hungarian_assignment(cost, cap)
+    _check_feasible(got, n, k, cap)
+    idx = np.arange(n)
+    assert cost[idx, got].sum() == pytest.approx(cost[idx, want].sum(), abs=1e-9)
+
+
+def test_balanced_assignment_respects_capacity_against_preference():
+    # Every sample prefers cluster 0; capacity pushes the ones that lose least elsewhere.
+    cost = np.array([[0.0, 1.0, 1.0], [0.0, 0.1, 1.0], [0.0, 1.0, 0.2], [0.0, 0.5, 0.9], [0.0, 1.0, 1.0]])
+    labels = calibrate.balanced_assignment(cost, 2)
+    np.testing.assert_array_equal(labels, hungarian_assignment(cost, 2))
+    assert labels.tolist() == [0, 1, 2, 1, 0]
+    with pytest.raises(ValueError, match="cannot hold"):
+        calibrate.balanced_assignment(cost, 1)
+    with pytest.raises(ValueError, match="non-finite"):
+        calibrate.balanced_assignment(np.array([[0.0, np.nan]]), 1)
+    with pytest.raises(ValueError, match="non-empty"):
+        calibrate.balanced_assignment(np.zeros((0, 2)), 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(4, 60), k=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_balanced_kmeans_matches_the_hungarian_version(n, k, seed):
+    k = min(k, n)
+    x = np.random.default_rng(seed).random((n, 5))
+    got = calibrate.balanced_spherical_kmeans(x, k, seed=seed)
+    want = hungarian_kmeans(x, k, seed=seed)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[2] == want[2]
+
+
+def test_balanced_kmeans_matches_the_hungarian_version_on_planted_signatures():
+    pre, _, _ = planted(30, 4, noisy_layer=2)
+    sigs = build_signatures(pre, calibrate.fit_idf(pre))
+    for k, seed in [(3, 0), (4, 1), (7, 2)]:
+        got = calibrate.balanced_spherical_kmeans(sigs, k, seed=seed)
+        want = hungarian_kmeans(sigs, k, seed=seed)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[2] == want[2]
 
 
 def test_kmeans_rejects_impossible_k():
