@@ -6,7 +6,7 @@ Starts two ``python -m sglang_eldr.launch_server`` servers on the same model, ca
 and alternates identical workloads between them round by round so that background load affects both
 alike:
 
-* prefill: one /generate batch of B (8) distinct random prompts of N (512) tokens, ``max_new_tokens=1``
+* prefill: one /generate batch of B (8) distinct random prompts of N (480: the tiny model's context is 512) tokens, ``max_new_tokens=1``
   (one prefill forward of B*N tokens), capture-on requests asking for ``return_eldr_counts`` (so the
   per-request reduction and wire encoding are included); throughput = prompt tokens / wall time;
 * decode: the same batch with ``max_new_tokens=D``; time per output token after the first (what a
@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model dir (default: trained tiny MoE, else random twin)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=480)  # + decode tokens within the 512 context
+    ap.add_argument("--decode-tokens", type=int, default=24)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "capture_overhead.json"))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the servers

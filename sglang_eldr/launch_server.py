@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -48,9 +48,9 @@ def add_eldr_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--eldr-counts-port", type=int, default=None,
-        help="PD prefill servers: the port of the expert-counts publisher. Default: a port the OS reports "
-             "free on the counts host when the server starts (from its ephemeral range, so it cannot be "
-             "a bootstrap or HTTP port in use); GET /eldr/info advertises it.",
+        help="PD prefill servers: the port of the expert-counts publisher. Default: port 0, i.e. the OS "
+             "picks a free port when the publisher binds, so it can never collide with a bootstrap, HTTP "
+             "or other port; GET /eldr/info advertises the port it got.",
     )
     g.add_argument(
         "--eldr-counts-advertise-host", default=None,
@@ -111,23 +111,25 @@ class EldrLaunch:
     capture: bool
     bootstrap_port: int | None = None
     counts_host: str | None = None  # bind address of the counts publisher (PD prefill only)
-    counts_port: int | None = None
+    counts_port: int | None = None  # None with a port file: the OS picks it when the publisher binds
+    counts_port_file: str | None = None
     advertise_host: str | None = None  # None: the router uses the host it knows this server by
 
     def info(self) -> dict:
         endpoint = None
-        if self.counts_port is not None:
-            endpoint = {"host": self.advertise_host, "port": self.counts_port}
+        if self.counts_port is not None or self.counts_port_file is not None:
+            endpoint = {"host": self.advertise_host, "port": self.counts_port or self._bound_port()}
         return {"eldr": True, "mode": self.mode, "capture": self.capture,
                 "bootstrap_port": self.bootstrap_port, "counts": endpoint}
 
 
-def free_port(host: str) -> int:
-    """A port the OS reports free on `host` now (from the ephemeral range)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    def _bound_port(self) -> int | None:
+        """The port the publisher bound (null until the scheduler has started)."""
+        try:
+            with open(self.counts_port_file or "") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
 
 
 def _is_moe(model_path: str | None, trust_remote_code: bool) -> bool:
@@ -190,15 +192,21 @@ def prepare(argv: list[str]) -> tuple[list[str], EldrLaunch]:
                         bootstrap_port=srv.disaggregation_bootstrap_port if mode == "prefill" else None)
     os.environ.pop(S.ENV_COUNTS_PORT, None)
     os.environ.pop(S.ENV_COUNTS_HOST, None)
+    os.environ.pop(S.ENV_COUNTS_PORT_FILE, None)
     if mode == "prefill" and capture:
         host = opts.eldr_counts_host if opts.eldr_counts_host is not None else srv.host
-        port = opts.eldr_counts_port if opts.eldr_counts_port is not None else free_port(host or "0.0.0.0")
-        if port == srv.disaggregation_bootstrap_port:
+        port = opts.eldr_counts_port
+        if port is not None and port == srv.disaggregation_bootstrap_port:
             raise LayoutError(f"--eldr-counts-port {port} is this server's bootstrap port")
+        # No port given: the publisher binds port 0 and the OS picks a free one at that moment.
+        port_file = None if port is not None else os.path.join(tempfile.mkdtemp(prefix="eldr-counts-"), "port")
         advertise = opts.eldr_counts_advertise_host or (None if host in WILDCARD_HOSTS else host)
-        launch = dataclasses.replace(launch, counts_host=host, counts_port=port, advertise_host=advertise)
-        os.environ[S.ENV_COUNTS_PORT] = str(port)
+        launch = dataclasses.replace(launch, counts_host=host, counts_port=port, counts_port_file=port_file,
+                                     advertise_host=advertise)
+        os.environ[S.ENV_COUNTS_PORT] = str(port or 0)
         os.environ[S.ENV_COUNTS_HOST] = host or "0.0.0.0"
+        if port_file:
+            os.environ[S.ENV_COUNTS_PORT_FILE] = port_file
     os.environ[S.ENV_ENABLE] = "1"
     os.environ[S.ENV_CAPTURE] = "1" if capture else "0"
     os.environ[S.ENV_CPU_GUARDS] = "1" if on_cpu else "0"

@@ -176,6 +176,8 @@ class LoadBalancer:
         if prefill.counts_port is None:
             (status, info), = await self._fan_out("GET", "/eldr/info", [prefill], timeout_s=self.config.health_timeout_s)
             counts = info.get("counts") if status == 200 and isinstance(info, dict) else None
+            if isinstance(counts, dict) and counts.get("port") is None:
+                return  # its scheduler has not bound the publisher yet: asked again next health round
             if not isinstance(counts, dict) or not isinstance(counts.get("port"), int):
                 if status == 200:
                     logger.warning("prefill %s advertises no counts endpoint (capture off, or not a PD prefill "

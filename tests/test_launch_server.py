@@ -19,7 +19,8 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-moe"
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for k in (S.ENV_ENABLE, S.ENV_CAPTURE, S.ENV_COUNTS_PORT, S.ENV_COUNTS_HOST, S.ENV_CPU_GUARDS):
+    for k in (S.ENV_ENABLE, S.ENV_CAPTURE, S.ENV_COUNTS_PORT, S.ENV_COUNTS_HOST, S.ENV_COUNTS_PORT_FILE,
+              S.ENV_CPU_GUARDS):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", os.environ.get("SGLANG_USE_CPU_ENGINE", "1"))
 
@@ -30,8 +31,12 @@ def test_capture_is_on_for_prefill_and_off_for_decode_unless_asked(clean_env):
     assert launch.capture and "--enable-return-routed-experts" in rest
     assert rest[rest.index("--disaggregation-decode-allocation-policy") + 1] == "prefill_complete"
     assert launch.counts_host == "127.0.0.7" and launch.advertise_host == "127.0.0.7"
-    assert launch.counts_port not in (None, 8998) and os.environ[S.ENV_COUNTS_PORT] == str(launch.counts_port)
-    assert launch.info()["counts"] == {"host": "127.0.0.7", "port": launch.counts_port}
+    # No port given: the publisher binds port 0 and reports the port the OS gave it through a file.
+    assert launch.counts_port is None and os.environ[S.ENV_COUNTS_PORT] == "0"
+    assert os.environ[S.ENV_COUNTS_PORT_FILE] == launch.counts_port_file
+    assert launch.info()["counts"] == {"host": "127.0.0.7", "port": None}  # not bound yet
+    Path(launch.counts_port_file).write_text("41234")
+    assert launch.info()["counts"] == {"host": "127.0.0.7", "port": 41234}
 
     rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--disaggregation-mode", "decode"])
     assert not launch.capture and "--enable-return-routed-experts" not in rest

@@ -3,7 +3,10 @@
 `capture.prefill_result_before` calls :func:`publish` when a PD request's last prefill chunk has
 run, before SGLang hands the KV to the transfer engine. Reports (`wire.CountsReport`, topic
 `eldr-counts`) leave on one ZMQ PUB socket per server, bound to the counts host and port the server
-was given (`launch_server --eldr-counts-host/--eldr-counts-port`; the host defaults to `--host`).
+was given (`launch_server --eldr-counts-host/--eldr-counts-port`; the host defaults to `--host`). By
+default the port is 0: the OS picks a free one when the socket binds (so it can never collide with a
+bootstrap or other port), and the publisher writes it to a file the HTTP process reads for
+`GET /eldr/info`.
 
 One socket per server, whatever the parallel layout: with DP attention every DP rank runs its own
 scheduler process with its own requests. The scheduler of DP rank 0 (attention-TP rank 0) owns the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import threading
 from typing import Any, Optional
@@ -28,18 +32,19 @@ from sglang_eldr.wire import COUNTS_TOPIC, encode_report
 logger = logging.getLogger(__name__)
 
 
-def ipc_endpoint(host: str, port: int) -> str:
+def ipc_endpoint(host: str, port: int, port_file: str | None = None) -> str:
     """The local endpoint the ranks of one server push to (short: IPC paths are limited to ~100 bytes)."""
-    tag = hashlib.sha1(f"{host}:{port}".encode()).hexdigest()[:16]
+    tag = hashlib.sha1(f"{host}:{port}:{port_file}".encode()).hexdigest()[:16]
     return f"ipc://{tempfile.gettempdir()}/eldr-counts-{tag}.ipc"
 
 
 class Publisher:
     """Publishes reports for one scheduler process; `hub=True` for the process that owns the PUB."""
 
-    def __init__(self, host: str, port: int, hub: bool):
-        self.endpoint = f"tcp://{host}:{port}"
-        self.ipc = ipc_endpoint(host, port)
+    def __init__(self, host: str, port: int, hub: bool, port_file: str | None = None):
+        self.host, self.port, self.port_file = host, port, port_file
+        self.endpoint = f"tcp://{_bracket(host)}:{port}"
+        self.ipc = ipc_endpoint(host, port, port_file)
         self.hub = hub
         self._push: Optional[zmq.Socket] = None
         self._thread: Optional[threading.Thread] = None
@@ -50,7 +55,18 @@ class Publisher:
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, 100_000)
-        pub.bind(self.endpoint)
+        if ":" in self.host:
+            pub.setsockopt(zmq.IPV6, 1)
+        if self.port == 0:
+            self.port = pub.bind_to_random_port(f"tcp://{_bracket(self.host)}")
+            self.endpoint = f"tcp://{_bracket(self.host)}:{self.port}"
+        else:
+            pub.bind(self.endpoint)
+        if self.port_file:
+            tmp = self.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(self.port))
+            os.replace(tmp, self.port_file)
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(self.ipc)
@@ -87,8 +103,12 @@ class Publisher:
             logger.warning("ELDR counts publisher: send queue full, report dropped (the router falls back)")
 
 
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 _PUB: Optional[Publisher] = None
-_CONFIG: Optional[tuple[str, int]] = None
+_CONFIG: Optional[tuple[str, int, Optional[str]]] = None
 
 
 def _rank(ctx: Any, *names: str) -> int:
@@ -125,7 +145,8 @@ def scheduler_init_after(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
 
     publishes, hub = ranks_role(get_parallel())
     if publishes:
-        _PUB = Publisher(*_CONFIG, hub=hub)
+        host, port, port_file = _CONFIG
+        _PUB = Publisher(host, port, hub=hub, port_file=port_file)
         _PUB.socket()
     return None
 
@@ -136,9 +157,9 @@ def publish(req: Any, counts: Optional[np.ndarray], unavailable: Optional[str]) 
         _PUB.send(encode_report(req.bootstrap_room, req.rid, counts, len(req.origin_input_ids), unavailable))
 
 
-def register(host: str, port: int) -> None:
+def register(host: str, port: int, port_file: Optional[str] = None) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     global _CONFIG
-    _CONFIG = (host, port)
+    _CONFIG = (host, port, port_file)
     HookRegistry.register(T_SCHEDULER_INIT, scheduler_init_after, HookType.AFTER)

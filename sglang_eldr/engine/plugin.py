@@ -35,11 +35,11 @@ def load() -> None:
         if settings.counts_port is not None:
             from sglang_eldr.engine import counts_publisher
 
-            counts_publisher.register(settings.counts_host, settings.counts_port)
+            counts_publisher.register(settings.counts_host, settings.counts_port, settings.counts_port_file)
         if settings.step_stats_file:
             from sglang_eldr.engine import step_stats
 
             step_stats.register(settings.step_stats_file)
     logger.info("ELDR plugin loaded: capture=%s counts=%s cpu_guards=%s", settings.capture,
-                f"{settings.counts_host}:{settings.counts_port}" if settings.counts_port else "off",
+                f"{settings.counts_host}:{settings.counts_port}" if settings.counts_port is not None else "off",
                 settings.cpu_guards)

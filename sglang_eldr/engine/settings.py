@@ -17,6 +17,7 @@ ENV_CPU_GUARDS = "SGLANG_ELDR_CPU_GUARDS"
 ENV_STATS_FILE = "SGLANG_ELDR_STATS_FILE"
 ENV_COUNTS_PORT = "SGLANG_ELDR_COUNTS_PORT"
 ENV_COUNTS_HOST = "SGLANG_ELDR_COUNTS_HOST"
+ENV_COUNTS_PORT_FILE = "SGLANG_ELDR_COUNTS_PORT_FILE"
 ENV_STEP_STATS_FILE = "SGLANG_ELDR_STEP_STATS_FILE"
 
 
@@ -35,6 +36,7 @@ class EldrSettings:
     stats_file: str | None
     counts_port: int | None = None  # PD prefill: publish each request's counts here (ZMQ PUB)
     counts_host: str = "127.0.0.1"  # the address the counts publisher binds
+    counts_port_file: str | None = None  # port 0: the OS picks the port; the publisher writes it here
     step_stats_file: str | None = None  # decode: distinct experts per step, for benchmarks
 
     @classmethod
@@ -47,5 +49,6 @@ class EldrSettings:
             stats_file=os.environ.get(ENV_STATS_FILE) or None,
             counts_port=int(os.environ[ENV_COUNTS_PORT]) if os.environ.get(ENV_COUNTS_PORT) else None,
             counts_host=os.environ.get(ENV_COUNTS_HOST) or "127.0.0.1",
+            counts_port_file=os.environ.get(ENV_COUNTS_PORT_FILE) or None,
             step_stats_file=os.environ.get(ENV_STEP_STATS_FILE) or None,
         )

@@ -116,6 +116,7 @@ def test_one_pub_socket_per_server_carries_every_ranks_reports():
 
     host, port = "127.0.0.1", free_port()
     hub, spoke = counts_publisher.Publisher(host, port, hub=True), counts_publisher.Publisher(host, port, hub=False)
+    assert hub.ipc == spoke.ipc != counts_publisher.ipc_endpoint(host, port + 1)
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, COUNTS_TOPIC)
     sub.setsockopt(zmq.RCVTIMEO, 200)
@@ -142,3 +143,13 @@ def test_one_pub_socket_per_server_carries_every_ranks_reports():
     assert got[1].array().sum() == 6 and got[1].unavailable is None  # type: ignore[attr-defined]
     assert got[2].unavailable == "prefix loaded from the hierarchical cache"  # type: ignore[attr-defined]
     del req
+
+
+def test_port_zero_binds_a_free_port_and_reports_it(tmp_path):
+    port_file = str(tmp_path / "port")
+    pub = counts_publisher.Publisher("127.0.0.1", 0, hub=True, port_file=port_file)
+    pub.socket()
+    port = int(open(port_file).read())
+    assert port > 0 and pub.endpoint == f"tcp://127.0.0.1:{port}"
+    other = counts_publisher.Publisher("127.0.0.1", 0, hub=True, port_file=str(tmp_path / "port2"))
+    assert other.ipc != pub.ipc  # two servers on one host never share the local endpoint
