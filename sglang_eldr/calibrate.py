@@ -5,6 +5,7 @@ balanced spherical K-means with one centroid per decoder, and centroid alignment
 from __future__ import annotations
 
 import math
+from typing import Callable
 import time
 
 import numpy as np
@@ -148,12 +149,15 @@ def balanced_assignment(cost: npt.ArrayLike, cap: int) -> np.ndarray:
 
 
 def balanced_spherical_kmeans(
-    x: npt.ArrayLike, k: int, seed: int = 0, max_iter: int = 50
+    x: npt.ArrayLike, k: int, seed: int = 0, max_iter: int = 50,
+    assign: Callable[[np.ndarray, int], np.ndarray] | None = None,
 ) -> tuple[FloatArray, np.ndarray, int]:
     """Spherical K-means where every cluster holds at most ceil(N/k) points.
 
-    Assignment is the optimal capacity-constrained one (`balanced_assignment` on cost 1 - x·c);
-    seeding is k-means++. Returns (unit centroids [k, d], labels [N], iterations)."""
+    Assignment is the optimal capacity-constrained one (`balanced_assignment` on cost 1 - x·c, or
+    `assign(cost, cap)`, which tests and benchmarks use to compare solvers); seeding is k-means++.
+    Returns (unit centroids [k, d], labels [N], iterations)."""
+    assign = assign or balanced_assignment
     pts = _unit_rows(np.asarray(x, dtype=np.float64))
     n = len(pts)
     if k <= 0:
@@ -166,7 +170,7 @@ def balanced_spherical_kmeans(
     labels = np.full(n, -1)
     it = 0
     for it in range(1, max_iter + 1):
-        new_labels = balanced_assignment(1.0 - pts @ centers.T, cap)
+        new_labels = assign(1.0 - pts @ centers.T, cap)
         for c in range(k):
             members = pts[new_labels == c]
             if len(members):

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import kmeans_plusplus
 
 from sglang_eldr import calibrate, centroids
 from sglang_eldr.centroids import CentroidFileError, Geometry
@@ -80,26 +79,7 @@ def hungarian_assignment(cost: np.ndarray, cap: int) -> np.ndarray:
 
 def hungarian_kmeans(x, k: int, seed: int = 0, max_iter: int = 50):
     """Test-only reference: balanced_spherical_kmeans as it was, on the replicated Hungarian."""
-    pts = calibrate._unit_rows(np.asarray(x, dtype=np.float64))
-    n = len(pts)
-    cap = math.ceil(n / k)
-    centers, _ = kmeans_plusplus(pts, n_clusters=k, random_state=seed)
-    centers = calibrate._unit_rows(centers)
-    labels = np.full(n, -1)
-    it = 0
-    for it in range(1, max_iter + 1):
-        new_labels = hungarian_assignment(1.0 - pts @ centers.T, cap)
-        for c in range(k):
-            members = pts[new_labels == c]
-            if len(members):
-                mean = members.sum(0)
-                norm = np.linalg.norm(mean)
-                if norm > 0:
-                    centers[c] = mean / norm
-        if np.array_equal(new_labels, labels):
-            break
-        labels = new_labels
-    return centers.astype(np.float32), labels, it
+    return calibrate.balanced_spherical_kmeans(x, k, seed=seed, max_iter=max_iter, assign=hungarian_assignment)
 
 
 def _check_feasible(labels: np.ndarray, n: int, k: int, cap: int) -> None:
