@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from sglang_eldr import calibrate
+from sglang_eldr import fitting
 from sglang_eldr.signature import build_signatures
 
 TRACES = Path(__file__).parent / "results" / "traces_tiny_moe.npz"
@@ -38,7 +38,7 @@ def trace_signatures(n: int, seed: int = 0) -> np.ndarray:
             total = int(layer.sum())
             if total:
                 out[i, l] = rng.multinomial(total, layer / total)
-    return build_signatures(out, calibrate.fit_idf(out))
+    return build_signatures(out, fitting.fit_idf(out))
 
 
 def clustered_signatures(n: int, seed: int = 0, directions: int = 6, dim: int = 4 * 64, noise: float = 0.6) -> np.ndarray:
@@ -58,7 +58,7 @@ def hungarian_assignment(cost: np.ndarray, cap: int) -> np.ndarray:
 
 def hungarian_kmeans(x: np.ndarray, k: int, seed: int = 0, max_iter: int = 50):
     """balanced_spherical_kmeans as it was before the min-cost flow."""
-    return calibrate.balanced_spherical_kmeans(x, k, seed=seed, max_iter=max_iter, assign=hungarian_assignment)
+    return fitting.balanced_spherical_kmeans(x, k, seed=seed, max_iter=max_iter, assign=hungarian_assignment)
 
 
 def best_of(fn, repeats: int):
@@ -88,10 +88,10 @@ def main() -> None:
         for n in args.sizes:
             x = gen(n)
             cap = math.ceil(n / k)
-            new_s, (cents, labels, iters) = best_of(lambda: calibrate.balanced_spherical_kmeans(x, k, seed=0), args.repeats)
-            pts = calibrate._unit_rows(np.asarray(x, dtype=np.float64))
+            new_s, (cents, labels, iters) = best_of(lambda: fitting.balanced_spherical_kmeans(x, k, seed=0), args.repeats)
+            pts = fitting._unit_rows(np.asarray(x, dtype=np.float64))
             cost = 1.0 - pts @ pts[np.random.default_rng(1).choice(n, k, replace=False)].T
-            step_s, _ = best_of(lambda: calibrate.balanced_assignment(cost, cap), args.repeats)
+            step_s, _ = best_of(lambda: fitting.balanced_assignment(cost, cap), args.repeats)
             rec = {
                 "data": data, "n": n, "k": k, "cap": cap, "dim": int(x.shape[1]),
                 "new_fit_s": round(new_s, 4), "iterations": iters, "new_step_ms": round(step_s * 1e3, 2),
@@ -107,7 +107,7 @@ def main() -> None:
                 old_labels = hungarian_assignment(cost, cap)
                 rec["old_step_ms"] = round((time.perf_counter() - t) * 1e3, 1)
                 idx = np.arange(n)
-                new_labels = calibrate.balanced_assignment(cost, cap)
+                new_labels = fitting.balanced_assignment(cost, cap)
                 rec["step_cost_diff"] = float(cost[idx, new_labels].sum() - cost[idx, old_labels].sum())
             records.append(rec)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sglang_eldr import calibrate
+from sglang_eldr import fitting
 from sglang_eldr.router_rs import BaselineRouter, LocalityBandRouter
 
 POLICIES = ("eldr", "rr", "random", "jsq", "p2c")
@@ -193,7 +193,7 @@ MAX_IMBALANCE: int | None = 2  # set from --max-imbalance
 def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int):
     if policy in BASELINES:
         return BaselineRouter(policy, workers, seed=seed)
-    cs = calibrate.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
+    cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
     return LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE)
 
 

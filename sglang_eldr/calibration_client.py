@@ -9,7 +9,6 @@ profile (the radix cache usually serves this second prefill from the first one's
 
 from __future__ import annotations
 
-import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import requests
 from tqdm import tqdm
+
+from sglang_eldr.wire import META_KEY, counts_from_meta
 
 
 @dataclass
@@ -46,10 +47,9 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def _counts(meta: dict) -> np.ndarray:
-    if "eldr_counts" not in meta:
+    if META_KEY not in meta:
         raise RuntimeError("the server returned no eldr_counts: is it an ELDR server with capture on?")
-    l, e = meta["eldr_counts_shape"]
-    return np.frombuffer(base64.b64decode(meta["eldr_counts"]), dtype="<i4").reshape(l, e).astype(np.int32)
+    return counts_from_meta(meta)
 
 
 def _generate(url: str, payload: dict, timeout: float) -> dict:

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from sglang_eldr import calibrate
+from sglang_eldr import fitting
 from sglang_eldr.centroids import CentroidFileError, CentroidSet
 from sglang_eldr.refit import OnlineRefit
 from sglang_eldr.router_rs import BASELINES, BaselineRouter, LocalityBandRouter
@@ -189,7 +189,7 @@ class DecodeChooser:
         if fitted is None:
             return rows
         self.membership_refits += 1
-        return calibrate.align_centroids(rows, fitted)
+        return fitting.align_centroids(rows, fitted)
 
     def _replace(self, rows: np.ndarray | None, loads: list[int], healthy: list[bool]) -> None:
         router = self._build(len(loads), rows)

@@ -17,7 +17,6 @@ Protocol (docs/protocol.md has the full design):
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import json
@@ -38,11 +37,11 @@ from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.metrics import RouterMetrics
 from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
 from sglang_eldr.request_fields import known_fields, unknown_field
-from sglang_eldr.wire import RouteReceipt, WorkerSpec
+from sglang_eldr.wire import REQUEST_FIELD, RouteReceipt, WorkerSpec, counts_meta
 
 logger = logging.getLogger(__name__)
 
-COUNTS_FIELD = "return_eldr_counts"
+COUNTS_FIELD = REQUEST_FIELD
 GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 
 
@@ -628,13 +627,6 @@ class LoadBalancer:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await out.write_eof()
         return out
-
-
-def counts_meta(counts: np.ndarray) -> dict:
-    """The prefill's counts in the engine's meta_info format (for `return_eldr_counts`)."""
-    a = np.ascontiguousarray(counts, dtype="<i4")
-    return {COUNTS_FIELD.removeprefix("return_"): base64.b64encode(a.tobytes()).decode("ascii"),
-            "eldr_counts_shape": [int(a.shape[0]), int(a.shape[1])]}
 
 
 def stream_error(text: str) -> tuple[int, str] | None:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from sglang_eldr import calibrate
+from sglang_eldr import fitting
 from sglang_eldr.signature import build_signatures
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class OnlineRefit:
         sigs = sigs[sigs.any(axis=1)]
         if len(sigs) < k:
             return None
-        centroids, _, _ = calibrate.balanced_spherical_kmeans(sigs, k, seed=self.seed)
+        centroids, _, _ = fitting.balanced_spherical_kmeans(sigs, k, seed=self.seed)
         return centroids
 
     def refit_once(self) -> bool:
@@ -81,7 +81,7 @@ class OnlineRefit:
         if new is None:
             self.skipped += 1
             return False
-        router.swap_centroids(calibrate.align_centroids(router.centroids(), new))
+        router.swap_centroids(fitting.align_centroids(router.centroids(), new))
         self.refits += 1
         return True
 

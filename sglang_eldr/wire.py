@@ -1,12 +1,16 @@
-"""Messages that cross process boundaries (msgspec structs).
+"""Every wire format of the expert counts, and the router's other messages (msgspec structs).
 
-`CountsReport` goes from a prefill server's scheduler to the load balancer over ZMQ (PUB/SUB,
-topic = b"eldr-counts") as soon as the prefill forward of a PD request ends: the expert
-counts of its whole prompt, keyed by bootstrap room.
+* `CountsReport` goes from a prefill server's scheduler to the load balancer over ZMQ (PUB/SUB,
+  topic = b"eldr-counts") as soon as the prefill forward of a PD request ends: the expert counts of
+  its whole prompt, keyed by bootstrap room.
+* In HTTP responses (`return_eldr_counts`), `meta_info["eldr_counts"]` holds base64 of
+  little-endian int32, row-major `[L, E]`, and `meta_info["eldr_counts_shape"] = [L, E]`, where L
+  is the number of MoE layers (in layer order) and E the number of routed experts.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Literal
 from urllib.parse import urlparse
 
@@ -14,6 +18,37 @@ import msgspec
 import numpy as np
 
 COUNTS_TOPIC = b"eldr-counts"
+META_KEY = "eldr_counts"
+META_SHAPE_KEY = "eldr_counts_shape"
+REQUEST_FIELD = "return_eldr_counts"
+
+
+def encode_counts(counts: np.ndarray) -> tuple[str, list[int]]:
+    """int array [L, E] -> (base64 text, [L, E])."""
+    a = np.ascontiguousarray(np.asarray(counts), dtype="<i4")
+    if a.ndim != 2:
+        raise ValueError(f"counts must be 2-D [L, E], got shape {a.shape}")
+    return base64.b64encode(a.tobytes()).decode("ascii"), [int(a.shape[0]), int(a.shape[1])]
+
+
+def decode_counts(text: str, shape: list[int]) -> np.ndarray:
+    """(base64 text, [L, E]) -> int32 array [L, E]; ValueError when they do not match."""
+    raw = base64.b64decode(text)
+    l, e = (int(x) for x in shape)
+    if len(raw) != 4 * l * e:
+        raise ValueError(f"eldr_counts holds {len(raw)} bytes, expected 4*{l}*{e}")
+    return np.frombuffer(raw, dtype="<i4").reshape(l, e).astype(np.int32)
+
+
+def counts_meta(counts: np.ndarray) -> dict:
+    """The counts as the `meta_info` entries of an HTTP response."""
+    text, shape = encode_counts(counts)
+    return {META_KEY: text, META_SHAPE_KEY: shape}
+
+
+def counts_from_meta(meta: dict) -> np.ndarray:
+    """The counts in a response's `meta_info`; KeyError when it has none."""
+    return decode_counts(meta[META_KEY], meta[META_SHAPE_KEY])
 
 
 class CountsReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

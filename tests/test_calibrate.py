@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from sglang_eldr import calibrate, centroids
+from sglang_eldr import centroids, fitting
 from sglang_eldr.centroids import CentroidFileError, Geometry
 from sglang_eldr.router_rs import LocalityBandRouter
 from sglang_eldr.signature import build_signature, build_signatures
@@ -37,7 +37,7 @@ def planted(n_per: int, domains: int, layers: int = 3, experts: int = 16, seed: 
 
 def test_idf_formula():
     counts = np.array([[[1, 0, 2]], [[1, 0, 0]], [[3, 0, 0]]])
-    idf = calibrate.fit_idf(counts)
+    idf = fitting.fit_idf(counts)
     np.testing.assert_allclose(idf, np.log(4 / np.array([[4, 1, 2]])).astype(np.float32), rtol=1e-6)
 
 
@@ -46,8 +46,8 @@ def test_balanced_kmeans_sizes_bounded_and_deterministic(n, k, seed):
     if k > n:
         k = n
     x = np.random.default_rng(seed).random((n, 5))
-    c1, l1, _ = calibrate.balanced_spherical_kmeans(x, k, seed=seed)
-    c2, l2, _ = calibrate.balanced_spherical_kmeans(x, k, seed=seed)
+    c1, l1, _ = fitting.balanced_spherical_kmeans(x, k, seed=seed)
+    c2, l2, _ = fitting.balanced_spherical_kmeans(x, k, seed=seed)
     np.testing.assert_array_equal(l1, l2)
     np.testing.assert_array_equal(c1, c2)
     sizes = np.bincount(l1, minlength=k)
@@ -58,14 +58,14 @@ def test_balanced_kmeans_sizes_bounded_and_deterministic(n, k, seed):
 
 def test_balanced_kmeans_recovers_planted_domains_even_when_unbalanced():
     pre, _, labels = planted(30, 4, noisy_layer=None)
-    sigs = build_signatures(pre, calibrate.fit_idf(pre))
-    _, found, _ = calibrate.balanced_spherical_kmeans(sigs, 4, seed=0)
+    sigs = build_signatures(pre, fitting.fit_idf(pre))
+    _, found, _ = fitting.balanced_spherical_kmeans(sigs, 4, seed=0)
     # Each true domain lands (almost) entirely in one cluster.
     purity = sum(np.bincount(found[labels == d]).max() for d in range(4)) / len(labels)
     assert purity >= 0.95, purity
     # Twice as many points of one domain: balance forces a split, no cluster exceeds ceil(N/K).
     pre2 = np.concatenate([pre, pre[labels == 0]])
-    _, l2, _ = calibrate.balanced_spherical_kmeans(build_signatures(pre2), 4, seed=0)
+    _, l2, _ = fitting.balanced_spherical_kmeans(build_signatures(pre2), 4, seed=0)
     assert np.bincount(l2).max() <= math.ceil(len(pre2) / 4)
 
 
@@ -79,7 +79,7 @@ def hungarian_assignment(cost: np.ndarray, cap: int) -> np.ndarray:
 
 def hungarian_kmeans(x, k: int, seed: int = 0, max_iter: int = 50):
     """Test-only reference: balanced_spherical_kmeans as it was, on the replicated Hungarian."""
-    return calibrate.balanced_spherical_kmeans(x, k, seed=seed, max_iter=max_iter, assign=hungarian_assignment)
+    return fitting.balanced_spherical_kmeans(x, k, seed=seed, max_iter=max_iter, assign=hungarian_assignment)
 
 
 def _check_feasible(labels: np.ndarray, n: int, k: int, cap: int) -> None:
@@ -94,7 +94,7 @@ def test_balanced_assignment_equals_hungarian_on_continuous_costs(n, k, slack, s
     # Random continuous costs: the optimum is unique (almost surely), so the labels must match.
     cap = math.ceil(n / k) + slack
     cost = np.random.default_rng(seed).random((n, k)) * 2.0
-    got, want = calibrate.balanced_assignment(cost, cap), hungarian_assignment(cost, cap)
+    got, want = fitting.balanced_assignment(cost, cap), hungarian_assignment(cost, cap)
     _check_feasible(got, n, k, cap)
     np.testing.assert_array_equal(got, want)
     idx = np.arange(n)
@@ -108,7 +108,7 @@ def test_balanced_assignment_optimal_cost_with_ties(n, k, levels, seed):
     cap = math.ceil(n / k)
     rng = np.random.default_rng(seed)
     cost = rng.integers(0, levels, size=(n, k)) / levels - 0.5
-    got, want = calibrate.balanced_assignment(cost, cap), hungarian_assignment(cost, cap)
+    got, want = fitting.balanced_assignment(cost, cap), hungarian_assignment(cost, cap)
     _check_feasible(got, n, k, cap)
     idx = np.arange(n)
     assert cost[idx, got].sum() == pytest.approx(cost[idx, want].sum(), abs=1e-9)
@@ -117,15 +117,15 @@ def test_balanced_assignment_optimal_cost_with_ties(n, k, levels, seed):
 def test_balanced_assignment_respects_capacity_against_preference():
     # Every sample prefers cluster 0; capacity pushes the ones that lose least elsewhere.
     cost = np.array([[0.0, 1.0, 1.0], [0.0, 0.1, 1.0], [0.0, 1.0, 0.2], [0.0, 0.5, 0.9], [0.0, 1.0, 1.0]])
-    labels = calibrate.balanced_assignment(cost, 2)
+    labels = fitting.balanced_assignment(cost, 2)
     np.testing.assert_array_equal(labels, hungarian_assignment(cost, 2))
     assert labels.tolist() == [0, 1, 2, 1, 0]
     with pytest.raises(ValueError, match="cannot hold"):
-        calibrate.balanced_assignment(cost, 1)
+        fitting.balanced_assignment(cost, 1)
     with pytest.raises(ValueError, match="non-finite"):
-        calibrate.balanced_assignment(np.array([[0.0, np.nan]]), 1)
+        fitting.balanced_assignment(np.array([[0.0, np.nan]]), 1)
     with pytest.raises(ValueError, match="non-empty"):
-        calibrate.balanced_assignment(np.zeros((0, 2)), 1)
+        fitting.balanced_assignment(np.zeros((0, 2)), 1)
 
 
 @settings(max_examples=60, deadline=None)
@@ -133,7 +133,7 @@ def test_balanced_assignment_respects_capacity_against_preference():
 def test_balanced_kmeans_matches_the_hungarian_version(n, k, seed):
     k = min(k, n)
     x = np.random.default_rng(seed).random((n, 5))
-    got = calibrate.balanced_spherical_kmeans(x, k, seed=seed)
+    got = fitting.balanced_spherical_kmeans(x, k, seed=seed)
     want = hungarian_kmeans(x, k, seed=seed)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[0], want[0])
@@ -142,9 +142,9 @@ def test_balanced_kmeans_matches_the_hungarian_version(n, k, seed):
 
 def test_balanced_kmeans_matches_the_hungarian_version_on_planted_signatures():
     pre, _, _ = planted(30, 4, noisy_layer=2)
-    sigs = build_signatures(pre, calibrate.fit_idf(pre))
+    sigs = build_signatures(pre, fitting.fit_idf(pre))
     for k, seed in [(3, 0), (4, 1), (7, 2)]:
-        got = calibrate.balanced_spherical_kmeans(sigs, k, seed=seed)
+        got = fitting.balanced_spherical_kmeans(sigs, k, seed=seed)
         want = hungarian_kmeans(sigs, k, seed=seed)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
@@ -153,13 +153,13 @@ def test_balanced_kmeans_matches_the_hungarian_version_on_planted_signatures():
 
 def test_kmeans_rejects_impossible_k():
     with pytest.raises(ValueError, match="cannot fill"):
-        calibrate.balanced_spherical_kmeans(np.ones((2, 3)), 3)
+        fitting.balanced_spherical_kmeans(np.ones((2, 3)), 3)
 
 
 def test_layer_mask_drops_the_uninformative_layer():
     pre, dec, _ = planted(25, 4, noisy_layer=2)
-    idf = calibrate.fit_idf(pre)
-    mask, curve, rho_all = calibrate.select_layers(pre, dec, idf, seed=0)
+    idf = fitting.fit_idf(pre)
+    mask, curve, rho_all = fitting.select_layers(pre, dec, idf, seed=0)
     assert not mask[2] and mask[:2].all(), (mask, curve)
     assert max(curve) > rho_all > 0
 
@@ -168,12 +168,12 @@ def test_align_centroids_restores_identity():
     rng = np.random.default_rng(1)
     old = rng.random((5, 7)).astype(np.float32)
     perm = rng.permutation(5)
-    np.testing.assert_array_equal(calibrate.align_centroids(old, old[perm] * 1.01), (old * 1.01).astype(np.float32))
+    np.testing.assert_array_equal(fitting.align_centroids(old, old[perm] * 1.01), (old * 1.01).astype(np.float32))
 
 
 def test_fit_round_trip_and_routes_domains_apart(tmp_path):
     pre, dec, labels = planted(20, 3, noisy_layer=2)
-    cs = calibrate.fit(pre, num_workers=3, top_k=4, decode_counts=dec, seed=0, model="planted")
+    cs = fitting.fit(pre, num_workers=3, top_k=4, decode_counts=dec, seed=0, model="planted")
     assert max(cs.fit.cluster_sizes) <= 20 and sum(cs.fit.cluster_sizes) == 60
     path = tmp_path / "c.eldr"
     centroids.save(cs, path)
@@ -197,7 +197,7 @@ def test_fit_round_trip_and_routes_domains_apart(tmp_path):
 
 def test_centroid_file_rejections(tmp_path):
     pre, _, _ = planted(6, 2, noisy_layer=None)
-    cs = calibrate.fit(pre, num_workers=2, top_k=4)
+    cs = fitting.fit(pre, num_workers=2, top_k=4)
     data = centroids.dumps(cs)
     with pytest.raises(CentroidFileError, match="not a readable centroid file"):
         centroids.loads(data[: len(data) // 2])

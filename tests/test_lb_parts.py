@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sglang_eldr import calibrate
+from sglang_eldr import fitting
 from sglang_eldr import centroids as centroid_file
 from sglang_eldr.centroids import CentroidFileError
 from sglang_eldr.decode_policy import DecodeChooser
@@ -24,7 +24,7 @@ def two_domains(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_online_refit_swaps_aligned_centroids_and_keeps_identities():
     counts, labels = two_domains(80)
-    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
     router = LocalityBandRouter(cs.centroids, 0.0, idf=cs.idf, layer_mask=cs.layer_mask)
     zero = np.zeros(2, dtype=np.int64)
     before = [router.select_counts(c, zero) for c in counts]
@@ -62,7 +62,7 @@ def test_prefix_hash_is_sticky_and_yields_to_load():
 
 def test_decode_chooser_validates_configuration():
     counts, _ = two_domains(20)
-    cs = calibrate.fit(counts, 2, top_k=2)
+    cs = fitting.fit(counts, 2, top_k=2)
     with pytest.raises(ValueError, match="2 centroids but 3 decoders"):
         DecodeChooser("eldr-static", 3, cs)
     with pytest.raises(ValueError, match="unknown 'lru'"):
@@ -76,7 +76,7 @@ def test_decode_chooser_validates_configuration():
 
 def test_membership_changes_keep_loads_health_and_centroid_identities():
     counts, labels = two_domains(200)
-    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
     chooser = DecodeChooser("eldr-static", 2, cs, tau=0.0, refit_min_samples=10_000)
     rows = chooser.router.centroids().copy()
     before = [chooser.router.select_counts(c, np.zeros(2, dtype=np.int64)) for c in counts[:40]]
@@ -108,7 +108,7 @@ def test_membership_changes_keep_loads_health_and_centroid_identities():
 
 def test_a_new_decoder_gets_a_refit_centroid_when_the_window_is_full():
     counts, _ = two_domains(200)
-    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
     chooser = DecodeChooser("eldr", 2, cs, tau=0.0, refit_min_samples=50)
     for c in counts[:120]:
         chooser.release(chooser.choose(c)["worker"])
@@ -127,7 +127,7 @@ def test_a_new_decoder_gets_a_refit_centroid_when_the_window_is_full():
 
 def test_eldr_without_centroids_routes_least_loaded_until_a_file_is_loaded():
     counts, _ = two_domains(200)
-    cs = calibrate.fit(counts, 2, top_k=2, seed=0)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
     chooser = DecodeChooser("eldr", 2, tau=0.0, refit_min_samples=50)
     assert chooser.routing == "least-loaded (no centroids)" and not chooser.has_centroids and chooser.refit is None
     held = [chooser.choose(c) for c in counts[:3]]
@@ -139,7 +139,7 @@ def test_eldr_without_centroids_routes_least_loaded_until_a_file_is_loaded():
     with pytest.raises(CentroidFileError, match="2 centroids but 3 decoders"):
         chooser.load_centroids(cs)
     with pytest.raises(CentroidFileError, match="the prefill servers report counts of shape \\[2, 16\\]"):
-        chooser.load_centroids(calibrate.fit(np.concatenate([counts[:9], counts[:9, :1]], axis=1), 3, top_k=2))
+        chooser.load_centroids(fitting.fit(np.concatenate([counts[:9], counts[:9, :1]], axis=1), 3, top_k=2))
     assert chooser.routing == "least-loaded (no centroids)"
     chooser.remove(2, "http://c:1")
     # Loaded: locality from now on, in-flight loads and health kept, the online refit armed.
@@ -154,7 +154,7 @@ def test_eldr_without_centroids_routes_least_loaded_until_a_file_is_loaded():
     assert chooser.loads() == [0, 0]
     # A replacement must fit the geometry in use; a refused one leaves the router as it was.
     router = chooser.router
-    other = calibrate.fit(np.concatenate([counts[:8], counts[:8]], axis=1), 2, top_k=2)
+    other = fitting.fit(np.concatenate([counts[:8], counts[:8]], axis=1), 2, top_k=2)
     with pytest.raises(CentroidFileError, match="centroids in use are for layers=2"):
         chooser.load_centroids(other)
     assert chooser.router is router
@@ -163,13 +163,13 @@ def test_eldr_without_centroids_routes_least_loaded_until_a_file_is_loaded():
     # The periodic refit fits in the new space after a replacement.
     for c in counts[:120]:
         chooser.release(chooser.choose(c)["worker"])
-    chooser.load_centroids(calibrate.fit(counts[100:], 2, top_k=2, seed=3))
+    chooser.load_centroids(fitting.fit(counts[100:], 2, top_k=2, seed=3))
     assert chooser.refit is not None and chooser.refit.refit_once() and chooser.refit.router is chooser.router
 
 
 def test_centroid_bytes_are_validated_like_a_file(tmp_path):
     counts, _ = two_domains(40)
-    data = centroid_file.dumps(calibrate.fit(counts, 2, top_k=2))
+    data = centroid_file.dumps(fitting.fit(counts, 2, top_k=2))
     cs = centroid_file.loads(data)
     assert cs.num_workers == 2 and cs.geometry.layers == 2
     (tmp_path / "c.eldr").write_bytes(data)

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from sglang_eldr.engine import counts_publisher
-from sglang_eldr.engine.counts_wire import META_KEY, META_SHAPE_KEY, REQUEST_FIELD, encode_counts
 from sglang_eldr.engine.moe_shape import MoeShape, moe_layer_ids, moe_shape_from_hf_config
 from sglang_eldr.engine.settings import EldrSettings
+from sglang_eldr.wire import META_KEY, META_SHAPE_KEY, REQUEST_FIELD, encode_counts
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from sglang_eldr.engine.counts_wire import META_KEY, META_SHAPE_KEY, REQUEST_FIELD
+from sglang_eldr.wire import META_KEY, META_SHAPE_KEY, REQUEST_FIELD
 from sglang_eldr.engine.moe_shape import moe_shape_from_hf_config
 from sglang_eldr.engine.settings import EldrSettings
 

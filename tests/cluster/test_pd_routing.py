@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ import requests
 from sglang_eldr import centroids as centroid_file
 from sglang_eldr.decode_policy import DECODE_POLICIES
 from sglang_eldr.router_rs import LocalityBandRouter
+from sglang_eldr.wire import counts_from_meta
 
 from .conftest import EVAL, rows
 from .helpers import decode_rows
@@ -90,8 +90,7 @@ def test_domains_concentrate_on_their_decoder(cluster, centroids):
         route = res["meta_info"]["eldr_route"]
         assert route.get("fallback") is None, route
         placed[p["domain"]][route["decoder"]] += 1
-        l, e = res["meta_info"]["eldr_counts_shape"]
-        counts = np.frombuffer(base64.b64decode(res["meta_info"]["eldr_counts"]), dtype="<i4").reshape(l, e)
+        counts = counts_from_meta(res["meta_info"])
         agree += decoders[offline.select_counts(counts, np.zeros(2, dtype=np.int64))] == route["decoder"]
     shares = {d: c.most_common(1)[0][1] / sum(c.values()) for d, c in placed.items()}
     mean_share = float(np.mean(list(shares.values())))

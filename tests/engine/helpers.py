@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from sglang_eldr.engine.counts_wire import decode_counts
+from sglang_eldr.wire import counts_from_meta
 
 NEAR_TIE = 0.05  # logit gap between the k-th and (k+1)-th expert below which a flip is tolerated
 
 
 def counts_of(resp: dict) -> np.ndarray:
-    m = resp["meta_info"]
-    return decode_counts(m["eldr_counts"], m["eldr_counts_shape"])
+    return counts_from_meta(resp["meta_info"])
 
 
 def token_ids(n: int, seed: int, vocab: int = 4096, low: int = 10) -> list[int]:

@@ -14,9 +14,8 @@ torch = pytest.importorskip("torch")
 
 from sglang_eldr.engine import counts_publisher  # noqa: E402
 from sglang_eldr.engine.capture import reduce_counts  # noqa: E402
-from sglang_eldr.engine.counts_wire import decode_counts, encode_counts  # noqa: E402
 from sglang_eldr.engine.moe_shape import MoeShape, moe_layer_ids, moe_shape_from_hf_config  # noqa: E402
-from sglang_eldr.wire import COUNTS_TOPIC, decode_report  # noqa: E402
+from sglang_eldr.wire import COUNTS_TOPIC, decode_counts, decode_report, encode_counts  # noqa: E402
 
 
 def _brute(rows: np.ndarray, slots, layers, E: int) -> np.ndarray:
