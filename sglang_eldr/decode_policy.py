@@ -12,6 +12,7 @@ from sglang_eldr.centroids import CentroidFileError, CentroidSet
 from sglang_eldr.refit import OnlineRefit
 from sglang_eldr.router_rs import BASELINES, BaselineRouter, LocalityBandRouter
 
+# `eldr-static` is `eldr` with the online refit off (`--refit off`), kept as an accepted name.
 DECODE_POLICIES = ("eldr", "eldr-static", *BASELINES)
 NO_CENTROIDS_ROUTING = "least-loaded (no centroids)"
 
@@ -30,10 +31,15 @@ class DecodeChooser:
         refit_interval_s: float = 2.5,
         refit_min_samples: int | None = None,
         max_imbalance: int | None = 2,
+        online_refit: bool | None = None,
     ):
         if policy not in DECODE_POLICIES:
             raise ValueError(f"policy: unknown {policy!r} (expected one of {', '.join(DECODE_POLICIES)})")
+        if policy == "eldr-static" and online_refit:
+            raise ValueError("policy eldr-static is eldr with the online refit off; use --policy eldr --refit online")
         self.policy = policy
+        # The periodic refit: on for eldr unless turned off, never for eldr-static or the baselines.
+        self.online_refit = policy == "eldr" and online_refit is not False
         self.tau = tau
         self.seed = seed
         self.max_imbalance = max_imbalance
@@ -129,7 +135,7 @@ class DecodeChooser:
                                        seed=self.seed)
         else:
             self._window.retarget(router, cs.idf, cs.layer_mask)
-        if self.policy == "eldr":
+        if self.online_refit:
             self.refit = self._window
         logger.info("centroids loaded: %d decoders, %d of %d layers kept", cs.num_workers,
                     int(cs.layer_mask.sum()), len(cs.layer_mask))

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-unknown-fields", action="store_true",
                     help="pass request fields the installed SGLang version does not define on to the servers "
                          "(by default they get a 400 naming the field)")
+    ap.add_argument("--refit", choices=("online", "off"), default=None,
+                    help="eldr: refit the centroids periodically on recent requests (online, the default) or keep "
+                         "the loaded ones (off; --policy eldr-static is the same as --policy eldr --refit off)")
     ap.add_argument("--refit-window", type=float, default=5.0, help="online refit window, seconds (default: 5)")
     ap.add_argument("--refit-interval", type=float, default=2.5, help="online refit period, seconds (default: 2.5)")
     ap.add_argument("--refit-min-samples", type=int, default=None,
@@ -125,6 +128,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         args.policy, len(decoders), cs, tau=args.tau, seed=args.seed, refit_window_s=args.refit_window,
         refit_interval_s=args.refit_interval, refit_min_samples=args.refit_min_samples,
         max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
+        online_refit=None if args.refit is None else args.refit == "online",
     )
     return LoadBalancer(
         prefills=prefills, decoders=decoders, decode=chooser,

@@ -59,3 +59,19 @@ def test_prefill_spec_counts_endpoint_forms():
     for bad in (["http://h:1", "8998", "x"], ["http://h:1", "8998", ":9"], ["http://h:1", "8998", "h:70000"]):
         with pytest.raises(ValueError, match="counts endpoint"):
             launch_router.parse_prefill(bad)
+
+
+def test_refit_off_is_eldr_static():
+    base = ["--prefill", "http://127.0.0.2:9", "--decode", "http://127.0.0.2:10", "--decode", "http://127.0.0.2:11",
+            "--centroids", str(SHIPPED)]
+    online = launch_router.build_balancer(launch_router.build_parser().parse_args(base))
+    off = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--refit", "off"]))
+    static = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--policy", "eldr-static"]))
+    assert online.decode.refit is not None and online.decode.online_refit
+    assert off.decode.refit is None and static.decode.refit is None
+    with pytest.raises(ValueError, match="eldr-static is eldr"):
+        launch_router.build_balancer(launch_router.build_parser().parse_args(
+            base + ["--policy", "eldr-static", "--refit", "online"]))
+    r = launch("--decode", "http://127.0.0.1:10", "--decode", "http://127.0.0.1:11", "--centroids", str(SHIPPED),
+               "--policy", "eldr-static", "--refit", "online")
+    assert r.returncode == 2 and "eldr-static is eldr" in r.stderr
