@@ -63,3 +63,20 @@ def test_soak_quick_loses_nothing_when_a_decoder_is_killed(tmp_path):
     assert report["ok"] >= 40
     assert all(v == 0 for v in report["in_flight_at_end"].values())
     assert any("killed" in e for e in report["events"]) and any("back" in e for e in report["events"])
+
+
+def test_router_throughput_quick(tmp_path):
+    """The router alone against in-process stand-in endpoints (no SGLang): every phase completes
+    requests, and every routed request took the locality path (no fallback)."""
+    out = tmp_path / "throughput.json"
+    text = run(["bench/router_throughput.py", "--quick", "--out", str(out)], 120)
+    data = json.loads(out.read_text())
+    for phase in ("closed_router", "closed_direct", "open_router", "open_direct"):
+        r = data[phase]
+        assert r["completed"] > 0 and not r["errors"], (phase, r)
+        assert r["p99_ms"] >= r["p50_ms"] > 0
+    for phase in ("closed_router", "open_router"):
+        assert set(data[phase]["fallbacks"]) == {"None"}, data[phase]["fallbacks"]
+        assert data[phase]["router_cpu_us_per_req"] > 0
+    assert set(data["added_at_rate"]) == {"p50_ms", "p99_ms"}
+    assert "stand-ins" in data["note"] and "stand-ins" in text
