@@ -53,6 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CENTROIDS = ROOT / "models" / "tiny-qwen3-moe" / "eldr-centroids-2d.eldr"
 NOTE = ("router measured ALONE: the prefill/decode endpoints are minimal stand-ins started by this "
         "benchmark (no SGLang, no model work); they exist only to measure the router")
+UVLOOP_ROUTER = ("import runpy, uvloop; uvloop.install(); "
+                 "runpy.run_module('sglang_eldr.launch_router', run_name='__main__', alter_sys=True)")
 PROMPT = ("def fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
           "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n# Explain what this function does.")
 
@@ -293,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--standin-host", default="127.0.0.3", help="loopback address of the stand-ins (default: 127.0.0.3)")
     ap.add_argument("--centroids", type=Path, default=CENTROIDS)
     ap.add_argument("--router-arg", action="append", default=[], help="extra launch_router argument (repeatable)")
+    ap.add_argument("--router-uvloop", action="store_true",
+                    help="experiment: run the router on uvloop's event loop (installed before launch_router starts)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "router_throughput.json")
     # internal: run the stand-in endpoints
     ap.add_argument("--standins", action="store_true", help=argparse.SUPPRESS)
@@ -338,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     router_port = free_port(args.host)
     router = ServerProcess(
         role="router", host=args.host, port=router_port, log=logs / "router.log",
-        cmd=pinned(router_cpu, [sys.executable, "-m", "sglang_eldr.launch_router", "--host", args.host,
+        cmd=pinned(router_cpu, [sys.executable, *(["-c", UVLOOP_ROUTER] if args.router_uvloop else
+                                                  ["-m", "sglang_eldr.launch_router"]), "--host", args.host,
                                 "--port", str(router_port), "--prefill", f"http://{sh}:{prefill_port}",
                                 str(bootstrap_port), *[a for p in decode_ports for a in ("--decode", f"http://{sh}:{p}")],
                                 "--policy", "eldr", "--centroids", str(args.centroids), *args.router_arg]),
@@ -371,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": NOTE, "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                   "loadavg_at_end": os.getloadavg()},
         "router_cpu": router_cpu, "client_and_standins_cpu": other_cpu, "policy": "eldr",
+        "router_args": args.router_arg, "router_uvloop": args.router_uvloop,
         "centroids": args.centroids.name, "decoders": cs.num_workers, "counts_shape": [g.layers, g.experts],
         "quick": args.quick, "concurrency": args.concurrency, "rate": args.rate,
         **results, "added_at_rate": added, "targets": targets, "met": met, "elapsed_s": round(elapsed, 1),

@@ -43,6 +43,70 @@ logger = logging.getLogger(__name__)
 
 COUNTS_FIELD = REQUEST_FIELD
 GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+JSON_HEADERS = {"Content-Type": "application/json"}
+_JSON_DECODER = msgspec.json.Decoder()
+_JSON_ENCODER = msgspec.json.Encoder()
+
+
+def loads_json(data: bytes) -> tuple[object, bool]:
+    """`(json.loads(data), fast)`, decoded by msgspec where it accepts the input (UTF-8 JSON without
+    NaN/Infinity or lone surrogates: it then gives exactly what json.loads gives, several times
+    faster) and by json.loads itself otherwise, so every other input, and every error, is what
+    json.loads makes of it. `fast`: msgspec decoded it, so `dumps_json` may write it with msgspec."""
+    try:
+        return _JSON_DECODER.decode(data), True
+    except (msgspec.DecodeError, ValueError):  # ValueError: UnicodeDecodeError
+        return json.loads(data), False
+
+
+def dumps_json(value: object, fast: bool) -> bytes:
+    """`value` as JSON: msgspec for what `loads_json` decoded fast (plain JSON types, finite floats:
+    lossless), json.dumps (which writes NaN/Infinity back as json.loads read them) otherwise."""
+    return _JSON_ENCODER.encode(value) if fast else json.dumps(value).encode()
+
+
+def json_body_response(body: bytes, status: int = 200, headers: dict | None = None) -> web.Response:
+    """What web.json_response sends (status, headers, `application/json; charset=utf-8`), for a body
+    already encoded."""
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json", charset="utf-8")
+
+
+async def first_done(futures: tuple[asyncio.Future, ...], timeout: float | None = None) -> None:
+    """Returns once one of `futures` is done, or after `timeout` seconds; the caller reads `.done()`.
+    What `asyncio.wait(..., return_when=FIRST_COMPLETED)` does, without the sets, the ensure_future
+    pass and the result sets it builds on every call (it showed in the request path's profile).
+    Cancelling the caller does not cancel `futures`, as with asyncio.wait."""
+    if any(f.done() for f in futures):
+        return
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for f in futures:
+        f.add_done_callback(wake)
+    timer = loop.call_later(timeout, wake) if timeout is not None else None
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for f in futures:
+            f.remove_done_callback(wake)
+
+
+async def read_json(request: web.Request) -> tuple[object, bool]:
+    """The body as `request.json(loads=json.loads)` reads it, and `loads_json`'s `fast`; raises what
+    that raises (JSONDecodeError, UnicodeDecodeError, HTTPRequestEntityTooLarge)."""
+    data = await request.read()
+    if request.charset is None or request.charset.lower() in ("utf-8", "utf8"):
+        try:
+            return _JSON_DECODER.decode(data), True
+        except (msgspec.DecodeError, ValueError):
+            pass
+    return json.loads(await request.text()), False
 
 
 @dataclass(eq=False)  # identity: a re-added URL is a new worker, old requests keep the old one
@@ -55,7 +119,7 @@ class Worker:
     healthy: bool = True
     in_flight: int = 0
 
-    @property
+    @functools.cached_property  # the URL never changes (a re-added URL is a new Worker)
     def host(self) -> str:
         host = urlparse(self.url).hostname
         if host is None:
@@ -368,24 +432,25 @@ class LoadBalancer:
         started = time.perf_counter()
         path = request.path
         try:
-            body = await request.json(loads=json.loads)
+            body, fast = await read_json(request)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self.metrics.requests.labels(path, "400").inc()
+            self.metrics.count_request(path, 400)
             return error_response(400, f"request body is not valid JSON: {e}")
         except web.HTTPRequestEntityTooLarge:
-            self.metrics.requests.labels(path, "413").inc()
+            self.metrics.count_request(path, 413)
             return error_response(413, f"request body is larger than {self.config.max_body_bytes} bytes "
                                        "(the router's --max-body-bytes)")
         problem = validate_body(path, body, check_fields=not self.config.allow_unknown_fields)
         if problem:
-            self.metrics.requests.labels(path, "400").inc()
+            self.metrics.count_request(path, 400)
             return error_response(400, problem)
+        assert isinstance(body, dict)  # validate_body refuses anything else
         try:
-            response = await self._serve(request, path, body, started)
+            response = await self._serve(request, path, body, fast, started)
         except UpstreamError as e:
-            self.metrics.requests.labels(path, str(e.status)).inc()
+            self.metrics.count_request(path, e.status)
             return error_response(e.status, e.message, "upstream_error")
-        self.metrics.requests.labels(path, str(response.status)).inc()
+        self.metrics.count_request(path, response.status)
         return response
 
     def _pick_prefill(self, body: dict) -> Worker:
@@ -398,15 +463,17 @@ class LoadBalancer:
             raise UpstreamError(503, str(e)) from None
         return self.prefills[i]
 
-    async def _serve(self, request: web.Request, path: str, body: dict, started: float) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, path: str, body: dict, fast: bool,
+                     started: float) -> web.StreamResponse:
         prefill = self._pick_prefill(body)
         room = secrets.randbits(63)
         want_counts = body.get(COUNTS_FIELD) is True
         pd_body = {k: v for k, v in body.items() if k != COUNTS_FIELD}
         pd_body.update(bootstrap_host=prefill.host, bootstrap_port=prefill.bootstrap_port, bootstrap_room=room)
+        pd_data = dumps_json(pd_body, fast)  # encoded once, for the prefill and the decoder
         counts_future = self.inbox.expect(room)
         prefill.in_flight += 1
-        prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_body))
+        prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_data))
         self._background.add(prefill_task)
         prefill_task.add_done_callback(self._background.discard)
         try:
@@ -420,8 +487,8 @@ class LoadBalancer:
                 decoder, route = self._route(prefill, counts, fallback, room)
                 try:
                     if stream:
-                        return await self._stream_decode(request, decoder, path, pd_body, route, prefill_task)
-                    return await self._unary_decode(decoder, path, pd_body, route, prefill_task, extra)
+                        return await self._stream_decode(request, decoder, path, pd_data, route, prefill_task)
+                    return await self._unary_decode(decoder, path, pd_data, route, prefill_task, extra)
                 except DecoderUnreachable as e:
                     # Nothing reached the decoder, and the prefill still holds the KV for this room:
                     # another decoder can bootstrap it. Open the breaker on this one and retry.
@@ -462,10 +529,10 @@ class LoadBalancer:
         elif fallback is None and locality and receipt["scores"] is None:
             fallback = "zero-signature"
         if fallback is not None:
-            self.metrics.fallbacks.labels(fallback).inc()
+            self.metrics.count_fallback(fallback)
         decoder = self.decoders[receipt["worker"]]
         decoder.in_flight += 1
-        self.metrics.routed.labels(decoder.url).inc()
+        self.metrics.count_routed(decoder.url)
         route = RouteReceipt(
             policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
             fallback=fallback, scores=receipt["scores"] if locality else None,
@@ -504,11 +571,8 @@ class LoadBalancer:
         self.decoders[idx].healthy = healthy
 
     async def _await_counts(self, counts_future: asyncio.Future, prefill_task: asyncio.Task):
-        done, _ = await asyncio.wait(
-            {counts_future, prefill_task}, timeout=self.config.counts_deadline_s,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if counts_future in done:
+        await first_done((counts_future, prefill_task), self.config.counts_deadline_s)
+        if counts_future.done():
             report = counts_future.result()
             if report.unavailable is not None:
                 logger.info("prefill has no counts for room %d: %s", report.room, report.unavailable)
@@ -518,7 +582,7 @@ class LoadBalancer:
             except ValueError as e:
                 logger.warning("malformed counts report: %s", e)
                 return None, "bad-counts"
-        if prefill_task in done:
+        if prefill_task.done():
             status, text = prefill_task.result()
             if status != 200:
                 raise UpstreamError(502 if status >= 500 else status, f"prefill server failed ({status}): {text[:500]}")
@@ -529,9 +593,9 @@ class LoadBalancer:
             return None, "no-counts"
         return None, "counts-timeout"
 
-    async def _call_prefill(self, prefill: Worker, path: str, body: dict) -> tuple[int, str]:
+    async def _call_prefill(self, prefill: Worker, path: str, body: bytes) -> tuple[int, str]:
         try:
-            async with self.session.post(prefill.url + path, json=body) as resp:
+            async with self.session.post(prefill.url + path, data=body, headers=JSON_HEADERS) as resp:
                 text = await resp.text()
                 return resp.status, text
         except asyncio.CancelledError:
@@ -544,8 +608,8 @@ class LoadBalancer:
         (SGLang would keep its request queued), so give it `orphan_grace_s` and then abort it."""
         task = asyncio.ensure_future(decode_call)
         try:
-            done, _ = await asyncio.wait({task, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
-            if task not in done and not prefill_task.cancelled() and prefill_task.result()[0] != 200:
+            await first_done((task, prefill_task))
+            if not task.done() and not prefill_task.cancelled() and prefill_task.result()[0] != 200:
                 status, text = prefill_task.result()
                 # asyncio.wait, not wait_for: a timeout of the decode call itself must surface as the
                 # decoder's failure, not be taken for the end of the grace period.
@@ -558,11 +622,11 @@ class LoadBalancer:
             if not task.done():
                 task.cancel()
 
-    async def _unary_decode(self, decoder: Worker, path: str, body: dict, route: dict,
+    async def _unary_decode(self, decoder: Worker, path: str, body: bytes, route: dict,
                             prefill_task: asyncio.Task, extra_meta: dict) -> web.Response:
 
         async def call() -> tuple[int, bytes]:
-            async with self.session.post(decoder.url + path, json=body) as resp:
+            async with self.session.post(decoder.url + path, data=body, headers=JSON_HEADERS) as resp:
                 return resp.status, await resp.read()
 
         try:
@@ -574,7 +638,7 @@ class LoadBalancer:
             self._request_failed(decoder)
             raise UpstreamError(502, f"decode server {decoder.url} failed: {type(e).__name__}: {e}") from None
         try:
-            payload = json.loads(raw)
+            payload, fast = loads_json(raw)
         except ValueError:
             prefill_task.cancel()
             raise UpstreamError(502, f"decode server {decoder.url} returned non-JSON ({status}): {raw[:300]!r}") from None
@@ -583,14 +647,15 @@ class LoadBalancer:
         attach_receipt(payload, route, path)
         if extra_meta and isinstance(payload, dict) and isinstance(payload.get("meta_info"), dict):
             payload["meta_info"].update(extra_meta)
-        return web.json_response(payload, status=status, headers={"X-ELDR-Route": json.dumps(route)})
+        # The receipt and counts added are plain JSON types with finite floats, as msgspec writes them.
+        return json_body_response(dumps_json(payload, fast), status=status, headers={"X-ELDR-Route": json.dumps(route)})
 
-    async def _stream_decode(self, request: web.Request, decoder: Worker, path: str, body: dict, route: dict,
+    async def _stream_decode(self, request: web.Request, decoder: Worker, path: str, body: bytes, route: dict,
                              prefill_task: asyncio.Task) -> web.StreamResponse:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                           "X-ELDR-Route": json.dumps(route)})
         async def pump() -> None:
-            async with self.session.post(decoder.url + path, json=body) as resp:
+            async with self.session.post(decoder.url + path, data=body, headers=JSON_HEADERS) as resp:
                 if resp.status != 200:
                     prefill_task.cancel()
                     text = await resp.text()

@@ -26,7 +26,31 @@ class RouterMetrics:
                                   ["role", "change"], registry=self.registry)
         self.centroid_updates = Counter("eldr_centroid_updates", "POST /centroids by result (loaded, refused)",
                                         ["result"], registry=self.registry)
+        # Label children of the per-request counters, looked up once per label set (`.labels()` takes
+        # a lock and builds a key each call). These counters never drop a label set.
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._fallbacks: dict[str, Counter] = {}
+        self._routed: dict[str, Counter] = {}
         self.set_in_flight(dict.fromkeys(decoders, 0))
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        """One request answered on `endpoint` with HTTP `status` (eldr_requests_total)."""
+        child = self._requests.get((endpoint, status))
+        if child is None:
+            child = self._requests[(endpoint, status)] = self.requests.labels(endpoint, str(status))
+        child.inc()
+
+    def count_fallback(self, reason: str) -> None:
+        child = self._fallbacks.get(reason)
+        if child is None:
+            child = self._fallbacks[reason] = self.fallbacks.labels(reason)
+        child.inc()
+
+    def count_routed(self, decoder: str) -> None:
+        child = self._routed.get(decoder)
+        if child is None:
+            child = self._routed[decoder] = self.routed.labels(decoder)
+        child.inc()
 
     def set_in_flight(self, loads: dict[str, int]) -> None:
         """In-flight count per decoder URL; decoders no longer listed are dropped from the gauge."""
