@@ -30,7 +30,7 @@ they must be none, or the path measured is not the locality path).
 
 Targets (issue 10): >= 1000 req/s on one core; p99 added <= 5 ms at 500 req/s.
 
-    python bench/router_throughput.py            # ~60 s
+    python bench/router_throughput.py            # ~55 s
     python bench/router_throughput.py --quick    # < 20 s (CI)
 """
 
@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short phases (whole run < 20 s)")
     ap.add_argument("--concurrency", type=int, default=64, help="closed-loop clients (default: 64)")
     ap.add_argument("--rate", type=float, default=500.0, help="open-loop rate, req/s (default: 500)")
-    ap.add_argument("--closed-s", type=float, default=None, help="closed-loop phase through the router, s (default: 15, quick 3)")
-    ap.add_argument("--open-s", type=float, default=None, help="each open-loop phase, s (default: 15, quick 3)")
+    ap.add_argument("--closed-s", type=float, default=None, help="closed-loop phase through the router, s (default: 12, quick 3)")
+    ap.add_argument("--open-s", type=float, default=None, help="each open-loop phase, s (default: 12, quick 3)")
     ap.add_argument("--host", default="127.0.0.2", help="loopback address of the router (default: 127.0.0.2)")
     ap.add_argument("--standin-host", default="127.0.0.3", help="loopback address of the stand-ins (default: 127.0.0.3)")
     ap.add_argument("--centroids", type=Path, default=CENTROIDS)
@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     from sglang_eldr import centroids as centroid_file
     from sglang_eldr.server_process import ServerProcess, free_port, wait_all
 
-    args.closed_s = args.closed_s or (3.0 if args.quick else 15.0)
-    args.open_s = args.open_s or (3.0 if args.quick else 15.0)
+    args.closed_s = args.closed_s or (3.0 if args.quick else 12.0)
+    args.open_s = args.open_s or (3.0 if args.quick else 12.0)
     args.direct_closed_s = 2.0 if args.quick else 5.0
     args.warmup = 1.0 if args.quick else 3.0
     args.centroids = args.centroids.resolve()
