@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sglang_eldr.load_balancer import validate_body
+from sglang_eldr.request_validation import validate_body
 from sglang_eldr.request_fields import from_installed_sglang, known_fields
 
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sglang_eldr.counts_inbox import CountsInbox
-from sglang_eldr.load_balancer import validate_body
+from sglang_eldr.request_validation import validate_body
 from sglang_eldr.wire import COUNTS_TOPIC, decode_report, encode_report
 
 json_values = st.recursive(
