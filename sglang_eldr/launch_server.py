@@ -14,14 +14,15 @@ plugin (``sglang_eldr.engine.settings``); hooks are registered through SGLang's 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+import msgspec
+
 from sglang_eldr.engine import settings as S
+from sglang_eldr.engine.info_route import ServerInfo
 
 PLUGIN_NAME = "eldr"
 PLUGIN_GROUP = "sglang.srt.plugins"
@@ -103,35 +104,6 @@ def _check_plugin_registered() -> None:
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-@dataclass(frozen=True)
-class EldrLaunch:
-    """What the ELDR side of one server was given, as GET /eldr/info reports it."""
-
-    mode: str  # SGLang's --disaggregation-mode: null | prefill | decode
-    capture: bool
-    bootstrap_port: int | None = None
-    counts_host: str | None = None  # bind address of the counts publisher (PD prefill only)
-    counts_port: int | None = None  # None with a port file: the OS picks it when the publisher binds
-    counts_port_file: str | None = None
-    advertise_host: str | None = None  # None: the router uses the host it knows this server by
-
-    def info(self) -> dict:
-        endpoint = None
-        if self.counts_port is not None or self.counts_port_file is not None:
-            endpoint = {"host": self.advertise_host, "port": self.counts_port or self._bound_port()}
-        return {"eldr": True, "mode": self.mode, "capture": self.capture,
-                "bootstrap_port": self.bootstrap_port, "counts": endpoint}
-
-
-    def _bound_port(self) -> int | None:
-        """The port the publisher bound (null until the scheduler has started)."""
-        try:
-            with open(self.counts_port_file or "") as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
-
-
 def _is_moe(model_path: str | None, trust_remote_code: bool) -> bool:
     if not model_path:
         return False
@@ -157,7 +129,7 @@ def _server_opts(argv: list[str]) -> argparse.Namespace:
     return known
 
 
-def prepare(argv: list[str]) -> tuple[list[str], EldrLaunch]:
+def prepare(argv: list[str]) -> tuple[list[str], ServerInfo]:
     """Split off the ELDR options, export them for the plugin and return SGLang's argv."""
     eldr = argparse.ArgumentParser(add_help=False)
     add_eldr_args(eldr)
@@ -188,7 +160,7 @@ def prepare(argv: list[str]) -> tuple[list[str], EldrLaunch]:
     # SGLang's capturer assumes a MoE config; a dense model keeps it off (requests for counts get a 400).
     if capture and _is_moe(srv.model_path, srv.trust_remote_code) and not _has_opt(rest, "--enable-return-routed-experts"):
         rest += ["--enable-return-routed-experts"]
-    launch = EldrLaunch(mode=mode, capture=capture,
+    launch = ServerInfo(mode=mode, capture=capture,
                         bootstrap_port=srv.disaggregation_bootstrap_port if mode == "prefill" else None)
     os.environ.pop(S.ENV_COUNTS_PORT, None)
     os.environ.pop(S.ENV_COUNTS_HOST, None)
@@ -201,8 +173,8 @@ def prepare(argv: list[str]) -> tuple[list[str], EldrLaunch]:
         # No port given: the publisher binds port 0 and the OS picks a free one at that moment.
         port_file = None if port is not None else os.path.join(tempfile.mkdtemp(prefix="eldr-counts-"), "port")
         advertise = opts.eldr_counts_advertise_host or (None if host in WILDCARD_HOSTS else host)
-        launch = dataclasses.replace(launch, counts_host=host, counts_port=port, counts_port_file=port_file,
-                                     advertise_host=advertise)
+        launch = msgspec.structs.replace(launch, counts_host=host, counts_port=port, counts_port_file=port_file,
+                                        advertise_host=advertise)
         os.environ[S.ENV_COUNTS_PORT] = str(port or 0)
         os.environ[S.ENV_COUNTS_HOST] = host or "0.0.0.0"
         if port_file:
@@ -210,6 +182,7 @@ def prepare(argv: list[str]) -> tuple[list[str], EldrLaunch]:
     os.environ[S.ENV_ENABLE] = "1"
     os.environ[S.ENV_CAPTURE] = "1" if capture else "0"
     os.environ[S.ENV_CPU_GUARDS] = "1" if on_cpu else "0"
+    launch.export()  # GET /eldr/info (engine/info_route.py)
     return rest, launch
 
 
@@ -224,17 +197,6 @@ def check_layout(server_args) -> None:
         server_args.resolve_once()
     except ValueError as e:
         raise LayoutError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
-
-
-def add_info_route(launch: EldrLaunch) -> None:
-    """GET /eldr/info on SGLang's HTTP app: the ELDR role and the counts endpoint to connect to."""
-    from fastapi.responses import JSONResponse
-    from sglang.srt.entrypoints.http_server import app
-
-    async def eldr_info() -> JSONResponse:
-        return JSONResponse(launch.info())
-
-    app.add_api_route("/eldr/info", eldr_info, methods=["GET"])
 
 
 def print_help() -> None:
@@ -274,7 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     except LayoutError as e:
         print(f"launch_server: refused: {e}", file=sys.stderr)
         sys.exit(2)
-    add_info_route(launch)
     try:
         run_server(server_args)
     finally:

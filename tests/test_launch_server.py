@@ -9,20 +9,26 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from sglang_eldr import launch_server
 from sglang_eldr.engine import settings as S
+from sglang_eldr.engine.info_route import ENV_INFO, ServerInfo
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-moe"
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
+def clean_env():
+    """prepare() exports its settings for SGLang's processes; give this process its environment back."""
+    saved = dict(os.environ)
     for k in (S.ENV_ENABLE, S.ENV_CAPTURE, S.ENV_COUNTS_PORT, S.ENV_COUNTS_HOST, S.ENV_COUNTS_PORT_FILE,
-              S.ENV_CPU_GUARDS):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", os.environ.get("SGLANG_USE_CPU_ENGINE", "1"))
+              S.ENV_CPU_GUARDS, ENV_INFO):
+        os.environ.pop(k, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_capture_is_on_for_prefill_and_off_for_decode_unless_asked(clean_env):
@@ -38,6 +44,7 @@ def test_capture_is_on_for_prefill_and_off_for_decode_unless_asked(clean_env):
     Path(launch.counts_port_file).write_text("41234")
     assert launch.info()["counts"] == {"host": "127.0.0.7", "port": 41234}
 
+    assert msgspec.json.decode(os.environ[ENV_INFO], type=ServerInfo) == launch  # what GET /eldr/info serves
     rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--disaggregation-mode", "decode"])
     assert not launch.capture and "--enable-return-routed-experts" not in rest
     assert launch.info()["counts"] is None and os.environ[S.ENV_CAPTURE] == "0"

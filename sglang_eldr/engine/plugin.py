@@ -30,6 +30,9 @@ def load() -> None:
         cpu_guards.register()
         pd_cpu_guards.register()
     request_api.register(settings)
+    from sglang_eldr.engine import info_route
+
+    info_route.register()
     if settings.capture:
         capture.register(settings)
         if settings.counts_port is not None:

@@ -56,7 +56,7 @@ class Server(ServerProcess):
                 cmd += ["--max-total-tokens", "65536"]
             if "--sleep-on-idle" not in args:
                 cmd += ["--sleep-on-idle"]
-        for k in ("SGLANG_ELDR", "SGLANG_ELDR_CAPTURE", "SGLANG_ELDR_CPU_GUARDS"):
+        for k in ("SGLANG_ELDR", "SGLANG_ELDR_CAPTURE", "SGLANG_ELDR_CPU_GUARDS", "SGLANG_ELDR_INFO"):
             e.pop(k, None)
         e.update(env or {})
         super().__init__(role="plain", port=port, log=Path(log_path), cmd=cmd, env=e)
