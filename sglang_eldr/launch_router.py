@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refit-min-samples", type=int, default=None,
                     help="requests needed in the window to refit (default: max(64, 16 per decoder))")
     ap.add_argument("--seed", type=int, default=0, help="seed for random/p2c and the refit (default: 0)")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address of the router's HTTP port (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    ap.add_argument("--host", default="0.0.0.0",
+                    help="address the router's HTTP port binds: clients on other hosts reach the router there "
+                         "(default: 0.0.0.0, every interface; give one address, e.g. 127.0.0.1, to restrict it)")
     ap.add_argument("--port", type=int, default=30000, help="bind port (default: 30000)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap

@@ -101,9 +101,6 @@ def _check_plugin_registered() -> None:
             os.environ["SGLANG_PLUGINS"] = ",".join(items + [PLUGIN_NAME])
 
 
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-
-
 def _is_moe(model_path: str | None, trust_remote_code: bool) -> bool:
     if not model_path:
         return False
@@ -119,7 +116,6 @@ def _is_moe(model_path: str | None, trust_remote_code: bool) -> bool:
 
 def _server_opts(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--model-path", "--model", dest="model_path", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--disaggregation-mode", default="null")
@@ -166,17 +162,17 @@ def prepare(argv: list[str]) -> tuple[list[str], ServerInfo]:
     os.environ.pop(S.ENV_COUNTS_HOST, None)
     os.environ.pop(S.ENV_COUNTS_PORT_FILE, None)
     if mode == "prefill" and capture:
-        host = opts.eldr_counts_host if opts.eldr_counts_host is not None else srv.host
         port = opts.eldr_counts_port
         if port is not None and port == srv.disaggregation_bootstrap_port:
             raise LayoutError(f"--eldr-counts-port {port} is this server's bootstrap port")
         # No port given: the publisher binds port 0 and the OS picks a free one at that moment.
         port_file = None if port is not None else os.path.join(tempfile.mkdtemp(prefix="eldr-counts-"), "port")
-        advertise = opts.eldr_counts_advertise_host or (None if host in WILDCARD_HOSTS else host)
-        launch = msgspec.structs.replace(launch, counts_host=host, counts_port=port, counts_port_file=port_file,
-                                        advertise_host=advertise)
+        # The counts host defaults to the server's own --host, as SGLang resolves it (read where it serves).
+        launch = msgspec.structs.replace(launch, counts_host=opts.eldr_counts_host, counts_port=port,
+                                        counts_port_file=port_file, advertise_host=opts.eldr_counts_advertise_host)
         os.environ[S.ENV_COUNTS_PORT] = str(port or 0)
-        os.environ[S.ENV_COUNTS_HOST] = host or "0.0.0.0"
+        if opts.eldr_counts_host is not None:
+            os.environ[S.ENV_COUNTS_HOST] = opts.eldr_counts_host
         if port_file:
             os.environ[S.ENV_COUNTS_PORT_FILE] = port_file
     os.environ[S.ENV_ENABLE] = "1"

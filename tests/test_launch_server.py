@@ -36,25 +36,29 @@ def test_capture_is_on_for_prefill_and_off_for_decode_unless_asked(clean_env):
                                           "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", "8998"])
     assert launch.capture and "--enable-return-routed-experts" in rest
     assert rest[rest.index("--disaggregation-decode-allocation-policy") + 1] == "prefill_complete"
-    assert launch.counts_host == "127.0.0.7" and launch.advertise_host == "127.0.0.7"
+    # No counts host given: the publisher binds, and /eldr/info advertises, the address SGLang serves on.
+    assert launch.counts_host is None and S.ENV_COUNTS_HOST not in os.environ
     # No port given: the publisher binds port 0 and reports the port the OS gave it through a file.
     assert launch.counts_port is None and os.environ[S.ENV_COUNTS_PORT] == "0"
     assert os.environ[S.ENV_COUNTS_PORT_FILE] == launch.counts_port_file
-    assert launch.info()["counts"] == {"host": "127.0.0.7", "port": None}  # not bound yet
+    assert launch.info("127.0.0.7")["counts"] == {"host": "127.0.0.7", "port": None}  # not bound yet
     Path(launch.counts_port_file).write_text("41234")
-    assert launch.info()["counts"] == {"host": "127.0.0.7", "port": 41234}
+    assert launch.info("127.0.0.7")["counts"] == {"host": "127.0.0.7", "port": 41234}
+    assert launch.info("0.0.0.0")["counts"] == {"host": None, "port": 41234}  # wildcard: the router's URL host
 
     assert msgspec.json.decode(os.environ[ENV_INFO], type=ServerInfo) == launch  # what GET /eldr/info serves
     rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--disaggregation-mode", "decode"])
     assert not launch.capture and "--enable-return-routed-experts" not in rest
-    assert launch.info()["counts"] is None and os.environ[S.ENV_CAPTURE] == "0"
+    assert launch.info("127.0.0.7")["counts"] is None and os.environ[S.ENV_CAPTURE] == "0"
     rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--disaggregation-mode", "decode", "--eldr-capture"])
     assert launch.capture and "--enable-return-routed-experts" in rest
 
     rest, launch = launch_server.prepare(["--model-path", str(MODEL), "--host", "0.0.0.0", "--disaggregation-mode",
-                                          "prefill", "--eldr-counts-port", "9111",
+                                          "prefill", "--eldr-counts-host", "0.0.0.0", "--eldr-counts-port", "9111",
                                           "--eldr-counts-advertise-host", "10.1.2.3"])
     assert (launch.counts_host, launch.counts_port, launch.advertise_host) == ("0.0.0.0", 9111, "10.1.2.3")
+    assert os.environ[S.ENV_COUNTS_HOST] == "0.0.0.0"
+    assert launch.info("0.0.0.0")["counts"] == {"host": "10.1.2.3", "port": 9111}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

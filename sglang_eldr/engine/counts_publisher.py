@@ -108,7 +108,7 @@ def _bracket(host: str) -> str:
 
 
 _PUB: Optional[Publisher] = None
-_CONFIG: Optional[tuple[str, int, Optional[str]]] = None
+_CONFIG: Optional[tuple[Optional[str], int, Optional[str]]] = None  # host (None: the server's), port, port file
 
 
 def _rank(ctx: Any, *names: str) -> int:
@@ -146,7 +146,8 @@ def scheduler_init_after(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     publishes, hub = ranks_role(get_parallel())
     if publishes:
         host, port, port_file = _CONFIG
-        _PUB = Publisher(host, port, hub=hub, port_file=port_file)
+        # No --eldr-counts-host: bind where the server itself serves (SGLang's resolved --host).
+        _PUB = Publisher(host or scheduler.server_args.host, port, hub=hub, port_file=port_file)
         _PUB.socket()
     return None
 
@@ -157,7 +158,7 @@ def publish(req: Any, counts: Optional[np.ndarray], unavailable: Optional[str]) 
         _PUB.send(encode_report(req.bootstrap_room, req.rid, counts, len(req.origin_input_ids), unavailable))
 
 
-def register(host: str, port: int, port_file: Optional[str] = None) -> None:
+def register(host: Optional[str], port: int, port_file: Optional[str] = None) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     global _CONFIG

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 ENV_INFO = "SGLANG_ELDR_INFO"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 T_HTTP_LAUNCH = "sglang.srt.entrypoints.http_server.launch_server"
 
 
@@ -24,15 +25,19 @@ class ServerInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mode: str  # SGLang's --disaggregation-mode: null | prefill | decode
     capture: bool
     bootstrap_port: int | None = None
-    counts_host: str | None = None  # bind address of the counts publisher (PD prefill only)
+    counts_host: str | None = None  # --eldr-counts-host (PD prefill); None: the server's --host
     counts_port: int | None = None  # None with a port file: the OS picks it when the publisher binds
     counts_port_file: str | None = None
-    advertise_host: str | None = None  # None: the router uses the host it knows this server by
+    advertise_host: str | None = None  # --eldr-counts-advertise-host
 
-    def info(self) -> dict:
+    def info(self, server_host: str | None) -> dict:
+        """The description GET /eldr/info serves; `server_host` is the address SGLang serves on. The
+        counts host is null for a wildcard bind: the router then uses the host of the URL it has."""
         endpoint = None
         if self.counts_port is not None or self.counts_port_file is not None:
-            endpoint = {"host": self.advertise_host, "port": self.counts_port or self._bound_port()}
+            bound = self.counts_host or server_host
+            host = self.advertise_host or (None if bound in WILDCARD_HOSTS or bound is None else bound)
+            endpoint = {"host": host, "port": self.counts_port or self._bound_port()}
         return {"eldr": True, "mode": self.mode, "capture": self.capture,
                 "bootstrap_port": self.bootstrap_port, "counts": endpoint}
 
@@ -53,9 +58,10 @@ def http_launch_before(server_args: Any, *args: Any, **kwargs: Any) -> None:
     from sglang.srt.entrypoints.http_server import app
 
     described = msgspec.json.decode(os.environ[ENV_INFO], type=ServerInfo)
+    host = getattr(server_args, "host", None)
 
     async def eldr_info() -> JSONResponse:
-        return JSONResponse(described.info())
+        return JSONResponse(described.info(host))  # reads the port file until the publisher has bound
 
     app.add_api_route("/eldr/info", eldr_info, methods=["GET"])
     return None

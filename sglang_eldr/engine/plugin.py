@@ -44,5 +44,5 @@ def load() -> None:
 
             step_stats.register(settings.step_stats_file)
     logger.info("ELDR plugin loaded: capture=%s counts=%s cpu_guards=%s", settings.capture,
-                f"{settings.counts_host}:{settings.counts_port}" if settings.counts_port is not None else "off",
+                f"{settings.counts_host or '(--host)'}:{settings.counts_port}" if settings.counts_port is not None else "off",
                 settings.cpu_guards)

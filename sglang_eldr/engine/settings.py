@@ -35,7 +35,7 @@ class EldrSettings:
     cpu_guards: bool
     stats_file: str | None
     counts_port: int | None = None  # PD prefill: publish each request's counts here (ZMQ PUB)
-    counts_host: str = "127.0.0.1"  # the address the counts publisher binds
+    counts_host: str | None = None  # the address the counts publisher binds; None: the server's --host
     counts_port_file: str | None = None  # port 0: the OS picks the port; the publisher writes it here
     step_stats_file: str | None = None  # decode: distinct experts per step, for benchmarks
 
@@ -48,7 +48,7 @@ class EldrSettings:
             cpu_guards=enabled and _flag(ENV_CPU_GUARDS, False),
             stats_file=os.environ.get(ENV_STATS_FILE) or None,
             counts_port=int(os.environ[ENV_COUNTS_PORT]) if os.environ.get(ENV_COUNTS_PORT) else None,
-            counts_host=os.environ.get(ENV_COUNTS_HOST) or "127.0.0.1",
+            counts_host=os.environ.get(ENV_COUNTS_HOST) or None,
             counts_port_file=os.environ.get(ENV_COUNTS_PORT_FILE) or None,
             step_stats_file=os.environ.get(ENV_STEP_STATS_FILE) or None,
         )
