@@ -36,6 +36,7 @@ from sglang_eldr.counts_inbox import CountsInbox
 from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.metrics import RouterMetrics
 from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
+from sglang_eldr.jsonio import JSON_HEADERS, dumps_json, json_body_response, loads_json, read_json
 from sglang_eldr.request_validation import validate_body
 from sglang_eldr.wire import REQUEST_FIELD, RouteReceipt, WorkerSpec, counts_meta
 
@@ -43,34 +44,6 @@ logger = logging.getLogger(__name__)
 
 COUNTS_FIELD = REQUEST_FIELD
 GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
-JSON_HEADERS = {"Content-Type": "application/json"}
-_JSON_DECODER = msgspec.json.Decoder()
-_JSON_ENCODER = msgspec.json.Encoder()
-
-
-def loads_json(data: bytes) -> tuple[object, bool]:
-    """`(json.loads(data), fast)`, decoded by msgspec where it accepts the input (UTF-8 JSON without
-    NaN/Infinity or lone surrogates: it then gives exactly what json.loads gives, several times
-    faster) and by json.loads itself otherwise, so every other input, and every error, is what
-    json.loads makes of it. `fast`: msgspec decoded it, so `dumps_json` may write it with msgspec."""
-    try:
-        return _JSON_DECODER.decode(data), True
-    except (msgspec.DecodeError, ValueError):  # ValueError: UnicodeDecodeError
-        return json.loads(data), False
-
-
-def dumps_json(value: object, fast: bool) -> bytes:
-    """`value` as JSON: msgspec for what `loads_json` decoded fast (plain JSON types, finite floats:
-    lossless), json.dumps (which writes NaN/Infinity back as json.loads read them) otherwise."""
-    return _JSON_ENCODER.encode(value) if fast else json.dumps(value).encode()
-
-
-def json_body_response(body: bytes, status: int = 200, headers: dict | None = None) -> web.Response:
-    """What web.json_response sends (status, headers, `application/json; charset=utf-8`), for a body
-    already encoded."""
-    return web.Response(body=body, status=status, headers=headers, content_type="application/json", charset="utf-8")
-
-
 async def first_done(futures: tuple[asyncio.Future, ...], timeout: float | None = None) -> None:
     """Returns once one of `futures` is done, or after `timeout` seconds; the caller reads `.done()`.
     What `asyncio.wait(..., return_when=FIRST_COMPLETED)` does, without the sets, the ensure_future
@@ -95,18 +68,6 @@ async def first_done(futures: tuple[asyncio.Future, ...], timeout: float | None 
             timer.cancel()
         for f in futures:
             f.remove_done_callback(wake)
-
-
-async def read_json(request: web.Request) -> tuple[object, bool]:
-    """The body as `request.json(loads=json.loads)` reads it, and `loads_json`'s `fast`; raises what
-    that raises (JSONDecodeError, UnicodeDecodeError, HTTPRequestEntityTooLarge)."""
-    data = await request.read()
-    if request.charset is None or request.charset.lower() in ("utf-8", "utf8"):
-        try:
-            return _JSON_DECODER.decode(data), True
-        except (msgspec.DecodeError, ValueError):
-            pass
-    return json.loads(await request.text()), False
 
 
 @dataclass(eq=False)  # identity: a re-added URL is a new worker, old requests keep the old one

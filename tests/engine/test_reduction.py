@@ -124,7 +124,6 @@ def test_one_pub_socket_per_server_carries_every_ranks_reports():
     with pytest.raises(zmq.ZMQError):  # a second process binding the port would fail the same way
         zmq.Context.instance().socket(zmq.PUB).bind(f"tcp://{host}:{port}")
     got: dict[int, object] = {}
-    req = lambda room: types.SimpleNamespace(bootstrap_room=room, rid=f"r{room}", origin_input_ids=[1, 2])  # noqa: E731
     for _ in range(50):  # PUB/SUB joins asynchronously: resend until both rooms arrive
         hub.send(counts_publisher.encode_report(1, "r1", np.ones((2, 3), np.int32), 2))
         spoke.send(counts_publisher.encode_report(2, "r2", None, 2, "prefix loaded from the hierarchical cache"))
@@ -141,7 +140,6 @@ def test_one_pub_socket_per_server_carries_every_ranks_reports():
     assert set(got) == {1, 2}
     assert got[1].array().sum() == 6 and got[1].unavailable is None  # type: ignore[attr-defined]
     assert got[2].unavailable == "prefix loaded from the hierarchical cache"  # type: ignore[attr-defined]
-    del req
 
 
 def test_port_zero_binds_a_free_port_and_reports_it(tmp_path):

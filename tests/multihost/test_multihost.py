@@ -5,7 +5,6 @@ server, and a decoder kill/restart behaves as on one address."""
 from __future__ import annotations
 
 import ipaddress
-import json
 
 import psutil
 import requests
@@ -101,4 +100,3 @@ def test_decoder_kill_and_restart_across_addresses(spread_cluster):
     used = {generate(router.url, rows(EVAL)[i]["text"])["meta_info"]["eldr_route"]["decoder"] for i in (3, 4)}
     assert used == {victim.url, survivor.url}
     assert all_idle(router.url)
-    json.dumps(routes)
