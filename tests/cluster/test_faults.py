@@ -208,6 +208,8 @@ class CountsRelay:
             return msgspec.msgpack.encode({**msgspec.structs.asdict(r), "counts": r.counts[:-4]})
         if self.mode == "garbage":
             return b"\xc1not msgpack"
+        if self.mode == "unavailable":  # what a prefill says when its rows cannot be trusted (HiCache prefix)
+            return encode_report(r.room, r.rid, None, r.prompt_tokens, "prefix loaded from the hierarchical cache")
         return data
 
     def run(self) -> None:
@@ -225,7 +227,7 @@ class CountsRelay:
 
 @pytest.mark.parametrize("mode,fallback", [
     ("negative", "bad-counts"), ("wrong-shape", "bad-counts"), ("short-bytes", "bad-counts"),
-    ("garbage", "counts-timeout"),
+    ("garbage", "counts-timeout"), ("unavailable", "counts-unavailable"),
 ])
 def test_misbehaving_prefill_counts_fall_back_and_keep_serving(cluster, centroids, relay, mode, fallback):
     router = cluster.start_router(policy="eldr", centroids=centroids, extra=["--counts-deadline", "1"],
