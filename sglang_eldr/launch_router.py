@@ -30,7 +30,8 @@ from aiohttp import web
 
 from sglang_eldr import centroids as centroid_file
 from sglang_eldr.decode_policy import DECODE_POLICIES, DecodeChooser
-from sglang_eldr.load_balancer import LBConfig, LoadBalancer, Worker
+from sglang_eldr.fleet import LBConfig, Worker
+from sglang_eldr.load_balancer import LoadBalancer
 from sglang_eldr.paths import local_path
 from sglang_eldr.prefill_policy import PREFILL_POLICIES, PrefillPicker
 

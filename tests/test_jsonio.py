@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sglang_eldr.jsonio import dumps_json, loads_json
-from sglang_eldr.load_balancer import first_done
+from sglang_eldr.dispatch import first_done
 
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text())

@@ -1,0 +1,286 @@
+"""The workers behind the load balancer: who they are, whether they are healthy, how loaded.
+
+`Fleet` owns the prefill and decoder lists, membership changes (POST/DELETE /workers without the
+HTTP), the periodic health checks with their circuit breaker, the HTTP session to the workers
+and the subscriptions to the prefills' counts endpoints. Every decoder health and load update
+goes through its `*_decoder*`, `mark` and `request_failed` methods, which keep the Rust router
+(`DecodeChooser`) and the `Worker` records in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import aiohttp
+
+from sglang_eldr.counts_inbox import CountsInbox
+from sglang_eldr.decode_policy import DecodeChooser
+from sglang_eldr.metrics import RouterMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)  # identity: a re-added URL is a new worker, old requests keep the old one
+class Worker:
+    url: str
+    role: str  # "prefill" | "decode"
+    bootstrap_port: int | None = None
+    counts_port: int | None = None  # None: not known yet, asked from the prefill's GET /eldr/info
+    counts_host: str | None = None  # None: the host of `url`
+    healthy: bool = True
+    in_flight: int = 0
+
+    @functools.cached_property  # the URL never changes (a re-added URL is a new Worker)
+    def host(self) -> str:
+        host = urlparse(self.url).hostname
+        if host is None:
+            raise ValueError(f"worker URL {self.url!r} has no host")
+        return host
+
+    @property
+    def counts_endpoint(self) -> str:
+        host = self.counts_host or self.host
+        return f"tcp://[{host}]:{self.counts_port}" if ":" in host else f"tcp://{host}:{self.counts_port}"
+
+
+@dataclass
+class LBConfig:
+    counts_deadline_s: float = 5.0
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    decode_attempts: int = 2  # a request whose decoder is unreachable is re-routed this many times - 1
+    orphan_grace_s: float = 10.0  # decode time allowed after its prefill call failed
+    health_interval_s: float = 2.0  # 0 disables the periodic checks
+    health_failures: int = 3  # consecutive failed checks that take a worker out
+    health_timeout_s: float = 5.0
+    allow_unknown_fields: bool = False  # pass fields this SGLang version does not know to the servers
+
+
+class StatusError(Exception):
+    """An error the web app answers with HTTP `status` and `message`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class MembershipError(StatusError):
+    """A worker cannot be added or removed; `status` says why (404, 409)."""
+
+
+class Fleet:
+    def __init__(self, prefills: list[Worker], decoders: list[Worker], decode: DecodeChooser,
+                 metrics: RouterMetrics, config: LBConfig):
+        self.prefills = prefills
+        self.decoders = decoders
+        self.decode = decode
+        self.metrics = metrics
+        self.config = config
+        self.inbox = CountsInbox()
+        self._session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task | None = None
+        self._failures: dict[str, int] = {}
+        self._draining: dict[str, asyncio.Task] = {}  # removed prefills' counts endpoints
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the load balancer has not started"
+        return self._session
+
+    @property
+    def workers(self) -> list[Worker]:
+        """Every registered worker, prefills first."""
+        return self.prefills + self.decoders
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Opens the session to the workers, subscribes to the prefills' counts and starts the
+        health checks (unless `health_interval_s` is 0)."""
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.request_timeout_s),
+            connector=aiohttp.TCPConnector(limit=0),
+        )
+        self.inbox.start()
+        await asyncio.gather(*(self._connect_counts(p) for p in self.prefills))
+        if self.config.health_interval_s > 0:
+            self._health_task = asyncio.create_task(self._health_loop(), name="eldr-health")
+
+    def cancel_tasks(self) -> None:
+        """Stops the health checks and the pending unsubscribes of removed prefills."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+        for t in list(self._draining.values()):
+            t.cancel()
+
+    async def close(self) -> None:
+        await self.inbox.close()
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------ decoder health and load
+    def decoder_loads(self) -> list[int]:
+        """Requests in flight per decoder, as the Rust router counts them (what routing uses)."""
+        return self.decode.loads()
+
+    def decoder_health(self) -> list[bool]:
+        """Health per decoder, as the Rust router sees it (what routing uses)."""
+        return self.decode.healthy()
+
+    def any_decoder_healthy(self) -> bool:
+        return any(self.decode.healthy())
+
+    def acquire_decoder(self, idx: int) -> Worker:
+        """The decoder the router chose (its choice counted the request there); counts it on the
+        `Worker` record too."""
+        decoder = self.decoders[idx]
+        decoder.in_flight += 1
+        return decoder
+
+    def release_decoder(self, decoder: Worker) -> None:
+        """Ends one request on `decoder`; if it was removed meanwhile, only its own count drops.
+        (The in-flight gauge is read from the router when /metrics is scraped, not here.)"""
+        decoder.in_flight -= 1
+        try:
+            idx = self.decoders.index(decoder)
+        except ValueError:
+            return  # removed: the router no longer counts it
+        self.decode.release(idx)
+
+    def request_failed(self, decoder: Worker) -> None:
+        """A request broke on this decoder after it was accepted: counts toward its breaker like a
+        failed health check (a passing check resets the count)."""
+        self._failures[decoder.url] = self._failures.get(decoder.url, 0) + 1
+        if self._failures[decoder.url] >= self.config.health_failures:
+            self.mark(decoder, healthy=False)
+
+    def mark(self, decoder: Worker, healthy: bool) -> None:
+        """Opens (healthy=False) or closes the breaker of `decoder`, if it is still registered."""
+        if decoder in self.decoders:
+            self.mark_decoder(self.decoders.index(decoder), healthy)
+
+    def mark_decoder(self, idx: int, healthy: bool) -> None:
+        if self.decode.healthy()[idx] != healthy:
+            logger.warning("decoder %s marked %s", self.decoders[idx].url, "healthy" if healthy else "unhealthy")
+        self.decode.set_healthy(idx, healthy)
+        self.decoders[idx].healthy = healthy
+
+    # ------------------------------------------------------------------ health
+    async def _health_loop(self) -> None:
+        """Circuit breaker per worker: `health_failures` failed checks in a row take it out of
+        every policy's choice; the next passing check (the half-open probe) puts it back."""
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            workers = self.workers
+            results = await self.fan_out("GET", "/health", workers, timeout_s=self.config.health_timeout_s)
+            await asyncio.gather(*(self._connect_counts(p) for p in self.prefills if p.counts_port is None))
+            for w, (status, _) in zip(workers, results):
+                if w not in self.prefills and w not in self.decoders:
+                    continue  # removed while the checks ran
+                ok = status == 200
+                self._failures[w.url] = 0 if ok else self._failures.get(w.url, 0) + 1
+                healthy = ok or (w.healthy and self._failures[w.url] < self.config.health_failures)
+                if w.role == "decode":
+                    self.mark_decoder(self.decoders.index(w), healthy)
+                elif w.healthy != healthy:
+                    logger.warning("prefill %s marked %s", w.url, "healthy" if healthy else "unhealthy")
+                    w.healthy = healthy
+
+    async def fan_out(self, method: str, path: str, workers: list[Worker],
+                      timeout_s: float = 30.0) -> list[tuple[int, object]]:
+        """One request to each of `workers`: (status, JSON body or text); 599 where it failed."""
+
+        async def one(w: Worker) -> tuple[int, object]:
+            try:
+                async with self.session.request(method, w.url + path,
+                                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                    text = await r.text()
+                    try:
+                        return r.status, json.loads(text)
+                    except ValueError:
+                        return r.status, text
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                return 599, f"{type(e).__name__}: {e}"
+
+        return list(await asyncio.gather(*(one(w) for w in workers)))
+
+    # ------------------------------------------------------------------ membership
+    def find(self, url: str) -> Worker | None:
+        return next((w for w in self.workers if w.url == url), None)
+
+    async def add(self, worker: Worker) -> None:
+        """Registers `worker`. It is probed once; if its /health fails it joins unhealthy and the
+        health checks put it in service when it passes. MembershipError (409) if its URL is taken."""
+        if self.find(worker.url) is not None:
+            raise MembershipError(409, f"worker {worker.url} is already registered; DELETE it first")
+        (status, _), = await self.fan_out("GET", "/health", [worker], timeout_s=self.config.health_timeout_s)
+        if self.find(worker.url) is not None:  # added while we probed
+            raise MembershipError(409, f"worker {worker.url} is already registered; DELETE it first")
+        worker.healthy = status == 200
+        self._failures.pop(worker.url, None)
+        if worker.role == "decode":
+            self.decode.add(worker.url, healthy=worker.healthy)
+            self.decoders.append(worker)
+        else:
+            self.prefills.append(worker)
+            task = self._draining.pop(worker.counts_endpoint, None)
+            if task is not None:
+                task.cancel()
+            await self._connect_counts(worker)
+        self.metrics.membership.labels(worker.role, "added").inc()
+        logger.warning("%s %s added (%s)", worker.role, worker.url, "healthy" if worker.healthy else "unhealthy")
+
+    def remove(self, url: str) -> Worker:
+        """Unregisters the worker at `url`: no new requests go to it; its requests in flight
+        finish. MembershipError: 404 if none is registered there, 409 if it is the last of its role."""
+        worker = self.find(url)
+        if worker is None:
+            raise MembershipError(404, f"no worker {url!r} is registered (GET /workers lists them)")
+        pool = self.decoders if worker.role == "decode" else self.prefills
+        if len(pool) == 1:
+            raise MembershipError(409, f"{worker.url} is the last {worker.role} worker; add another first")
+        if worker.role == "decode":
+            idx = self.decoders.index(worker)
+            self.decode.remove(idx, worker.url)
+            del self.decoders[idx]
+        else:
+            self.prefills.remove(worker)
+            # Its requests in flight still wait for their counts: unsubscribe once they are done.
+            task = asyncio.create_task(self._unsubscribe_when_drained(worker))
+            self._draining[worker.counts_endpoint] = task
+        self.metrics.membership.labels(worker.role, "removed").inc()
+        logger.warning("%s %s removed (%d request(s) still in flight finish there)", worker.role, worker.url,
+                       worker.in_flight)
+        return worker
+
+    # ------------------------------------------------------------------ counts endpoints
+    async def _connect_counts(self, prefill: Worker) -> None:
+        """Subscribes to a prefill's counts; an endpoint not given is asked from the prefill, which
+        advertises where its publisher listens (GET /eldr/info). Retried by the health loop."""
+        if prefill.counts_port is None:
+            (status, info), = await self.fan_out("GET", "/eldr/info", [prefill], timeout_s=self.config.health_timeout_s)
+            counts = info.get("counts") if status == 200 and isinstance(info, dict) else None
+            if isinstance(counts, dict) and counts.get("port") is None:
+                return  # its scheduler has not bound the publisher yet: asked again next health round
+            if not isinstance(counts, dict) or not isinstance(counts.get("port"), int):
+                if status == 200:
+                    logger.warning("prefill %s advertises no counts endpoint (capture off, or not a PD prefill "
+                                   "server): its requests are routed least-loaded", prefill.url)
+                return
+            prefill.counts_host = counts.get("host") if isinstance(counts.get("host"), str) else None
+            prefill.counts_port = counts["port"]
+            logger.info("prefill %s publishes counts on %s", prefill.url, prefill.counts_endpoint)
+        self.inbox.connect(prefill.counts_endpoint)
+
+    async def _unsubscribe_when_drained(self, prefill: Worker) -> None:
+        deadline = time.monotonic() + self.config.request_timeout_s
+        while prefill.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        self._draining.pop(prefill.counts_endpoint, None)
+        self.inbox.disconnect(prefill.counts_endpoint)
