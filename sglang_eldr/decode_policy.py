@@ -1,16 +1,21 @@
-"""Decode worker choice by policy name, one Rust-router decision per request, over a decoder
-set that can change at runtime."""
+"""Decode worker choice by policy name: one Rust-router decision per request. The Rust router
+owns the decoder set (membership, loads, health, breaker counts); this module adds what Python
+does around it: the policy's configuration, the centroid file in use, and the refits."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sglang_eldr import fitting
 from sglang_eldr.centroids import CentroidFileError, CentroidSet
-from sglang_eldr.refit import OnlineRefit
-from sglang_eldr.router_rs import BASELINES, BaselineRouter, LocalityBandRouter
+from sglang_eldr.refit import Refitter
+from sglang_eldr.router_rs import BASELINES, DEFAULT_BREAKER_FAILURES, BaselineRouter, LocalityBandRouter, Router
+
+if TYPE_CHECKING:
+    from sglang_eldr.router_rs import Receipt
 
 # `eldr-static` is `eldr` with the online refit off (`--refit off`), kept as an accepted name.
 DECODE_POLICIES = ("eldr", "eldr-static", *BASELINES)
@@ -23,7 +28,7 @@ class DecodeChooser:
     def __init__(
         self,
         policy: str,
-        num_decoders: int,
+        decoders: list[str],
         centroid_set: CentroidSet | None = None,
         tau: float = 0.1,
         seed: int = 0,
@@ -32,7 +37,9 @@ class DecodeChooser:
         refit_min_samples: int | None = None,
         max_imbalance: int | None = 2,
         online_refit: bool | None = None,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
     ):
+        """`decoders`: the decoders' keys (their URLs), in order."""
         if policy not in DECODE_POLICIES:
             raise ValueError(f"policy: unknown {policy!r} (expected one of {', '.join(DECODE_POLICIES)})")
         if policy == "eldr-static" and online_refit:
@@ -40,29 +47,24 @@ class DecodeChooser:
         self.policy = policy
         # The periodic refit: on for eldr unless turned off, never for eldr-static or the baselines.
         self.online_refit = policy == "eldr" and online_refit is not False
-        self.tau = tau
         self.seed = seed
-        self.max_imbalance = max_imbalance
-        self.refit: OnlineRefit | None = None  # runs periodically (policy eldr)
-        self._window: OnlineRefit | None = None  # recent counts, for refits on membership changes
-        self._retired: dict[str, np.ndarray] = {}  # centroid rows of removed decoders, by key
-        self.membership_refits = 0
-        self._refit_window_s, self._refit_interval_s = refit_window_s, refit_interval_s
-        self._refit_min_samples = refit_min_samples
+        self.router: Router
+        if self.locality:
+            self.router = LocalityBandRouter(None, tau, keys=list(decoders), max_imbalance=max_imbalance,
+                                             breaker_failures=breaker_failures)
+        else:
+            self.router = BaselineRouter(policy, keys=list(decoders), seed=seed, breaker_failures=breaker_failures)
+        self._refitter_for = functools.partial(
+            Refitter, self.router, window_s=refit_window_s, interval_s=refit_interval_s,
+            min_samples=refit_min_samples, periodic=self.online_refit, seed=seed)
+        # Set once centroids are loaded: refits on membership changes, and periodically with eldr.
+        self.refitter: Refitter | None = None
         # The last centroid file loaded (IDF, layer mask, geometry; the router holds the centroids as
         # refits move them). An eldr policy without one routes least-loaded.
         self.centroid_set: CentroidSet | None = None
         self._counts_shape: tuple[int, int] | None = None  # of the counts seen before centroids arrived
-        self.router = self._build(num_decoders, None)
         if self.locality and centroid_set is not None:
             self.load_centroids(centroid_set)
-
-    def _build(self, workers: int, centroids: np.ndarray | None):
-        cs = self.centroid_set
-        if cs is None:
-            return BaselineRouter(self.policy if not self.locality else "jsq", workers, seed=self.seed)
-        return LocalityBandRouter(centroids, self.tau, idf=cs.idf, layer_mask=cs.layer_mask,
-                                  max_imbalance=self.max_imbalance)
 
     @property
     def locality(self) -> bool:
@@ -84,15 +86,19 @@ class DecodeChooser:
     def num_decoders(self) -> int:
         return self.router.num_workers
 
-    def choose(self, counts: np.ndarray | None) -> dict:
-        """Acquires a decoder; returns the Rust receipt {worker, policy, scores, band, loads}."""
+    @property
+    def membership_refits(self) -> int:
+        return self.refitter.membership_refits if self.refitter is not None else 0
+
+    def choose(self, counts: np.ndarray | None) -> Receipt:
+        """Acquires a decoder; returns the Rust receipt {worker, id, policy, scores, band, loads}."""
         if not self.has_centroids:
             if counts is not None:
                 self._counts_shape = (int(counts.shape[0]), int(counts.shape[1]))
             return self.router.acquire_with_receipt(None)
         receipt = self.router.acquire_with_receipt(counts)
-        if counts is not None and self._window is not None:
-            self._window.observe(counts)
+        if counts is not None and self.refitter is not None:
+            self.refitter.observe(counts)
         return receipt
 
     # ------------------------------------------------------------------ centroids
@@ -120,87 +126,23 @@ class DecodeChooser:
                 f"counts of shape {list(self._counts_shape)}")
 
     def load_centroids(self, cs: CentroidSet) -> None:
-        """Routes by `cs` from now on (row k is decoder k), keeping loads and health; the old
-        state stays when it does not fit (CentroidFileError, or ValueError from the Rust router)."""
+        """Routes by `cs` from now on (row k is decoder k), keeping loads, health and membership;
+        the old state stays when it does not fit (CentroidFileError, or ValueError from the Rust
+        router)."""
         self.check_centroids(cs)
-        router = LocalityBandRouter(cs.centroids, self.tau, idf=cs.idf, layer_mask=cs.layer_mask,
-                                    max_imbalance=self.max_imbalance)
-        router.restore_state(np.asarray(self.loads(), dtype=np.int64), self.healthy())
+        self.router.load_centroids(cs.centroids, idf=cs.idf, layer_mask=cs.layer_mask)
         self.centroid_set = cs
-        self._retired.clear()  # rows of removed decoders belong to the old fit's space
-        self.router = router
-        if self._window is None:
-            self._window = OnlineRefit(router, cs.idf, cs.layer_mask, window_s=self._refit_window_s,
-                                       interval_s=self._refit_interval_s, min_samples=self._refit_min_samples,
-                                       seed=self.seed)
+        if self.refitter is None:
+            self.refitter = self._refitter_for(cs.idf, cs.layer_mask)
         else:
-            self._window.retarget(router, cs.idf, cs.layer_mask)
-        if self.online_refit:
-            self.refit = self._window
+            self.refitter.retarget(cs.idf, cs.layer_mask)
         logger.info("centroids loaded: %d decoders, %d of %d layers kept", cs.num_workers,
                     int(cs.layer_mask.sum()), len(cs.layer_mask))
 
-    def release(self, worker: int) -> None:
-        self.router.release(worker)
-
-    def loads(self) -> list[int]:
-        return self.router.loads().tolist()
-
-    def set_healthy(self, worker: int, healthy: bool) -> None:
-        self.router.set_healthy(worker, healthy)
-
-    def healthy(self) -> list[bool]:
-        return self.router.healthy()
-
     # ------------------------------------------------------------------ membership
-    def add(self, key: str, healthy: bool = True) -> int:
-        """Appends a decoder (index = the old count) and gives it a centroid: its own row if `key`
-        was removed before, else a refit on the recent window when it holds enough requests,
-        else the mean direction of the others (the next online refit then places it)."""
-        loads, flags = self.loads() + [0], self.healthy() + [healthy]
-        rows = None
-        if self.has_centroids:
-            current = self.router.centroids()
-            row = self._retired.pop(key, None)
-            if row is None:
-                mean = current.mean(axis=0)
-                row = mean / max(float(np.linalg.norm(mean)), 1e-12)
-            rows = np.vstack([current, row[None, :]]).astype(np.float32)
-            rows = self._refit_for(rows)
-        self._replace(rows, loads, flags)
-        return len(loads) - 1
-
-    def remove(self, index: int, key: str) -> None:
-        """Drops decoder `index`; later indices shift down by one. Its centroid is kept under `key`
-        in case it comes back; the others keep theirs (or get a refit on the recent window)."""
-        n = self.num_decoders
-        if not 0 <= index < n:
-            raise IndexError(f"decoder index {index} out of range for {n} decoders")
-        if n == 1:
-            raise ValueError("cannot remove the last decoder")
-        loads, flags = self.loads(), self.healthy()
-        del loads[index], flags[index]
-        rows = None
-        if self.has_centroids:
-            current = self.router.centroids()
-            self._retired[key] = current[index].copy()
-            rows = self._refit_for(np.delete(current, index, axis=0))
-        self._replace(rows, loads, flags)
-
-    def _refit_for(self, rows: np.ndarray) -> np.ndarray:
-        """`rows` refit on the recent window (aligned to `rows`' identities), or as given when the
-        window is too small."""
-        assert self._window is not None
-        fitted = self._window.fit(len(rows))
-        if fitted is None:
-            return rows
-        self.membership_refits += 1
-        return fitting.align_centroids(rows, fitted)
-
-    def _replace(self, rows: np.ndarray | None, loads: list[int], healthy: list[bool]) -> None:
-        router = self._build(len(loads), rows)
-        router.restore_state(np.asarray(loads, dtype=np.int64), healthy)
-        self.router = router
-        if self._window is not None:
-            self._window.router = router
-        logger.info("decoder set now %d (loads %s)", len(loads), loads)
+    def membership_changed(self) -> None:
+        """A decoder was added to or removed from `router` (a new one has its old centroid back
+        if its key was removed before, else the mean direction of the others): refit as soon as
+        the window allows, off the event loop."""
+        if self.refitter is not None:
+            self.refitter.request()

@@ -30,7 +30,7 @@ import numpy as np
 from aiohttp import web
 
 from sglang_eldr.decode_policy import DecodeChooser
-from sglang_eldr.fleet import Fleet, LBConfig, StatusError, Worker
+from sglang_eldr.fleet import Fleet, LBConfig, Pool, StatusError, Worker
 from sglang_eldr.jsonio import JSON_HEADERS, dumps_json, json_body_response, loads_json
 from sglang_eldr.metrics import RouterMetrics
 from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
@@ -95,12 +95,10 @@ class Dispatcher:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     def _pick_prefill(self, body: dict) -> Worker:
-        prefills = self.fleet.prefills
+        pool = self.fleet.prefills
+        prefills = pool.workers
         try:
-            i = self.prefill_picker.pick(
-                prompt_key(body), [p.in_flight for p in prefills], [p.healthy for p in prefills],
-                [p.url for p in prefills],
-            )
+            i = self.prefill_picker.pick(prompt_key(body), pool.loads(), pool.healthy(), [p.url for p in prefills])
         except LookupError as e:
             raise UpstreamError(503, str(e)) from None
         return prefills[i]
@@ -116,7 +114,7 @@ class Dispatcher:
         pd_body.update(bootstrap_host=prefill.host, bootstrap_port=prefill.bootstrap_port, bootstrap_room=room)
         pd_data = dumps_json(pd_body, fast)  # encoded once, for the prefill and the decoder
         counts_future = self.fleet.inbox.expect(room)
-        prefill.in_flight += 1
+        self.fleet.prefills.hold(prefill)
         prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_data))
         self._background.add(prefill_task)
         prefill_task.add_done_callback(self._background.discard)
@@ -137,13 +135,13 @@ class Dispatcher:
                     # Nothing reached the decoder, and the prefill still holds the KV for this room:
                     # another decoder can bootstrap it. Open the breaker on this one and retry.
                     logger.warning("decoder %s unreachable (%s); re-routing room %d", decoder.url, e, room)
-                    self.fleet.mark(decoder, healthy=False)
+                    self.fleet.decoders.set_healthy(decoder, False)
                     fallback = "decoder-unreachable"
-                    if attempt + 1 == self.config.decode_attempts or not self.fleet.any_decoder_healthy():
+                    if attempt + 1 == self.config.decode_attempts or not any(self.fleet.decoders.healthy()):
                         prefill_task.cancel()
                         raise UpstreamError(502, f"no reachable decoder for this request (last: {decoder.url}: {e})") from None
                 finally:
-                    self.fleet.release_decoder(decoder)
+                    self.fleet.decoders.release(decoder)
             raise AssertionError("unreachable")
         except ValueError as e:  # the Rust router refused (e.g. all decoders unhealthy)
             prefill_task.cancel()
@@ -152,7 +150,7 @@ class Dispatcher:
             self.fleet.inbox.forget(room)
             # The prefill response arrives after the KV transfer; let it finish in the background
             # (its in-flight count drops then). A failed decode has cancelled it already.
-            prefill_task.add_done_callback(functools.partial(_dec, prefill))
+            prefill_task.add_done_callback(functools.partial(_release, self.fleet.prefills, prefill))
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
     def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int) -> tuple[Worker, dict]:
@@ -174,7 +172,7 @@ class Dispatcher:
             fallback = "zero-signature"
         if fallback is not None:
             self.metrics.count_fallback(fallback)
-        decoder = self.fleet.acquire_decoder(receipt["worker"])
+        decoder = self.fleet.decoders.by_id(receipt["id"])
         self.metrics.count_routed(decoder.url)
         route = RouteReceipt(
             policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
@@ -324,8 +322,8 @@ def stream_error(text: str) -> tuple[int, str] | None:
     return None
 
 
-def _dec(worker: Worker, _task: object = None) -> None:
-    worker.in_flight = max(0, worker.in_flight - 1)
+def _release(pool: Pool, worker: Worker, _task: object = None) -> None:
+    pool.release(worker)
 
 
 def attach_receipt(payload: object, route: dict, path: str) -> None:

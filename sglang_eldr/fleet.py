@@ -1,10 +1,10 @@
 """The workers behind the load balancer: who they are, whether they are healthy, how loaded.
 
-`Fleet` owns the prefill and decoder lists, membership changes (POST/DELETE /workers without the
-HTTP), the periodic health checks with their circuit breaker, the HTTP session to the workers
-and the subscriptions to the prefills' counts endpoints. Every decoder health and load update
-goes through its `*_decoder*`, `mark` and `request_failed` methods, which keep the Rust router
-(`DecodeChooser`) and the `Worker` records in step.
+The Rust router of each pool owns its members' order, in-flight counts, health and circuit-breaker
+failure counts (the decode pool's is the `DecodeChooser`'s router; the prefill pool's keeps state
+only, since `PrefillPicker` chooses). `Worker` records keep what Python needs to reach a worker.
+`Fleet` owns both pools, membership changes (POST/DELETE /workers without the HTTP), the periodic
+health checks, the HTTP session to the workers and the subscriptions to the prefills' counts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import aiohttp
@@ -22,6 +24,10 @@ import aiohttp
 from sglang_eldr.counts_inbox import CountsInbox
 from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.metrics import RouterMetrics
+from sglang_eldr.router_rs import BaselineRouter, Router
+
+if TYPE_CHECKING:
+    from sglang_eldr.router_rs import Member
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +39,7 @@ class Worker:
     bootstrap_port: int | None = None
     counts_port: int | None = None  # None: not known yet, asked from the prefill's GET /eldr/info
     counts_host: str | None = None  # None: the host of `url`
-    healthy: bool = True
-    in_flight: int = 0
+    id: int = -1  # member id in its pool's Rust router (a re-added URL gets a new one)
 
     @functools.cached_property  # the URL never changes (a re-added URL is a new Worker)
     def host(self) -> str:
@@ -75,18 +80,92 @@ class MembershipError(StatusError):
     """A worker cannot be added or removed; `status` says why (404, 409)."""
 
 
+class Pool:
+    """One role's workers: records by member id over the Rust router that holds their state."""
+
+    def __init__(self, role: str, router: Router, workers: list[Worker]):
+        keys = [m["key"] for m in router.members()]
+        if keys != [w.url for w in workers]:
+            raise ValueError(f"{role} pool: the router's members {keys} are not the workers {[w.url for w in workers]}")
+        self.role = role
+        self.router = router
+        for w, worker_id in zip(workers, router.ids()):
+            w.id = worker_id
+        self._by_id = {w.id: w for w in workers}
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(self.workers)
+
+    def __len__(self) -> int:
+        return self.router.num_workers
+
+    @property
+    def workers(self) -> list[Worker]:
+        """In member order (the order loads and health are reported in)."""
+        return [self._by_id[i] for i in self.router.ids()]
+
+    def by_id(self, worker_id: int) -> Worker:
+        return self._by_id[worker_id]
+
+    def find(self, url: str) -> Worker | None:
+        return next((w for w in self._by_id.values() if w.url == url), None)
+
+    def __contains__(self, worker: Worker) -> bool:
+        return self._by_id.get(worker.id) is worker
+
+    def loads(self) -> list[int]:
+        return self.router.loads().tolist()
+
+    def healthy(self) -> list[bool]:
+        return self.router.healthy()
+
+    def members(self) -> dict[int, Member]:
+        return {m["id"]: m for m in self.router.members()}
+
+    def in_flight(self, worker: Worker) -> int:
+        """Its requests in flight, also after it was removed."""
+        return self.router.in_flight(worker.id)
+
+    def add(self, worker: Worker, healthy: bool) -> None:
+        worker.id = self.router.add(worker.url, healthy)
+        self._by_id[worker.id] = worker
+
+    def remove(self, worker: Worker) -> None:
+        self.router.remove(worker.id)
+        del self._by_id[worker.id]
+
+    def hold(self, worker: Worker) -> None:
+        """Counts a request on a worker chosen outside the router's policy."""
+        self.router.hold(worker.id)
+
+    def release(self, worker: Worker) -> None:
+        """Ends one request on `worker`; after its removal only its own retired count drops."""
+        self.router.release(worker.id)
+
+    def report(self, worker: Worker, ok: bool) -> None:
+        """One circuit-breaker observation; logs a change of health."""
+        if worker in self:
+            changed = self.router.report(worker.id, ok)
+            if changed is not None:
+                logger.warning("%s %s marked %s", self.role, worker.url, "healthy" if changed else "unhealthy")
+
+    def set_healthy(self, worker: Worker, healthy: bool) -> None:
+        if worker in self and self.router.set_healthy(worker.id, healthy):
+            logger.warning("%s %s marked %s", self.role, worker.url, "healthy" if healthy else "unhealthy")
+
+
 class Fleet:
     def __init__(self, prefills: list[Worker], decoders: list[Worker], decode: DecodeChooser,
                  metrics: RouterMetrics, config: LBConfig):
-        self.prefills = prefills
-        self.decoders = decoders
+        self.prefills = Pool("prefill", BaselineRouter("jsq", keys=[p.url for p in prefills],
+                                                        breaker_failures=config.health_failures), prefills)
+        self.decoders = Pool("decode", decode.router, decoders)
         self.decode = decode
         self.metrics = metrics
         self.config = config
         self.inbox = CountsInbox()
         self._session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
-        self._failures: dict[str, int] = {}
         self._draining: dict[str, asyncio.Task] = {}  # removed prefills' counts endpoints
 
     @property
@@ -97,7 +176,10 @@ class Fleet:
     @property
     def workers(self) -> list[Worker]:
         """Every registered worker, prefills first."""
-        return self.prefills + self.decoders
+        return self.prefills.workers + self.decoders.workers
+
+    def pool(self, worker: Worker) -> Pool:
+        return self.decoders if worker.role == "decode" else self.prefills
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -124,52 +206,9 @@ class Fleet:
         if self._session is not None:
             await self._session.close()
 
-    # ------------------------------------------------------------------ decoder health and load
-    def decoder_loads(self) -> list[int]:
-        """Requests in flight per decoder, as the Rust router counts them (what routing uses)."""
-        return self.decode.loads()
-
-    def decoder_health(self) -> list[bool]:
-        """Health per decoder, as the Rust router sees it (what routing uses)."""
-        return self.decode.healthy()
-
-    def any_decoder_healthy(self) -> bool:
-        return any(self.decode.healthy())
-
-    def acquire_decoder(self, idx: int) -> Worker:
-        """The decoder the router chose (its choice counted the request there); counts it on the
-        `Worker` record too."""
-        decoder = self.decoders[idx]
-        decoder.in_flight += 1
-        return decoder
-
-    def release_decoder(self, decoder: Worker) -> None:
-        """Ends one request on `decoder`; if it was removed meanwhile, only its own count drops.
-        (The in-flight gauge is read from the router when /metrics is scraped, not here.)"""
-        decoder.in_flight -= 1
-        try:
-            idx = self.decoders.index(decoder)
-        except ValueError:
-            return  # removed: the router no longer counts it
-        self.decode.release(idx)
-
-    def request_failed(self, decoder: Worker) -> None:
-        """A request broke on this decoder after it was accepted: counts toward its breaker like a
-        failed health check (a passing check resets the count)."""
-        self._failures[decoder.url] = self._failures.get(decoder.url, 0) + 1
-        if self._failures[decoder.url] >= self.config.health_failures:
-            self.mark(decoder, healthy=False)
-
-    def mark(self, decoder: Worker, healthy: bool) -> None:
-        """Opens (healthy=False) or closes the breaker of `decoder`, if it is still registered."""
-        if decoder in self.decoders:
-            self.mark_decoder(self.decoders.index(decoder), healthy)
-
-    def mark_decoder(self, idx: int, healthy: bool) -> None:
-        if self.decode.healthy()[idx] != healthy:
-            logger.warning("decoder %s marked %s", self.decoders[idx].url, "healthy" if healthy else "unhealthy")
-        self.decode.set_healthy(idx, healthy)
-        self.decoders[idx].healthy = healthy
+    def available(self) -> bool:
+        """Some prefill and some decoder are healthy."""
+        return any(self.prefills.healthy()) and any(self.decoders.healthy())
 
     # ------------------------------------------------------------------ health
     async def _health_loop(self) -> None:
@@ -181,16 +220,12 @@ class Fleet:
             results = await self.fan_out("GET", "/health", workers, timeout_s=self.config.health_timeout_s)
             await asyncio.gather(*(self._connect_counts(p) for p in self.prefills if p.counts_port is None))
             for w, (status, _) in zip(workers, results):
-                if w not in self.prefills and w not in self.decoders:
-                    continue  # removed while the checks ran
-                ok = status == 200
-                self._failures[w.url] = 0 if ok else self._failures.get(w.url, 0) + 1
-                healthy = ok or (w.healthy and self._failures[w.url] < self.config.health_failures)
-                if w.role == "decode":
-                    self.mark_decoder(self.decoders.index(w), healthy)
-                elif w.healthy != healthy:
-                    logger.warning("prefill %s marked %s", w.url, "healthy" if healthy else "unhealthy")
-                    w.healthy = healthy
+                self.pool(w).report(w, status == 200)  # a worker removed while the checks ran is skipped
+
+    def request_failed(self, decoder: Worker) -> None:
+        """A request broke on this decoder after it was accepted: counts toward its breaker like a
+        failed health check (a passing check resets the count)."""
+        self.decoders.report(decoder, False)
 
     async def fan_out(self, method: str, path: str, workers: list[Worker],
                       timeout_s: float = 30.0) -> list[tuple[int, object]]:
@@ -212,29 +247,29 @@ class Fleet:
 
     # ------------------------------------------------------------------ membership
     def find(self, url: str) -> Worker | None:
-        return next((w for w in self.workers if w.url == url), None)
+        return self.prefills.find(url) or self.decoders.find(url)
 
-    async def add(self, worker: Worker) -> None:
-        """Registers `worker`. It is probed once; if its /health fails it joins unhealthy and the
-        health checks put it in service when it passes. MembershipError (409) if its URL is taken."""
+    async def add(self, worker: Worker) -> bool:
+        """Registers `worker`; returns whether it joined healthy. It is probed once; if its
+        /health fails it joins unhealthy and the health checks put it in service when it passes.
+        MembershipError (409) if its URL is taken."""
         if self.find(worker.url) is not None:
             raise MembershipError(409, f"worker {worker.url} is already registered; DELETE it first")
         (status, _), = await self.fan_out("GET", "/health", [worker], timeout_s=self.config.health_timeout_s)
         if self.find(worker.url) is not None:  # added while we probed
             raise MembershipError(409, f"worker {worker.url} is already registered; DELETE it first")
-        worker.healthy = status == 200
-        self._failures.pop(worker.url, None)
+        healthy = status == 200
+        self.pool(worker).add(worker, healthy)
         if worker.role == "decode":
-            self.decode.add(worker.url, healthy=worker.healthy)
-            self.decoders.append(worker)
+            self.decode.membership_changed()
         else:
-            self.prefills.append(worker)
             task = self._draining.pop(worker.counts_endpoint, None)
             if task is not None:
                 task.cancel()
             await self._connect_counts(worker)
         self.metrics.membership.labels(worker.role, "added").inc()
-        logger.warning("%s %s added (%s)", worker.role, worker.url, "healthy" if worker.healthy else "unhealthy")
+        logger.warning("%s %s added (%s)", worker.role, worker.url, "healthy" if healthy else "unhealthy")
+        return healthy
 
     def remove(self, url: str) -> Worker:
         """Unregisters the worker at `url`: no new requests go to it; its requests in flight
@@ -242,21 +277,19 @@ class Fleet:
         worker = self.find(url)
         if worker is None:
             raise MembershipError(404, f"no worker {url!r} is registered (GET /workers lists them)")
-        pool = self.decoders if worker.role == "decode" else self.prefills
+        pool = self.pool(worker)
         if len(pool) == 1:
             raise MembershipError(409, f"{worker.url} is the last {worker.role} worker; add another first")
+        pool.remove(worker)
         if worker.role == "decode":
-            idx = self.decoders.index(worker)
-            self.decode.remove(idx, worker.url)
-            del self.decoders[idx]
+            self.decode.membership_changed()
         else:
-            self.prefills.remove(worker)
             # Its requests in flight still wait for their counts: unsubscribe once they are done.
             task = asyncio.create_task(self._unsubscribe_when_drained(worker))
             self._draining[worker.counts_endpoint] = task
         self.metrics.membership.labels(worker.role, "removed").inc()
         logger.warning("%s %s removed (%d request(s) still in flight finish there)", worker.role, worker.url,
-                       worker.in_flight)
+                       pool.in_flight(worker))
         return worker
 
     # ------------------------------------------------------------------ counts endpoints
@@ -280,7 +313,7 @@ class Fleet:
 
     async def _unsubscribe_when_drained(self, prefill: Worker) -> None:
         deadline = time.monotonic() + self.config.request_timeout_s
-        while prefill.in_flight > 0 and time.monotonic() < deadline:
+        while self.prefills.in_flight(prefill) > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         self._draining.pop(prefill.counts_endpoint, None)
         self.inbox.disconnect(prefill.counts_endpoint)

@@ -128,7 +128,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
     decoders = [Worker(url=u.rstrip("/"), role="decode") for u in args.decode]
     cs = centroid_file.load(args.centroids) if args.centroids else None
     chooser = DecodeChooser(
-        args.policy, len(decoders), cs, tau=args.tau, seed=args.seed, refit_window_s=args.refit_window,
+        args.policy, [d.url for d in decoders], cs, breaker_failures=args.health_failures, tau=args.tau, seed=args.seed, refit_window_s=args.refit_window,
         refit_interval_s=args.refit_interval, refit_min_samples=args.refit_min_samples,
         max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
         online_refit=None if args.refit is None else args.refit == "online",

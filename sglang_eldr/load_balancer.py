@@ -9,8 +9,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-
 import msgspec
 from aiohttp import web
 
@@ -33,20 +31,17 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
 
 
-@dataclass
 class LoadBalancer:
-    prefills: list[Worker]
-    decoders: list[Worker]
-    decode: DecodeChooser
-    prefill_picker: PrefillPicker
-    config: LBConfig = field(default_factory=LBConfig)
-    policy_name: str = ""
-
-    def __post_init__(self) -> None:
-        self.metrics = RouterMetrics([d.url for d in self.decoders])
-        self.policy_name = self.policy_name or self.decode.policy
-        # The fleet keeps `self.prefills` and `self.decoders` (the same lists) up to date.
-        self.fleet = Fleet(self.prefills, self.decoders, self.decode, self.metrics, self.config)
+    def __init__(self, prefills: list[Worker], decoders: list[Worker], decode: DecodeChooser,
+                 prefill_picker: PrefillPicker, config: LBConfig | None = None, policy_name: str = ""):
+        """`decoders` in the order of `decode`'s router members (their URLs are its keys)."""
+        self.decode = decode
+        self.prefill_picker = prefill_picker
+        self.config = config or LBConfig()
+        self.metrics = RouterMetrics([d.url for d in decoders])
+        self.policy_name = policy_name or decode.policy
+        self.fleet = Fleet(prefills, decoders, decode, self.metrics, self.config)
+        self.prefills, self.decoders = self.fleet.prefills, self.fleet.decoders
         self.dispatch = Dispatcher(self.fleet, self.decode, self.prefill_picker, self.metrics, self.config,
                                    self.policy_name)
         self._refit_task: asyncio.Task | None = None
@@ -57,9 +52,9 @@ class LoadBalancer:
         self._start_refit()
 
     def _start_refit(self) -> None:
-        """The periodic online refit, once the policy has one (eldr, when centroids are loaded)."""
-        if self.decode.refit is not None and self._refit_task is None:
-            self._refit_task = asyncio.create_task(self.decode.refit.run(), name="eldr-refit")
+        """The refits (after membership changes; periodically with eldr), once centroids are loaded."""
+        if self.decode.refitter is not None and self._refit_task is None:
+            self._refit_task = asyncio.create_task(self.decode.refitter.run(), name="eldr-refit")
 
     async def stop(self, app: web.Application) -> None:
         if self._refit_task is not None:
@@ -90,17 +85,21 @@ class LoadBalancer:
 
     # ------------------------------------------------------------------ small endpoints
     async def handle_health(self, request: web.Request) -> web.Response:
-        ok = any(p.healthy for p in self.prefills) and self.fleet.any_decoder_healthy()
+        ok = self.fleet.available()
         return web.json_response({"status": "ok" if ok else "unavailable", "routing": self.decode.routing},
                                  status=200 if ok else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        self.metrics.set_in_flight({d.url: l for d, l in zip(self.decoders, self.fleet.decoder_loads())})
+        self.metrics.set_in_flight({d.url: l for d, l in zip(self.decoders.workers, self.decoders.loads())})
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     def _row(self, w: Worker) -> dict:
-        row = {"url": w.url, "role": w.role, "healthy": w.healthy, "in_flight": w.in_flight}
+        """A worker as the router sees it (`healthy` is None once it was removed)."""
+        pool = self.fleet.pool(w)
+        member = pool.members().get(w.id) if w in pool else None
+        row = {"url": w.url, "role": w.role, "healthy": member["healthy"] if member else None,
+               "in_flight": pool.in_flight(w), "failures": member["failures"] if member else None}
         if w.role == "prefill":
             row.update(bootstrap_port=w.bootstrap_port,
                        counts_endpoint=w.counts_endpoint if w.counts_port is not None else None)
@@ -108,9 +107,6 @@ class LoadBalancer:
 
     async def handle_workers(self, request: web.Request) -> web.Response:
         rows = [self._row(w) for w in self.fleet.workers]
-        for row, load, healthy in zip(rows[len(self.prefills):], self.fleet.decoder_loads(),
-                                      self.fleet.decoder_health()):
-            row.update(in_flight=load, healthy=healthy)  # the Rust router's view, which routing uses
         return web.json_response({"policy": self.policy_name, "routing": self.decode.routing, "workers": rows,
                                   "centroids": self.decode.num_decoders if self.decode.has_centroids else None,
                                   "centroid_file": self._centroid_summary(),
@@ -179,8 +175,8 @@ class LoadBalancer:
         return web.json_response({"flushed": len(results)})
 
     async def handle_server_info(self, request: web.Request) -> web.Response:
-        pre = await self.fleet.fan_out("GET", "/server_info", self.prefills)
-        dec = await self.fleet.fan_out("GET", "/server_info", self.decoders)
+        pre = await self.fleet.fan_out("GET", "/server_info", self.prefills.workers)
+        dec = await self.fleet.fan_out("GET", "/server_info", self.decoders.workers)
         return web.json_response({"prefill": [b for _, b in pre], "decode": [b for _, b in dec],
                                   "router": {"policy": self.policy_name}})
 

@@ -1,6 +1,7 @@
 """NumPy reference of the locality-band rule, for tests and for benchmarking the Rust router.
 
-Same rule as `router_rs`: cosine to unit centroids; band = healthy workers with score >=
+Same rule as `router_rs`: cosine (in float64) of the signature to the float32 unit centroids;
+band = healthy workers with score >=
 max - tau; when tau > 0 leaves one member, add the best-scoring other healthy worker; least
 in-flight inside the band, load ties to the higher score, then the lowest index; zero signature
 -> least in-flight overall (ties to the lowest index).
@@ -20,17 +21,17 @@ def unit_rows(centroids: npt.ArrayLike) -> npt.NDArray[np.float32]:
     return (c / norms).astype(np.float32)
 
 
-def scores(signature: npt.ArrayLike, unit_centroids: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    x = np.asarray(signature, dtype=np.float32)
-    norm = float(np.linalg.norm(x.astype(np.float64)))
+def scores(signature: npt.ArrayLike, unit_centroids: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    x = np.asarray(signature, dtype=np.float32).astype(np.float64)
+    norm = float(np.linalg.norm(x))
     if norm == 0.0:
-        return np.zeros(len(unit_centroids), dtype=np.float32)
-    return ((unit_centroids @ x) / np.float32(norm)).astype(np.float32)
+        return np.zeros(len(unit_centroids), dtype=np.float64)
+    return (unit_centroids.astype(np.float64) @ x) / norm
 
 
-def band(s: npt.NDArray[np.float32], tau: float, healthy: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
+def band(s: npt.NDArray[np.float64], tau: float, healthy: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
     best = s[healthy].max()
-    members = np.flatnonzero(healthy & (s >= np.float32(best) - np.float32(tau)))
+    members = np.flatnonzero(healthy & (s >= best - tau))
     if tau > 0 and len(members) == 1:
         others = np.flatnonzero(healthy)
         others = others[others != members[0]]

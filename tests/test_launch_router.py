@@ -67,8 +67,10 @@ def test_refit_off_is_eldr_static():
     online = launch_router.build_balancer(launch_router.build_parser().parse_args(base))
     off = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--refit", "off"]))
     static = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--policy", "eldr-static"]))
-    assert online.decode.refit is not None and online.decode.online_refit
-    assert off.decode.refit is None and static.decode.refit is None
+    assert online.decode.refitter is not None and online.decode.refitter.periodic and online.decode.online_refit
+    # Without the periodic refit, membership changes still refit.
+    for chooser in (off.decode, static.decode):
+        assert chooser.refitter is not None and not chooser.refitter.periodic and not chooser.online_refit
     with pytest.raises(ValueError, match="eldr-static is eldr"):
         launch_router.build_balancer(launch_router.build_parser().parse_args(
             base + ["--policy", "eldr-static", "--refit", "online"]))

@@ -10,7 +10,7 @@ from sglang_eldr import centroids as centroid_file
 from sglang_eldr.centroids import CentroidFileError
 from sglang_eldr.decode_policy import DecodeChooser
 from sglang_eldr.prefill_policy import PrefillPicker, prompt_key
-from sglang_eldr.refit import OnlineRefit
+from sglang_eldr.refit import Refitter
 from sglang_eldr.router_rs import LocalityBandRouter
 
 
@@ -22,13 +22,13 @@ def two_domains(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return counts, labels
 
 
-def test_online_refit_swaps_aligned_centroids_and_keeps_identities():
+def test_refit_swaps_aligned_centroids_and_keeps_identities():
     counts, labels = two_domains(80)
     cs = fitting.fit(counts, 2, top_k=2, seed=0)
     router = LocalityBandRouter(cs.centroids, 0.0, idf=cs.idf, layer_mask=cs.layer_mask)
     zero = np.zeros(2, dtype=np.int64)
     before = [router.select_counts(c, zero) for c in counts]
-    refit = OnlineRefit(router, cs.idf, cs.layer_mask, window_s=60, interval_s=1, min_samples=20, seed=1)
+    refit = Refitter(router, cs.idf, cs.layer_mask, window_s=60, interval_s=1, min_samples=20, seed=1)
     assert not refit.refit_once() and refit.skipped == 1  # empty window
     w = router.acquire(counts[0])
     for c in counts[:40]:
@@ -40,6 +40,26 @@ def test_online_refit_swaps_aligned_centroids_and_keeps_identities():
     assert not np.array_equal(router.centroids(), cs.centroids)
     assert router.loads().tolist()[w] == 1  # in-flight state untouched by the swap
     router.release(w)
+
+
+def test_a_refit_for_members_that_changed_meanwhile_is_dropped():
+    counts, _ = two_domains(80)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
+    router = LocalityBandRouter(cs.centroids, 0.0, idf=cs.idf, layer_mask=cs.layer_mask)
+
+    class AddDuringFit(Refitter):
+        def fit(self, k, space):
+            fitted = super().fit(k, space)
+            router.add("late")  # a decoder joins while K-means runs
+            return fitted
+
+    refit = AddDuringFit(router, cs.idf, cs.layer_mask, window_s=60, interval_s=1, min_samples=20, seed=1)
+    for c in counts[:40]:
+        refit.observe(c)
+    rows = router.centroids().copy()
+    assert not refit.refit_once() and refit.dropped == 1 and refit._again  # asked again for the new members
+    np.testing.assert_array_equal(router.centroids()[:2], rows)
+    assert router.ids() == [0, 1, 2]
 
 
 def test_prefix_hash_is_sticky_and_yields_to_load():
@@ -60,111 +80,124 @@ def test_prefix_hash_is_sticky_and_yields_to_load():
     assert prompt_key({"messages": [{"role": "user", "content": "hi"}]}) == "hi"
 
 
+def keys(n: int) -> list[str]:
+    return [f"http://d{k}:1" for k in range(n)]
+
+
 def test_decode_chooser_validates_configuration():
     counts, _ = two_domains(20)
     cs = fitting.fit(counts, 2, top_k=2)
     with pytest.raises(ValueError, match="2 centroids but 3 decoders"):
-        DecodeChooser("eldr-static", 3, cs)
+        DecodeChooser("eldr-static", keys(3), cs)
     with pytest.raises(ValueError, match="unknown 'lru'"):
-        DecodeChooser("lru", 2)
-    chooser = DecodeChooser("eldr-static", 2, cs)
+        DecodeChooser("lru", keys(2))
+    chooser = DecodeChooser("eldr-static", keys(2), cs)
     r = chooser.choose(counts[0])
-    assert set(r) >= {"worker", "scores", "band", "loads"} and chooser.refit is None
-    chooser.release(r["worker"])
-    assert chooser.loads() == [0, 0]
+    assert set(r) >= {"worker", "id", "scores", "band", "loads"}
+    assert chooser.refitter is not None and not chooser.refitter.periodic  # membership refits only
+    chooser.router.release(r["id"])
+    assert chooser.router.loads().tolist() == [0, 0]
 
 
 def test_membership_changes_keep_loads_health_and_centroid_identities():
     counts, labels = two_domains(200)
     cs = fitting.fit(counts, 2, top_k=2, seed=0)
-    chooser = DecodeChooser("eldr-static", 2, cs, tau=0.0, refit_min_samples=10_000)
-    rows = chooser.router.centroids().copy()
-    before = [chooser.router.select_counts(c, np.zeros(2, dtype=np.int64)) for c in counts[:40]]
-    home = [chooser.choose(c)["worker"] for c in counts[:2]]  # one request in flight on each
+    chooser = DecodeChooser("eldr-static", keys(2), cs, tau=0.0, refit_min_samples=10_000)
+    router = chooser.router
+    rows = router.centroids().copy()
+    before = [router.select_counts(c, np.zeros(2, dtype=np.int64)) for c in counts[:40]]
+    home = [chooser.choose(c)["id"] for c in counts[:2]]  # one request in flight on each
     assert sorted(home) == [0, 1]
-    # Fresh decoder, window too small to refit: the mean direction of the others.
-    assert chooser.add("http://new:1", healthy=False) == 2
-    assert chooser.loads() == [1, 1, 0] and chooser.healthy() == [True, True, False]
+    # Fresh decoder: the mean direction of the others until a refit places it.
+    assert router.add("http://new:1", healthy=False) == 2
+    chooser.membership_changed()
+    assert router.loads().tolist() == [1, 1, 0] and router.healthy() == [True, True, False]
     mean = rows.mean(axis=0)
-    np.testing.assert_allclose(chooser.router.centroids()[2], mean / np.linalg.norm(mean), rtol=1e-5)
-    np.testing.assert_array_equal(chooser.router.centroids()[:2], rows)
-    # Removing decoder 0 keeps decoder 1's load, health and centroid (now at index 0).
-    chooser.remove(0, "http://a:1")
-    assert chooser.loads() == [1, 0] and chooser.healthy() == [True, False]
-    np.testing.assert_array_equal(chooser.router.centroids()[0], rows[1])
-    # Decoder 0 comes back: it gets its own centroid again, so its domain finds it.
-    assert chooser.add("http://a:1") == 2
-    np.testing.assert_array_equal(chooser.router.centroids()[2], rows[0])
-    chooser.release(0)
-    chooser.set_healthy(1, False)
-    after = [chooser.router.select_counts(c, np.zeros(3, dtype=np.int64), np.array(chooser.healthy())) for c in counts[:40]]
+    np.testing.assert_allclose(router.centroids()[2], mean / np.linalg.norm(mean), rtol=1e-5)
+    np.testing.assert_array_equal(router.centroids()[:2], rows)
+    # Removing decoder 0 keeps decoder 1's load, health and centroid (now at index 0); the request
+    # still on decoder 0 drains as retired.
+    assert router.remove(0) == 0
+    assert router.loads().tolist() == [1, 0] and router.healthy() == [True, False] and router.in_flight(0) == 1
+    np.testing.assert_array_equal(router.centroids()[0], rows[1])
+    # Decoder 0 comes back under its key: a new id, its own centroid again, so its domain finds it.
+    assert router.add(keys(1)[0]) == 3
+    np.testing.assert_array_equal(router.centroids()[2], rows[0])
+    assert router.release(0) is False and router.in_flight(0) == 0
+    router.set_healthy(2, False)
+    after = [router.select_counts(c, np.zeros(3, dtype=np.int64), np.array(router.healthy())) for c in counts[:40]]
     assert after == [{0: 2, 1: 0}[b] for b in before]
-    assert chooser.loads() == [0, 0, 0]
-    with pytest.raises(ValueError, match="last decoder"):
-        DecodeChooser("jsq", 1).remove(0, "x")
-    with pytest.raises(IndexError):
-        chooser.remove(3, "x")
+    router.release(1)
+    assert router.loads().tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="last worker"):
+        DecodeChooser("jsq", keys(1)).router.remove(0)
+    with pytest.raises(ValueError, match="no worker with id 7"):
+        router.remove(7)
 
 
 def test_a_new_decoder_gets_a_refit_centroid_when_the_window_is_full():
     counts, _ = two_domains(200)
     cs = fitting.fit(counts, 2, top_k=2, seed=0)
-    chooser = DecodeChooser("eldr", 2, cs, tau=0.0, refit_min_samples=50)
+    chooser = DecodeChooser("eldr", keys(2), cs, tau=0.0, refit_min_samples=50)
+    router = chooser.router
     for c in counts[:120]:
-        chooser.release(chooser.choose(c)["worker"])
-    before = [chooser.router.select_counts(c, np.zeros(2, dtype=np.int64)) for c in counts[120:]]
-    chooser.add("http://new:1")
+        router.release(chooser.choose(c)["id"])
+    before = [router.select_counts(c, np.zeros(2, dtype=np.int64)) for c in counts[120:]]
+    router.add("http://new:1")
+    assert chooser.refitter is not None and chooser.refitter.refit_once(membership=True)
     assert chooser.membership_refits == 1 and chooser.num_decoders == 3
-    assert chooser.refit is not None and chooser.refit.router is chooser.router  # the periodic refit follows
-    after = [chooser.router.select_counts(c, np.zeros(3, dtype=np.int64)) for c in counts[120:]]
+    after = [router.select_counts(c, np.zeros(3, dtype=np.int64)) for c in counts[120:]]
     # Three clusters over two domains: the old decoders keep their requests (identities aligned).
     assert np.mean([a == b for a, b in zip(after, before) if a != 2]) >= 0.9
-    mean = chooser.router.centroids()[:2].mean(axis=0)
-    assert not np.allclose(chooser.router.centroids()[2], mean / np.linalg.norm(mean), atol=1e-3)
-    chooser.remove(2, "http://new:1")
-    assert chooser.membership_refits == 2 and chooser.router.centroids().shape[0] == 2
+    mean = router.centroids()[:2].mean(axis=0)
+    assert not np.allclose(router.centroids()[2], mean / np.linalg.norm(mean), atol=1e-3)
+    router.remove(2)
+    assert chooser.refitter.refit_once(membership=True)
+    assert chooser.membership_refits == 2 and router.centroids().shape[0] == 2
 
 
 def test_eldr_without_centroids_routes_least_loaded_until_a_file_is_loaded():
     counts, _ = two_domains(200)
     cs = fitting.fit(counts, 2, top_k=2, seed=0)
-    chooser = DecodeChooser("eldr", 2, tau=0.0, refit_min_samples=50)
-    assert chooser.routing == "least-loaded (no centroids)" and not chooser.has_centroids and chooser.refit is None
+    chooser = DecodeChooser("eldr", keys(2), tau=0.0, refit_min_samples=50)
+    router = chooser.router
+    assert chooser.routing == "least-loaded (no centroids)" and not chooser.has_centroids and chooser.refitter is None
     held = [chooser.choose(c) for c in counts[:3]]
     assert [r["worker"] for r in held] == [0, 1, 0] and all(r["scores"] is None for r in held)  # JSQ
-    chooser.set_healthy(1, False)
+    router.set_healthy(1, False)
     # Membership before centroids only changes the decoder count.
-    chooser.add("http://c:1")
-    assert chooser.num_decoders == 3 and chooser.loads() == [2, 1, 0] and chooser.healthy() == [True, False, True]
+    extra = router.add("http://c:1")
+    assert chooser.num_decoders == 3 and router.loads().tolist() == [2, 1, 0]
+    assert router.healthy() == [True, False, True]
     with pytest.raises(CentroidFileError, match="2 centroids but 3 decoders"):
         chooser.load_centroids(cs)
     with pytest.raises(CentroidFileError, match="the prefill servers report counts of shape \\[2, 16\\]"):
         chooser.load_centroids(fitting.fit(np.concatenate([counts[:9], counts[:9, :1]], axis=1), 3, top_k=2))
     assert chooser.routing == "least-loaded (no centroids)"
-    chooser.remove(2, "http://c:1")
+    router.remove(extra)
     # Loaded: locality from now on, in-flight loads and health kept, the online refit armed.
     chooser.load_centroids(cs)
-    assert chooser.routing == "locality" and chooser.loads() == [2, 1] and chooser.healthy() == [True, False]
-    assert chooser.refit is not None and chooser.refit.router is chooser.router
-    chooser.set_healthy(1, True)
+    assert chooser.routing == "locality" and router.loads().tolist() == [2, 1] and router.healthy() == [True, False]
+    assert chooser.refitter is not None and chooser.refitter.periodic and chooser.refitter.router is router
+    router.set_healthy(1, True)
     r = chooser.choose(counts[3])
     assert r["scores"] is not None and r["band"] is not None
-    for w in [h["worker"] for h in held] + [r["worker"]]:
-        chooser.release(w)
-    assert chooser.loads() == [0, 0]
+    for h in held + [r]:
+        router.release(h["id"])
+    assert router.loads().tolist() == [0, 0]
     # A replacement must fit the geometry in use; a refused one leaves the router as it was.
-    router = chooser.router
+    rows = router.centroids().copy()
     other = fitting.fit(np.concatenate([counts[:8], counts[:8]], axis=1), 2, top_k=2)
     with pytest.raises(CentroidFileError, match="centroids in use are for layers=2"):
         chooser.load_centroids(other)
-    assert chooser.router is router
+    np.testing.assert_array_equal(router.centroids(), rows)
     with pytest.raises(CentroidFileError, match="routes by load only"):
-        DecodeChooser("jsq", 2).load_centroids(cs)
-    # The periodic refit fits in the new space after a replacement.
+        DecodeChooser("jsq", keys(2)).load_centroids(cs)
+    # The refit fits in the new space after a replacement.
     for c in counts[:120]:
-        chooser.release(chooser.choose(c)["worker"])
+        router.release(chooser.choose(c)["id"])
     chooser.load_centroids(fitting.fit(counts[100:], 2, top_k=2, seed=3))
-    assert chooser.refit is not None and chooser.refit.refit_once() and chooser.refit.router is chooser.router
+    assert chooser.refitter.refit_once()
 
 
 def test_centroid_bytes_are_validated_like_a_file(tmp_path):

@@ -1,6 +1,7 @@
-//! Raw counts → decision, across fleet sizes and model geometries.
+//! Raw counts → decision, across fleet sizes and model geometries, for the certified fixed-point
+//! kernel and for the exact rule alone.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use eldr_router::{Centroids, LocalityModel, Router, SignatureSpec, Signal};
+use eldr_router::{Centroids, LocalityModel, Precision, Router, SignatureSpec, Signal};
 use std::hint::black_box;
 
 const WORKERS: [usize; 5] = [4, 16, 64, 256, 1024];
@@ -21,28 +22,32 @@ fn prompt_counts(rng: &mut fastrand::Rng, layers: usize, experts: usize, k: usiz
 }
 
 fn bench_select(c: &mut Criterion) {
-    let mut group = c.benchmark_group("select_counts");
     let mut rng = fastrand::Rng::with_seed(42);
-    for (layers, experts) in GEOMETRIES {
-        let idf: Vec<f32> = (0..layers * experts).map(|_| 0.1 + rng.f32()).collect();
-        let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
-        let counts = prompt_counts(&mut rng, layers, experts, 8.min(experts));
-        for workers in WORKERS {
-            let dim = spec.dim();
-            let data: Vec<f32> = (0..workers * dim).map(|_| rng.f32()).collect();
-            let model = LocalityModel::new(spec.clone(), Centroids::new(&data, workers, dim).unwrap()).unwrap();
-            let router = Router::locality(model, 0.1).unwrap();
-            let loads: Vec<i64> = (0..workers as i64).map(|i| i % 5).collect();
-            let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
-            group.throughput(Throughput::Elements(1));
-            group.bench_with_input(
-                BenchmarkId::new(format!("L{layers}xE{experts}"), workers),
-                &workers,
-                |b, _| b.iter(|| router.select(black_box(signal), black_box(&loads), None).unwrap()),
-            );
+    for (name, precision) in [("select_counts", Precision::Auto), ("select_counts_exact", Precision::Exact)] {
+        let mut group = c.benchmark_group(name);
+        for (layers, experts) in GEOMETRIES {
+            let idf: Vec<f32> = (0..layers * experts).map(|_| 0.1 + rng.f32()).collect();
+            let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
+            let counts = prompt_counts(&mut rng, layers, experts, 8.min(experts));
+            for workers in WORKERS {
+                if precision == Precision::Exact && workers > 64 {
+                    continue;
+                }
+                let dim = spec.dim();
+                let data: Vec<f32> = (0..workers * dim).map(|_| rng.f32()).collect();
+                let centroids = Centroids::new(&data, workers, dim).unwrap();
+                let model = LocalityModel::with_precision(spec.clone(), centroids, precision).unwrap();
+                let router = Router::with_model(model, 0.1, None).unwrap();
+                let loads: Vec<i64> = (0..workers as i64).map(|i| i % 5).collect();
+                let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
+                group.throughput(Throughput::Elements(1));
+                group.bench_with_input(BenchmarkId::new(format!("L{layers}xE{experts}"), workers), &workers, |b, _| {
+                    b.iter(|| router.select(black_box(signal), black_box(&loads), None).unwrap())
+                });
+            }
         }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group! {

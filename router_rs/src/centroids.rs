@@ -1,22 +1,21 @@
-//! Unit centroids in a block-transposed layout so that scoring one signature against all
-//! workers is a streaming, vectorisable pass with a fixed, target-independent summation order.
+//! Unit centroids, one row per decoder in member order.
 use crate::error::{Result, RouterError};
 use crate::signature::check_finite;
-use multiversion::multiversion;
-
-/// Workers per block: one AVX-512 register (two AVX2 registers) of f32 accumulators.
-const BW: usize = 16;
-/// Independent accumulators over the signature dimension, to hide add latency.
-const LANES: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct Centroids {
     workers: usize,
     dim: usize,
-    /// `[blocks][dim][BW]`, zero-padded in the last block.
-    blocked: Vec<f32>,
-    /// The unit rows, `[workers, dim]`, kept for callers that read the model back.
+    /// `[workers, dim]`, each row of unit length.
     rows: Vec<f32>,
+}
+
+fn unit(row: &[f32], index: usize) -> Result<impl Iterator<Item = f32> + '_> {
+    let norm = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+    if norm == 0.0 {
+        return Err(RouterError::Invalid { arg: "centroids", reason: format!("row {index} is all zeros") });
+    }
+    Ok(row.iter().map(move |&v| ((v as f64) / norm) as f32))
 }
 
 impl Centroids {
@@ -35,21 +34,9 @@ impl Centroids {
         check_finite("centroids", data)?;
         let mut rows = Vec::with_capacity(data.len());
         for (w, row) in data.chunks_exact(dim).enumerate() {
-            let norm = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
-            if norm == 0.0 {
-                return Err(RouterError::Invalid { arg: "centroids", reason: format!("row {w} is all zeros") });
-            }
-            rows.extend(row.iter().map(|&v| ((v as f64) / norm) as f32));
+            rows.extend(unit(row, w)?);
         }
-        let blocks = workers.div_ceil(BW);
-        let mut blocked = vec![0.0f32; blocks * dim * BW];
-        for w in 0..workers {
-            let (b, lane) = (w / BW, w % BW);
-            for j in 0..dim {
-                blocked[(b * dim + j) * BW + lane] = rows[w * dim + j];
-            }
-        }
-        Ok(Self { workers, dim, blocked, rows })
+        Ok(Self { workers, dim, rows })
     }
 
     pub fn workers(&self) -> usize {
@@ -61,72 +48,42 @@ impl Centroids {
     pub fn rows(&self) -> &[f32] {
         &self.rows
     }
-
-    /// Cosine of `x` (any non-zero norm) to every centroid, written to `out[..workers]`.
-    /// Returns `false` and writes zeros when `x` is the zero vector.
-    pub fn cosines(&self, x: &[f32], out: &mut Vec<f32>) -> bool {
-        debug_assert_eq!(x.len(), self.dim);
-        out.clear();
-        let norm = sum_squares(x).sqrt();
-        if norm == 0.0 {
-            out.resize(self.workers, 0.0);
-            return false;
-        }
-        let inv = (1.0 / norm) as f32;
-        let mut block_out = [0.0f32; BW];
-        for block in self.blocked.chunks_exact(self.dim * BW) {
-            dot_block(x, block, &mut block_out);
-            let take = (self.workers - out.len()).min(BW);
-            out.extend(block_out[..take].iter().map(|d| d * inv));
-        }
-        true
+    pub fn row(&self, k: usize) -> &[f32] {
+        &self.rows[k * self.dim..(k + 1) * self.dim]
     }
-}
 
-// AVX-512 is left out on purpose: on the AMD EPYC hosts we run on, the AVX-512 build of this
-// loop measured 30× slower than AVX2 (bench/RESULTS.md).
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn dot_block(x: &[f32], block: &[f32], out: &mut [f32; BW]) {
-    let mut acc = [[0.0f32; BW]; LANES];
-    let mut xs = x.chunks_exact(LANES);
-    let mut rows = block.chunks_exact(LANES * BW);
-    for (xc, rc) in (&mut xs).zip(&mut rows) {
-        for u in 0..LANES {
-            let xj = xc[u];
-            let row = &rc[u * BW..(u + 1) * BW];
-            for i in 0..BW {
-                acc[u][i] += xj * row[i];
+    /// These rows (unchanged) with `row` (normalised) appended.
+    pub fn with_row(&self, row: &[f32]) -> Result<Self> {
+        if row.len() != self.dim {
+            return Err(RouterError::Shape { arg: "centroid", expected: format!("[{}]", self.dim), got: format!("[{}]", row.len()) });
+        }
+        check_finite("centroid", row)?;
+        let mut rows = self.rows.clone();
+        rows.extend(unit(row, self.workers)?);
+        Ok(Self { workers: self.workers + 1, dim: self.dim, rows })
+    }
+
+    /// These rows without row `k`.
+    pub fn without(&self, k: usize) -> Self {
+        let mut rows = self.rows.clone();
+        rows.drain(k * self.dim..(k + 1) * self.dim);
+        Self { workers: self.workers - 1, dim: self.dim, rows }
+    }
+
+    /// The normalised mean direction of the rows (the first row when they cancel out).
+    pub fn mean_direction(&self) -> Vec<f32> {
+        let mut mean = vec![0.0f64; self.dim];
+        for row in self.rows.chunks_exact(self.dim) {
+            for (m, &v) in mean.iter_mut().zip(row) {
+                *m += v as f64;
             }
         }
-    }
-    let tail_rows = &block[(x.len() / LANES) * LANES * BW..];
-    for (u, &xj) in xs.remainder().iter().enumerate() {
-        let row = &tail_rows[u * BW..(u + 1) * BW];
-        for i in 0..BW {
-            acc[u][i] += xj * row[i];
+        let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if norm < 1e-12 {
+            return self.row(0).to_vec();
         }
+        mean.iter().map(|v| (v / norm) as f32).collect()
     }
-    for i in 0..BW {
-        out[i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
-    }
-}
-
-// AVX-512 is left out on purpose: on the AMD EPYC hosts we run on, the AVX-512 build of this
-// loop measured 30× slower than AVX2 (bench/RESULTS.md).
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn sum_squares(x: &[f32]) -> f64 {
-    let mut acc = [0.0f32; BW];
-    let mut chunks = x.chunks_exact(BW);
-    for c in &mut chunks {
-        for i in 0..BW {
-            acc[i] += c[i] * c[i];
-        }
-    }
-    let mut total: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
-    for a in acc {
-        total += a as f64;
-    }
-    total
 }
 
 #[cfg(test)]
@@ -134,33 +91,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cosines_match_naive() {
-        let (w, d) = (19, 37);
-        let data: Vec<f32> = (0..w * d).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-        let c = Centroids::new(&data, w, d).unwrap();
-        let x: Vec<f32> = (0..d).map(|i| ((i * 31) % 13) as f32).collect();
-        let mut out = Vec::new();
-        assert!(c.cosines(&x, &mut out));
-        let xn = x.iter().map(|v| v * v).sum::<f32>().sqrt();
-        for k in 0..w {
-            let row = &data[k * d..(k + 1) * d];
-            let rn = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-            let dot: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
-            assert!((out[k] - dot / (rn * xn)).abs() < 1e-5, "worker {k}");
-        }
-    }
-
-    #[test]
-    fn zero_vector_is_reported() {
-        let c = Centroids::new(&[1.0, 0.0, 0.0, 1.0], 2, 2).unwrap();
-        let mut out = Vec::new();
-        assert!(!c.cosines(&[0.0, 0.0], &mut out));
-        assert_eq!(out, vec![0.0, 0.0]);
-    }
-
-    #[test]
-    fn zero_row_is_rejected() {
+    fn rows_are_unit_and_zero_rows_are_refused() {
+        let c = Centroids::new(&[3.0, 4.0, 0.0, 2.0], 2, 2).unwrap();
+        assert_eq!(c.rows(), &[0.6, 0.8, 0.0, 1.0]);
         let err = Centroids::new(&[1.0, 0.0, 0.0, 0.0], 2, 2).unwrap_err();
         assert!(err.to_string().contains("row 1"));
+    }
+
+    #[test]
+    fn membership_edits_keep_the_other_rows_bit_for_bit() {
+        let c = Centroids::new(&[3.0, 4.0, 0.0, 2.0], 2, 2).unwrap();
+        let grown = c.with_row(&[1.0, 1.0]).unwrap();
+        assert_eq!(&grown.rows()[..4], c.rows());
+        assert_eq!(grown.without(2).rows(), c.rows());
+        assert_eq!(grown.without(0).row(0), c.row(1));
+        let m = c.mean_direction();
+        assert!((m[0] * m[0] + m[1] * m[1] - 1.0).abs() < 1e-6);
     }
 }

@@ -18,10 +18,16 @@ pub enum RouterError {
     NoWorkers,
     #[error("all {0} decode workers are unhealthy; nothing can be chosen")]
     AllUnhealthy(usize),
-    #[error("worker: index {worker} out of range for {workers} workers")]
-    WorkerOutOfRange { worker: usize, workers: usize },
+    #[error("worker: no worker with id {0} (out of range: removed, or never added)")]
+    UnknownWorker(u64),
+    #[error("worker: a worker with key {0:?} is already a member")]
+    DuplicateKey(String),
+    #[error("worker: {0:?} is the last worker; add another before removing it")]
+    LastWorker(String),
     #[error("worker: release of worker {0} whose in-flight count is already 0")]
-    ReleaseUnderflow(usize),
+    ReleaseUnderflow(u64),
+    #[error("centroids: fitted for members {expected:?} but the members are now {actual:?}; refit")]
+    StaleMembership { expected: Vec<u64>, actual: Vec<u64> },
     #[error("policy: unknown policy {0:?} (expected one of: eldr, rr, random, jsq, p2c)")]
     UnknownPolicy(String),
     #[error("{0}: this policy has no centroids (only the eldr policy uses them)")]

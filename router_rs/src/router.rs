@@ -1,77 +1,24 @@
-//! The stateful router: one policy, its own in-flight counters and health flags, and (for the
-//! eldr policy) a locality model whose centroids can be swapped atomically while serving.
+//! The stateful router: the decoder set (membership, loads, health, breaker), one policy, and
+//! (for the eldr policy) a locality model with one centroid per member. One lock guards it all,
+//! so a decision, a release, a membership change or a centroid swap never sees another half done.
 use std::cell::RefCell;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::centroids::Centroids;
 use crate::error::{Result, RouterError};
-use crate::policy::{self, Fleet, LocalityBand, Policy};
-use crate::signature::{check_finite, CountValue, SignatureSpec};
+use crate::fleet::{Fleet, WorkerId};
+use crate::kernel::quant::Precision;
+use crate::model::{LocalityModel, ScoreBuf, Signal};
+use crate::policy::{self, FleetView, LocalityBand, Policy};
+use crate::signature::{CountValue, SignatureSpec};
 
-/// What a request tells the router about itself.
-#[derive(Debug, Clone, Copy)]
-pub enum Signal<'a, T: CountValue = u8> {
-    /// Raw prefill counts `[rows, cols]`, row-major.
-    Counts { data: &'a [T], rows: usize, cols: usize },
-    /// A ready signature of dimension D (need not be normalised).
-    Signature(&'a [f32]),
-    /// Nothing known: locality policies fall back to least-loaded.
-    Absent,
-}
-
-/// Geometry + calibration transforms + unit centroids.
-#[derive(Debug, Clone)]
-pub struct LocalityModel {
-    spec: SignatureSpec,
-    centroids: Centroids,
-}
-
-impl LocalityModel {
-    pub fn new(spec: SignatureSpec, centroids: Centroids) -> Result<Self> {
-        if spec.dim() != centroids.dim() {
-            return Err(RouterError::Shape {
-                arg: "centroids",
-                expected: format!("[W, {}] (kept layers × experts)", spec.dim()),
-                got: format!("[{}, {}]", centroids.workers(), centroids.dim()),
-            });
-        }
-        Ok(Self { spec, centroids })
-    }
-
-    pub fn spec(&self) -> &SignatureSpec {
-        &self.spec
-    }
-    pub fn centroids(&self) -> &Centroids {
-        &self.centroids
-    }
-
-    /// Scores into `scratch.scores`; `Ok(false)` when the signal carries no direction.
-    fn score<T: CountValue>(&self, signal: Signal<T>, scratch: &mut Scratch) -> Result<bool> {
-        match signal {
-            Signal::Counts { data, rows, cols } => {
-                self.spec.build(data, rows, cols, &mut scratch.x)?;
-                Ok(self.centroids.cosines(&scratch.x, &mut scratch.scores))
-            }
-            Signal::Signature(sig) => {
-                if sig.len() != self.centroids.dim() {
-                    return Err(RouterError::Shape {
-                        arg: "signature",
-                        expected: format!("[{}]", self.centroids.dim()),
-                        got: format!("[{}]", sig.len()),
-                    });
-                }
-                check_finite("signature", sig)?;
-                Ok(self.centroids.cosines(sig, &mut scratch.scores))
-            }
-            Signal::Absent => Ok(false),
-        }
-    }
-}
+/// Consecutive failures that take a member out unless told otherwise.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 3;
 
 #[derive(Default)]
 struct Scratch {
-    x: Vec<f32>,
-    scores: Vec<f32>,
+    buf: ScoreBuf,
     band: Vec<usize>,
 }
 
@@ -79,101 +26,135 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-struct Fleetwide {
-    loads: Vec<i64>,
-    healthy: Vec<bool>,
-    policy: Box<dyn Policy>,
-}
-
 /// One routing decision with the evidence behind it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Receipt {
+    /// Index of the chosen member (in member order) and its id.
     pub worker: usize,
-    /// Cosine to each worker's centroid (eldr with a non-zero signature only).
-    pub scores: Option<Vec<f32>>,
+    pub id: WorkerId,
+    /// Exact cosine to each member's centroid (eldr with a non-zero signature only).
+    pub scores: Option<Vec<f64>>,
     /// Candidate set the policy chose from (eldr band; p2c's two samples; empty otherwise).
     pub band: Vec<usize>,
     /// In-flight counts just before this request was added.
     pub loads: Vec<i64>,
 }
 
+/// A member as the router sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub id: WorkerId,
+    pub key: String,
+    pub load: i64,
+    pub healthy: bool,
+    pub failures: u32,
+}
+
+struct State {
+    fleet: Fleet,
+    policy: Box<dyn Policy>,
+    /// eldr only, once centroids are loaded: row k is member k.
+    model: Option<Arc<LocalityModel>>,
+    /// Centroid rows of removed members, by key, in the current model's space.
+    retained: HashMap<String, Vec<f32>>,
+}
+
 pub struct Router {
-    workers: usize,
-    state: Mutex<Fleetwide>,
-    /// Present for the eldr policy only; swapped whole so readers never see a torn model.
-    model: Option<RwLock<Arc<LocalityModel>>>,
+    state: Mutex<State>,
     band: Option<LocalityBand>,
-    all_healthy: Vec<bool>,
+    precision: Precision,
+}
+
+fn default_keys(workers: usize) -> Vec<String> {
+    (0..workers).map(|k| k.to_string()).collect()
 }
 
 impl Router {
-    /// A load-only baseline (`rr`, `random`, `jsq`, `p2c`) over `workers` decoders.
-    pub fn baseline(name: &str, workers: usize, seed: u64) -> Result<Self> {
-        if workers == 0 {
+    /// A load-only baseline (`rr`, `random`, `jsq`, `p2c`) over members `keys`.
+    pub fn baseline<S: AsRef<str>>(name: &str, keys: &[S], seed: u64, breaker_failures: u32) -> Result<Self> {
+        if keys.is_empty() {
             return Err(RouterError::NoWorkers);
         }
-        Ok(Self::build(workers, policy::by_name(name, seed)?, None, None))
+        let state = State {
+            fleet: Fleet::new(keys, breaker_failures)?,
+            policy: policy::by_name(name, seed)?,
+            model: None,
+            retained: HashMap::new(),
+        };
+        Ok(Self { state: Mutex::new(state), band: None, precision: Precision::Auto })
     }
 
-    /// The ELDR locality-band policy; one worker per centroid row.
-    pub fn locality(model: LocalityModel, tau: f64) -> Result<Self> {
-        Self::locality_guarded(model, tau, None)
+    /// A baseline over `workers` members keyed "0", "1", ….
+    pub fn baseline_n(name: &str, workers: usize, seed: u64) -> Result<Self> {
+        Self::baseline(name, &default_keys(workers), seed, DEFAULT_BREAKER_FAILURES)
     }
 
-    /// As [`locality`](Self::locality), with the starvation guard of [`LocalityBand::with_guard`].
-    pub fn locality_guarded(model: LocalityModel, tau: f64, max_imbalance: Option<i64>) -> Result<Self> {
-        let band = LocalityBand::with_guard(tau, max_imbalance)?;
-        let workers = model.centroids().workers();
-        Ok(Self::build(workers, Box::new(band), Some(RwLock::new(Arc::new(model))), Some(band)))
+    /// The ELDR locality-band policy over members `keys`, without centroids yet (it routes
+    /// least-loaded until [`load_centroids`](Self::load_centroids)).
+    pub fn locality<S: AsRef<str>>(
+        keys: &[S],
+        band: LocalityBand,
+        precision: Precision,
+        breaker_failures: u32,
+    ) -> Result<Self> {
+        if keys.is_empty() {
+            return Err(RouterError::NoWorkers);
+        }
+        let state = State {
+            fleet: Fleet::new(keys, breaker_failures)?,
+            policy: Box::new(band),
+            model: None,
+            retained: HashMap::new(),
+        };
+        Ok(Self { state: Mutex::new(state), band: Some(band), precision })
     }
 
-    fn build(
-        workers: usize,
-        policy: Box<dyn Policy>,
-        model: Option<RwLock<Arc<LocalityModel>>>,
-        band: Option<LocalityBand>,
-    ) -> Self {
-        let state = Fleetwide { loads: vec![0; workers], healthy: vec![true; workers], policy };
-        Self { workers, state: Mutex::new(state), model, band, all_healthy: vec![true; workers] }
+    /// An eldr router with one member per centroid row, keyed "0", "1", ….
+    pub fn with_model(model: LocalityModel, tau: f64, max_imbalance: Option<i64>) -> Result<Self> {
+        let keys = default_keys(model.centroids().workers());
+        let router = Self::locality(&keys, LocalityBand::with_guard(tau, max_imbalance)?, Precision::Auto, DEFAULT_BREAKER_FAILURES)?;
+        router.lock().model = Some(Arc::new(model));
+        Ok(router)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update is a few single writes after all checks passed, so a panic cannot leave
+        // the state half-updated and a poisoned lock is still safe to use.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn workers(&self) -> usize {
-        self.workers
+        self.lock().fleet.len()
     }
     pub fn policy(&self) -> &'static str {
         self.lock().policy.name()
     }
-    pub fn tau(&self) -> Option<f32> {
+    pub fn tau(&self) -> Option<f64> {
         self.band.map(|b| b.tau())
     }
     pub fn max_imbalance(&self) -> Option<i64> {
         self.band.and_then(|b| b.max_imbalance())
     }
+    pub fn has_centroids(&self) -> bool {
+        self.lock().model.is_some()
+    }
 
     /// The current locality model (a cheap reference; stays valid across swaps).
     pub fn model(&self) -> Result<Arc<LocalityModel>> {
-        let lock = self.model.as_ref().ok_or(RouterError::NoLocality("centroids"))?;
-        Ok(lock.read().unwrap_or_else(|e| e.into_inner()).clone())
+        self.lock().model.clone().ok_or(RouterError::NoLocality("centroids"))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Fleetwide> {
-        // A panic while holding the lock cannot leave the counters half-updated (single writes),
-        // so a poisoned lock is still safe to use.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn check_worker(&self, worker: usize) -> Result<()> {
-        if worker >= self.workers {
-            return Err(RouterError::WorkerOutOfRange { worker, workers: self.workers });
-        }
-        Ok(())
-    }
-
-    /// One in-flight count (>= 0) per worker, and one health flag per worker when given.
-    fn check_fleet(&self, loads: &[i64], healthy: Option<&[bool]>) -> Result<()> {
-        self.check_len("loads", loads.len())?;
+    fn check_fleet(workers: usize, loads: &[i64], healthy: Option<&[bool]>) -> Result<()> {
+        let len = |arg, n: usize| {
+            if n == workers {
+                Ok(())
+            } else {
+                Err(RouterError::Shape { arg, expected: format!("[{workers}]"), got: format!("[{n}]") })
+            }
+        };
+        len("loads", loads.len())?;
         if let Some(h) = healthy {
-            self.check_len("healthy", h.len())?;
+            len("healthy", h.len())?;
         }
         if let Some(index) = loads.iter().position(|l| *l < 0) {
             return Err(RouterError::Negative { arg: "loads", index, value: loads[index] as f64 });
@@ -181,132 +162,211 @@ impl Router {
         Ok(())
     }
 
-    fn check_len(&self, arg: &'static str, len: usize) -> Result<()> {
-        if len != self.workers {
-            return Err(RouterError::Shape { arg, expected: format!("[{}]", self.workers), got: format!("[{len}]") });
-        }
-        Ok(())
-    }
-
-    fn with_scores<T: CountValue, R>(
-        &self,
+    /// Scores `signal` with `model` (if any) and lets `decide` choose; `decide` gets `None`
+    /// scores when the signal carries no direction.
+    fn decide<T: CountValue, R>(
+        model: Option<&LocalityModel>,
         signal: Signal<T>,
-        f: impl FnOnce(Option<&[f32]>, &mut Vec<usize>) -> Result<R>,
+        decide: impl FnOnce(Option<&mut crate::model::Scores>, &mut Vec<usize>) -> Result<R>,
     ) -> Result<R> {
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
-            let has_scores = match &self.model {
-                Some(_) => self.model()?.score(signal, &mut scratch)?,
-                None => false,
-            };
-            let Scratch { scores, band, .. } = &mut *scratch;
-            f(if has_scores { Some(scores.as_slice()) } else { None }, band)
+            let Scratch { buf, band } = &mut *scratch;
+            match model {
+                Some(m) if m.score(signal, buf)? => decide(Some(&mut m.scores(buf)), band),
+                _ => decide(None, band),
+            }
         })
     }
 
-    /// Cosine scores of the signal to every centroid (zeros for a zero signature).
-    pub fn scores<T: CountValue>(&self, signal: Signal<T>) -> Result<Vec<f32>> {
-        let workers = self.workers;
-        self.with_scores(signal, |s, _| Ok(s.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; workers])))
+    /// Exact cosine scores of the signal to every centroid (zeros for a zero signature).
+    pub fn scores<T: CountValue>(&self, signal: Signal<T>) -> Result<Vec<f64>> {
+        let model = self.model()?;
+        let w = model.centroids().workers();
+        Self::decide(Some(&model), signal, |s, _| Ok(s.map(|s| s.all_exact()).unwrap_or_else(|| vec![0.0; w])))
     }
 
-    /// Pure locality-band decision for given loads (and health, all healthy when `None`).
-    /// Touches no router state.
+    /// Pure locality-band decision for given loads (and health, all healthy when `None`) over
+    /// the current centroids; returns a member index. Touches no router state.
     pub fn select<T: CountValue>(&self, signal: Signal<T>, loads: &[i64], healthy: Option<&[bool]>) -> Result<usize> {
         let mut band_policy = self.band.ok_or(RouterError::NoLocality("select"))?;
-        self.check_fleet(loads, healthy)?;
-        let healthy = healthy.unwrap_or(&self.all_healthy);
-        let fleet = Fleet { loads, healthy };
-        self.with_scores(signal, |scores, band| band_policy.choose(&fleet, scores, band))
+        let model = self.model()?;
+        let w = model.centroids().workers();
+        Self::check_fleet(w, loads, healthy)?;
+        let all = vec![true; if healthy.is_none() { w } else { 0 }];
+        let fleet = FleetView { loads, healthy: healthy.unwrap_or(&all) };
+        Self::decide(Some(&model), signal, |s, band| band_policy.choose(&fleet, s, band))
     }
 
-    /// Chooses a worker and counts the request as in flight on it.
-    pub fn acquire<T: CountValue>(&self, signal: Signal<T>) -> Result<usize> {
-        self.with_scores(signal, |scores, band| {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let fleet = Fleet { loads: &st.loads, healthy: &st.healthy };
-            let w = st.policy.choose(&fleet, scores, band)?;
-            st.loads[w] += 1;
-            Ok(w)
-        })
-    }
-
-    /// As [`acquire`](Self::acquire), also returning why the worker was chosen.
-    pub fn acquire_with_receipt<T: CountValue>(&self, signal: Signal<T>) -> Result<Receipt> {
-        self.with_scores(signal, |scores, band| {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let fleet = Fleet { loads: &st.loads, healthy: &st.healthy };
-            let worker = st.policy.choose(&fleet, scores, band)?;
-            let receipt =
-                Receipt { worker, scores: scores.map(<[f32]>::to_vec), band: band.clone(), loads: st.loads.clone() };
-            st.loads[worker] += 1;
-            Ok(receipt)
-        })
-    }
-
-    /// Ends one in-flight request on `worker`. Refuses (never wraps) below zero.
-    pub fn release(&self, worker: usize) -> Result<()> {
-        self.check_worker(worker)?;
+    /// Chooses a member and counts the request as in flight on it; returns its id.
+    pub fn acquire<T: CountValue>(&self, signal: Signal<T>) -> Result<WorkerId> {
         let mut st = self.lock();
-        if st.loads[worker] == 0 {
-            return Err(RouterError::ReleaseUnderflow(worker));
-        }
-        st.loads[worker] -= 1;
+        let State { fleet, policy, model, .. } = &mut *st;
+        let index = Self::decide(model.as_deref(), signal, |s, band| policy.choose(&fleet.view(), s, band))?;
+        Ok(fleet.acquire_at(index))
+    }
+
+    /// As [`acquire`](Self::acquire), also returning why the member was chosen.
+    pub fn acquire_with_receipt<T: CountValue>(&self, signal: Signal<T>) -> Result<Receipt> {
+        let mut st = self.lock();
+        let State { fleet, policy, model, .. } = &mut *st;
+        let (worker, scores, band) = Self::decide(model.as_deref(), signal, |s, band| {
+            let mut s = s;
+            let worker = policy.choose(&fleet.view(), s.as_deref_mut(), band)?;
+            Ok((worker, s.map(|s| s.all_exact()), band.clone()))
+        })?;
+        let loads = fleet.loads().to_vec();
+        let id = fleet.acquire_at(worker);
+        Ok(Receipt { worker, id, scores, band, loads })
+    }
+
+    /// Counts a request in flight on member `id`, chosen outside the policy (the prefill pool's
+    /// picker).
+    pub fn hold(&self, id: WorkerId) -> Result<()> {
+        let mut st = self.lock();
+        let i = st.fleet.position(id)?;
+        st.fleet.acquire_at(i);
         Ok(())
+    }
+
+    /// Ends one in-flight request on member `id`; `Ok(false)` when it was removed meanwhile
+    /// (then only its retired count drops). Refuses (never wraps) below zero.
+    pub fn release(&self, id: WorkerId) -> Result<bool> {
+        self.lock().fleet.release(id)
+    }
+
+    /// Requests in flight on member (or removed member) `id`.
+    pub fn in_flight(&self, id: WorkerId) -> i64 {
+        self.lock().fleet.in_flight(id)
     }
 
     pub fn loads(&self) -> Vec<i64> {
-        self.lock().loads.clone()
+        self.lock().fleet.loads().to_vec()
     }
-
     pub fn healthy(&self) -> Vec<bool> {
-        self.lock().healthy.clone()
+        self.lock().fleet.healthy().to_vec()
+    }
+    pub fn ids(&self) -> Vec<WorkerId> {
+        self.lock().fleet.ids().to_vec()
     }
 
-    pub fn set_healthy(&self, worker: usize, healthy: bool) -> Result<()> {
-        self.check_worker(worker)?;
-        self.lock().healthy[worker] = healthy;
-        Ok(())
+    pub fn members(&self) -> Vec<Member> {
+        let st = self.lock();
+        let f = &st.fleet;
+        (0..f.len())
+            .map(|i| Member {
+                id: f.ids()[i],
+                key: f.keys()[i].clone(),
+                load: f.loads()[i],
+                healthy: f.healthy()[i],
+                failures: f.failures()[i],
+            })
+            .collect()
     }
 
-    /// Sets every worker's in-flight count and health at once. For a router built to replace
-    /// another after a membership change: the survivors' requests are still in flight.
-    pub fn restore_state(&self, loads: &[i64], healthy: &[bool]) -> Result<()> {
-        self.check_fleet(loads, Some(healthy))?;
+    /// Marks a member (un)healthy by hand; returns whether that changed it.
+    pub fn set_healthy(&self, id: WorkerId, healthy: bool) -> Result<bool> {
+        self.lock().fleet.set_healthy(id, healthy)
+    }
+
+    /// One circuit-breaker observation (see [`Fleet::report`]); the new health when it changed.
+    pub fn report(&self, id: WorkerId, ok: bool) -> Result<Option<bool>> {
+        self.lock().fleet.report(id, ok)
+    }
+
+    /// Adds a member. With centroids it gets its own row back if `key` was removed before, else
+    /// the mean direction of the others (until a refit places it).
+    pub fn add(&self, key: &str, healthy: bool) -> Result<WorkerId> {
         let mut st = self.lock();
-        st.loads.copy_from_slice(loads);
-        st.healthy.copy_from_slice(healthy);
-        Ok(())
+        let State { fleet, model, retained, .. } = &mut *st;
+        if fleet.position_of_key(key).is_some() {
+            return Err(RouterError::DuplicateKey(key.to_string()));
+        }
+        let next = match model.as_deref() {
+            Some(m) => {
+                let row = retained.get(key).cloned().unwrap_or_else(|| m.centroids().mean_direction());
+                Some(Arc::new(m.with_centroids(m.centroids().with_row(&row)?)?))
+            }
+            None => None,
+        };
+        let id = fleet.add(key, healthy)?;
+        if next.is_some() {
+            retained.remove(key);
+            *model = next;
+        }
+        Ok(id)
     }
 
-    /// Replaces the centroids (`[workers, dim]`, same shape as before). Worker `k` stays worker
-    /// `k`: loads and health are untouched, so align rows to identities before swapping.
-    pub fn swap_centroids(&self, data: &[f32], rows: usize, cols: usize) -> Result<()> {
-        let lock = self.model.as_ref().ok_or(RouterError::NoLocality("swap_centroids"))?;
-        let current = self.model()?;
-        if rows != self.workers || cols != current.centroids().dim() {
+    /// Removes member `id` (later indices shift down); its requests in flight release nothing.
+    /// Its centroid row is kept under its key in case it comes back. Returns its old index.
+    pub fn remove(&self, id: WorkerId) -> Result<usize> {
+        let mut st = self.lock();
+        let State { fleet, model, retained, .. } = &mut *st;
+        let index = fleet.position(id)?;
+        let next = match model.as_deref() {
+            Some(m) if fleet.len() > 1 => Some((m.centroids().row(index).to_vec(), Arc::new(m.with_centroids(m.centroids().without(index))?))),
+            _ => None,
+        };
+        let (_, key) = fleet.remove(id)?;
+        if let Some((row, m)) = next {
+            retained.insert(key, row);
+            *model = Some(m);
+        }
+        Ok(index)
+    }
+
+    /// Routes by new calibration from now on: `spec` and centroids `[members, dim]` in member
+    /// order. Loads, health and membership stay; rows kept for removed members are dropped (they
+    /// belong to the old space).
+    pub fn load_centroids(&self, spec: SignatureSpec, data: &[f32], rows: usize, cols: usize) -> Result<()> {
+        if self.band.is_none() {
+            return Err(RouterError::NoLocality("load_centroids"));
+        }
+        let mut st = self.lock();
+        let members = st.fleet.len();
+        if rows != members {
             return Err(RouterError::Shape {
                 arg: "centroids",
-                expected: format!("[{}, {}]", self.workers, current.centroids().dim()),
+                expected: format!("[{members}, {}] (one row per decoder)", spec.dim()),
                 got: format!("[{rows}, {cols}]"),
             });
         }
-        let next = LocalityModel::new(current.spec().clone(), Centroids::new(data, rows, cols)?)?;
-        *lock.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        let model = LocalityModel::with_precision(spec, Centroids::new(data, rows, cols)?, self.precision)?;
+        st.model = Some(Arc::new(model));
+        st.retained.clear();
         Ok(())
+    }
+
+    /// Replaces the centroids (`[members, dim]`, same geometry) in one step; row k is member k.
+    /// With `fitted_for`, refuses ([`RouterError::StaleMembership`]) if the members are no longer
+    /// those ids, so a refit computed while membership changed is never applied to the wrong rows.
+    pub fn swap_centroids(&self, data: &[f32], rows: usize, cols: usize, fitted_for: Option<&[WorkerId]>) -> Result<()> {
+        let mut st = self.lock();
+        let current = st.model.clone().ok_or(RouterError::NoLocality("swap_centroids"))?;
+        if let Some(ids) = fitted_for {
+            if ids != st.fleet.ids() {
+                return Err(RouterError::StaleMembership { expected: ids.to_vec(), actual: st.fleet.ids().to_vec() });
+            }
+        }
+        let (w, d) = (st.fleet.len(), current.centroids().dim());
+        if rows != w || cols != d {
+            return Err(RouterError::Shape { arg: "centroids", expected: format!("[{w}, {d}]"), got: format!("[{rows}, {cols}]") });
+        }
+        st.model = Some(Arc::new(current.with_centroids(Centroids::new(data, rows, cols)?)?));
+        Ok(())
+    }
+
+    /// Member ids and the unit centroids in use, `[members, dim]`, taken together.
+    pub fn centroid_snapshot(&self) -> Result<(Vec<WorkerId>, Arc<LocalityModel>)> {
+        let st = self.lock();
+        let model = st.model.clone().ok_or(RouterError::NoLocality("centroids"))?;
+        Ok((st.fleet.ids().to_vec(), model))
     }
 }
 
 /// Times `iters` pure `select` calls from raw counts, returning nanoseconds per call. Exposed
 /// so the Python benchmark can measure the Rust core without the FFI boundary.
-pub fn time_select<T: CountValue>(
-    router: &Router,
-    signal: Signal<T>,
-    loads: &[i64],
-    iters: usize,
-) -> Result<Vec<u64>> {
+pub fn time_select<T: CountValue>(router: &Router, signal: Signal<T>, loads: &[i64], iters: usize) -> Result<Vec<u64>> {
     let mut out = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = std::time::Instant::now();

@@ -1,29 +1,31 @@
-//! Request signature: counts `[L,E]` × IDF → masked layers → flat vector (L2 norm applied by the
-//! caller, since scoring divides by it once).
+//! Request signature geometry: counts `[L,E]` × IDF → kept layers → flat vector (the L2 norm is
+//! applied where scores are computed, `model.rs`).
 use crate::error::{Result, RouterError};
+use multiversion::multiversion;
 
 /// An integer count element accepted from callers (any numpy integer dtype).
 pub trait CountValue: Copy + Send + Sync {
-    fn as_f32(self) -> f32;
     fn is_negative(self) -> bool;
     fn as_f64(self) -> f64;
+    /// The value of a count already checked non-negative.
+    fn as_u64(self) -> u64;
 }
 
 macro_rules! signed_count {
     ($($t:ty),*) => {$(
         impl CountValue for $t {
-            #[inline] fn as_f32(self) -> f32 { self as f32 }
             #[inline] fn is_negative(self) -> bool { self < 0 }
             #[inline] fn as_f64(self) -> f64 { self as f64 }
+            #[inline] fn as_u64(self) -> u64 { self as u64 }
         }
     )*};
 }
 macro_rules! unsigned_count {
     ($($t:ty),*) => {$(
         impl CountValue for $t {
-            #[inline] fn as_f32(self) -> f32 { self as f32 }
             #[inline] fn is_negative(self) -> bool { false }
             #[inline] fn as_f64(self) -> f64 { self as f64 }
+            #[inline] fn as_u64(self) -> u64 { self as u64 }
         }
     )*};
 }
@@ -94,8 +96,17 @@ impl SignatureSpec {
         self.kept.len() * self.experts
     }
 
-    /// Writes the un-normalised signature of `counts` (`[rows, cols]`, row-major) into `out`.
-    pub fn build<T: CountValue>(&self, counts: &[T], rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
+    /// Kept layer indices, ascending.
+    pub fn kept(&self) -> &[usize] {
+        &self.kept
+    }
+    /// IDF weights of layer `l`, `[experts]`.
+    pub fn idf_row(&self, l: usize) -> &[f32] {
+        &self.idf[l * self.experts..(l + 1) * self.experts]
+    }
+
+    /// Refuses counts of another shape, or with a negative entry.
+    pub fn check<T: CountValue>(&self, counts: &[T], rows: usize, cols: usize) -> Result<()> {
         if rows != self.layers || cols != self.experts || counts.len() != rows * cols {
             return Err(RouterError::Shape {
                 arg: "counts",
@@ -103,19 +114,17 @@ impl SignatureSpec {
                 got: format!("[{rows}, {cols}]"),
             });
         }
-        if let Some(index) = counts.iter().position(|c| c.is_negative()) {
+        if any_negative(counts) {
+            let index = counts.iter().position(|c| c.is_negative()).expect("a negative count");
             return Err(RouterError::Negative { arg: "counts", index, value: counts[index].as_f64() });
-        }
-        out.clear();
-        out.reserve(self.dim());
-        let e = self.experts;
-        for &l in &self.kept {
-            let c = &counts[l * e..(l + 1) * e];
-            let w = &self.idf[l * e..(l + 1) * e];
-            out.extend(c.iter().zip(w).map(|(&ci, &wi)| ci.as_f32() * wi));
         }
         Ok(())
     }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn any_negative<T: CountValue>(counts: &[T]) -> bool {
+    counts.iter().fold(false, |any, c| any | c.is_negative())
 }
 
 pub(crate) fn check_finite(arg: &'static str, v: &[f32]) -> Result<()> {

@@ -1,4 +1,5 @@
-use eldr_router::{Centroids, LocalityModel, Router, RouterError, SignatureSpec, Signal};
+use eldr_router::{Centroids, LocalityModel, Precision, Router, RouterError, SignatureSpec, Signal};
+use eldr_router::policy::LocalityBand;
 
 fn eldr(tau: f64) -> Router {
     // Two layers, three experts; worker k's centroid puts its weight on expert k.
@@ -8,7 +9,7 @@ fn eldr(tau: f64) -> Router {
         c[k * 6 + k] = 1.0;
         c[k * 6 + 3 + k] = 1.0;
     }
-    Router::locality(LocalityModel::new(spec, Centroids::new(&c, 3, 6).unwrap()).unwrap(), tau).unwrap()
+    Router::with_model(LocalityModel::new(spec, Centroids::new(&c, 3, 6).unwrap()).unwrap(), tau, None).unwrap()
 }
 
 fn counts_for(expert: usize) -> [i32; 6] {
@@ -18,16 +19,19 @@ fn counts_for(expert: usize) -> [i32; 6] {
     c
 }
 
+fn sig(c: &[i32]) -> Signal<'_, i32> {
+    Signal::Counts { data: c, rows: 2, cols: 3 }
+}
+
 #[test]
 fn counts_route_to_matching_centroid_and_counters_return_to_zero() {
     let r = eldr(0.0);
     for k in 0..3 {
-        let c = counts_for(k);
-        assert_eq!(r.acquire(Signal::Counts { data: &c, rows: 2, cols: 3 }).unwrap(), k);
+        assert_eq!(r.acquire(sig(&counts_for(k))).unwrap(), k as u64);
     }
     assert_eq!(r.loads(), vec![1, 1, 1]);
     for k in 0..3 {
-        r.release(k).unwrap();
+        assert_eq!(r.release(k), Ok(true));
     }
     assert_eq!(r.loads(), vec![0, 0, 0]);
     assert_eq!(r.release(0), Err(RouterError::ReleaseUnderflow(0)));
@@ -37,11 +41,10 @@ fn counts_route_to_matching_centroid_and_counters_return_to_zero() {
 #[test]
 fn zero_counts_fall_back_to_least_loaded() {
     let r = eldr(0.1);
-    let c1 = counts_for(0);
-    r.acquire(Signal::Counts { data: &c1, rows: 2, cols: 3 }).unwrap();
+    r.acquire(sig(&counts_for(0))).unwrap();
     let zero = [0i64; 6];
     let receipt = r.acquire_with_receipt(Signal::Counts { data: &zero, rows: 2, cols: 3 }).unwrap();
-    assert_eq!(receipt.worker, 1);
+    assert_eq!((receipt.worker, receipt.id), (1, 1));
     assert_eq!(receipt.scores, None);
     assert!(receipt.band.is_empty());
 }
@@ -50,21 +53,20 @@ fn zero_counts_fall_back_to_least_loaded() {
 fn unhealthy_workers_are_never_chosen_and_all_unhealthy_is_an_error() {
     let r = eldr(0.0);
     r.set_healthy(0, false).unwrap();
-    let c = counts_for(0);
     for _ in 0..10 {
-        assert_ne!(r.acquire(Signal::Counts { data: &c, rows: 2, cols: 3 }).unwrap(), 0);
+        assert_ne!(r.acquire(sig(&counts_for(0))).unwrap(), 0);
     }
     r.set_healthy(1, false).unwrap();
     r.set_healthy(2, false).unwrap();
     assert_eq!(r.acquire(Signal::<u8>::Absent), Err(RouterError::AllUnhealthy(3)));
-    assert_eq!(r.set_healthy(3, true), Err(RouterError::WorkerOutOfRange { worker: 3, workers: 3 }));
+    assert_eq!(r.set_healthy(3, true), Err(RouterError::UnknownWorker(3)));
 }
 
 #[test]
 fn swap_keeps_loads_and_changes_decisions() {
     let r = eldr(0.0);
     let c = counts_for(0);
-    assert_eq!(r.acquire(Signal::Counts { data: &c, rows: 2, cols: 3 }).unwrap(), 0);
+    assert_eq!(r.acquire(sig(&c)).unwrap(), 0);
     // Rotate centroids: worker 2 now owns expert 0.
     let mut new = vec![0.0f32; 18];
     for k in 0..3 {
@@ -72,10 +74,54 @@ fn swap_keeps_loads_and_changes_decisions() {
         new[owner * 6 + k] = 1.0;
         new[owner * 6 + 3 + k] = 1.0;
     }
-    r.swap_centroids(&new, 3, 6).unwrap();
+    r.swap_centroids(&new, 3, 6, Some(&[0, 1, 2])).unwrap();
     assert_eq!(r.loads(), vec![1, 0, 0]);
-    assert_eq!(r.acquire(Signal::Counts { data: &c, rows: 2, cols: 3 }).unwrap(), 2);
-    assert!(matches!(r.swap_centroids(&new[..12], 2, 6), Err(RouterError::Shape { .. })));
+    assert_eq!(r.acquire(sig(&c)).unwrap(), 2);
+    assert!(matches!(r.swap_centroids(&new[..12], 2, 6, None), Err(RouterError::Shape { .. })));
+    assert!(matches!(r.swap_centroids(&new, 3, 6, Some(&[0, 1])), Err(RouterError::StaleMembership { .. })));
+}
+
+#[test]
+fn membership_changes_keep_state_and_retain_rows() {
+    let r = eldr(0.0);
+    let c1 = counts_for(1);
+    assert_eq!(r.acquire(sig(&c1)).unwrap(), 1);
+    r.report(2, false).unwrap();
+    assert_eq!(r.remove(1), Ok(1));
+    assert_eq!(r.ids(), vec![0, 2]);
+    assert_eq!(r.loads(), vec![0, 0]);
+    assert_eq!(r.in_flight(1), 1, "a removed member's request drains as retired");
+    assert_eq!(r.release(1), Ok(false));
+    assert_eq!(r.in_flight(1), 0);
+    assert_eq!(r.members()[1].failures, 1, "the survivors keep their breaker counts");
+    // Back under its key: a new id, its old centroid row.
+    let id = r.add("1", true).unwrap();
+    assert_eq!(id, 3);
+    assert_eq!(r.acquire(sig(&c1)).unwrap(), 3);
+    assert_eq!(r.loads(), vec![0, 0, 1]);
+    // A new key gets the mean direction: the other rows keep their requests.
+    let fresh = r.add("new", false).unwrap();
+    assert_eq!(r.workers(), 4);
+    assert_eq!(r.healthy(), vec![true, true, true, false]);
+    assert_eq!(r.add("new", true), Err(RouterError::DuplicateKey("new".into())));
+    assert_eq!(r.remove(fresh), Ok(3));
+    assert_eq!(r.remove(99), Err(RouterError::UnknownWorker(99)));
+}
+
+#[test]
+fn a_router_without_centroids_routes_least_loaded_until_loaded() {
+    let band = LocalityBand::new(0.0).unwrap();
+    let r = Router::locality(&["a", "b"], band, Precision::Auto, 3).unwrap();
+    let c = counts_for(1);
+    assert_eq!(r.acquire(sig(&c)).unwrap(), 0);
+    assert_eq!(r.acquire(sig(&c)).unwrap(), 1);
+    assert!(!r.has_centroids());
+    let spec = SignatureSpec::new(2, 3, None, None).unwrap();
+    let rows = [0.0f32, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0];
+    assert!(matches!(r.load_centroids(spec.clone(), &rows[..6], 1, 6), Err(RouterError::Shape { .. })));
+    r.load_centroids(spec, &rows, 2, 6).unwrap();
+    assert_eq!(r.loads(), vec![1, 1]);
+    assert_eq!(r.acquire(sig(&c)).unwrap(), 1);
 }
 
 #[test]
@@ -85,18 +131,21 @@ fn validation_errors_name_the_argument() {
     let e = r.acquire(Signal::Counts { data: &bad_shape, rows: 2, cols: 2 }).unwrap_err();
     assert!(e.to_string().starts_with("counts:"), "{e}");
     let neg = [1i32, -1, 0, 0, 0, 0];
-    let e = r.acquire(Signal::Counts { data: &neg, rows: 2, cols: 3 }).unwrap_err();
+    let e = r.acquire(sig(&neg)).unwrap_err();
     assert!(matches!(e, RouterError::Negative { arg: "counts", index: 1, .. }), "{e}");
     let nan = [f32::NAN; 6];
     assert!(matches!(r.acquire(Signal::<u8>::Signature(&nan)), Err(RouterError::NonFinite { arg: "signature", .. })));
     assert!(matches!(r.select(Signal::<u8>::Absent, &[0, 0], None), Err(RouterError::Shape { arg: "loads", .. })));
     assert!(matches!(r.select(Signal::<u8>::Absent, &[0, -1, 0], None), Err(RouterError::Negative { arg: "loads", .. })));
     assert_eq!(r.loads(), vec![0, 0, 0], "failed calls must not count");
-    assert!(matches!(Router::baseline("jsq", 0, 0), Err(RouterError::NoWorkers)));
-    assert!(matches!(Router::baseline("lru", 2, 0), Err(RouterError::UnknownPolicy(_))));
+    assert!(matches!(Router::baseline_n("jsq", 0, 0), Err(RouterError::NoWorkers)));
+    assert!(matches!(Router::baseline_n("lru", 2, 0), Err(RouterError::UnknownPolicy(_))));
     let spec = SignatureSpec::new(2, 3, None, None).unwrap();
     let c = Centroids::new(&[1.0; 6], 1, 6).unwrap();
-    assert_eq!(Router::locality(LocalityModel::new(spec, c).unwrap(), f64::INFINITY).err(), Some(RouterError::Tau(f64::INFINITY)));
+    assert_eq!(
+        Router::with_model(LocalityModel::new(spec, c).unwrap(), f64::INFINITY, None).err(),
+        Some(RouterError::Tau(f64::INFINITY))
+    );
     assert!(matches!(Centroids::new(&[], 0, 6), Err(RouterError::NoWorkers)));
 }
 
@@ -109,7 +158,7 @@ fn concurrent_acquire_release_balances() {
             std::thread::spawn(move || {
                 for i in 0..2000 {
                     let c = counts_for((t + i) % 3);
-                    let w = r.acquire(Signal::Counts { data: &c, rows: 2, cols: 3 }).unwrap();
+                    let w = r.acquire(sig(&c)).unwrap();
                     r.release(w).unwrap();
                 }
             })
@@ -121,16 +170,79 @@ fn concurrent_acquire_release_balances() {
     assert_eq!(r.loads(), vec![0, 0, 0]);
 }
 
+/// A random routing problem: centroids (some rows duplicated, some near-duplicated), IDF,
+/// a layer mask, counts (sometimes far above the int16 kernel's limit), loads and health.
+struct Case {
+    spec: SignatureSpec,
+    rows: Vec<f32>,
+    workers: usize,
+    dim: usize,
+    counts: Vec<u32>,
+    loads: Vec<i64>,
+    healthy: Vec<bool>,
+    tau: f64,
+    guard: Option<i64>,
+}
+
+fn case(rng: &mut fastrand::Rng) -> Case {
+    let layers = rng.usize(1..6);
+    let experts = [3, 8, 31, 64, 128][rng.usize(..5)];
+    let workers = rng.usize(1..40);
+    let mask: Vec<bool> = (0..layers).map(|_| rng.f32() < 0.8).collect();
+    let mask = if mask.iter().any(|m| *m) { mask } else { vec![true; layers] };
+    let idf: Vec<f32> = (0..layers * experts).map(|_| if rng.f32() < 0.1 { 0.0 } else { rng.f32() * 3.0 }).collect();
+    let spec = SignatureSpec::new(layers, experts, Some(&idf), Some(&mask)).unwrap();
+    let dim = spec.dim();
+    let mut rows: Vec<f32> = (0..workers * dim).map(|_| rng.f32() + 1e-3).collect();
+    for k in 1..workers {
+        match rng.u8(..4) {
+            0 => {
+                let j = rng.usize(..k);
+                let src: Vec<f32> = rows[j * dim..(j + 1) * dim].to_vec();
+                rows[k * dim..(k + 1) * dim].copy_from_slice(&src);
+            }
+            1 => {
+                let j = rng.usize(..k);
+                for d in 0..dim {
+                    rows[k * dim + d] = rows[j * dim + d] * (1.0 + (rng.f32() - 0.5) * 1e-5);
+                }
+            }
+            _ => {}
+        }
+    }
+    let big = rng.u8(..5) == 0;
+    let counts: Vec<u32> = (0..layers * experts)
+        .map(|_| if rng.f32() < 0.3 { 0 } else if big { rng.u32(..200_000) } else { rng.u32(..300) })
+        .collect();
+    let loads: Vec<i64> = (0..workers).map(|_| rng.i64(0..3)).collect();
+    let mut healthy: Vec<bool> = (0..workers).map(|_| rng.f32() < 0.85).collect();
+    if !healthy.iter().any(|h| *h) {
+        healthy[0] = true;
+    }
+    let tau = [0.0, 1e-9, 1e-4, 0.01, 0.1, 0.3, 1.0][rng.usize(..7)];
+    let guard = [None, Some(0), Some(1), Some(2)][rng.usize(..4)];
+    Case { spec, rows, workers, dim, counts, loads, healthy, tau, guard }
+}
+
 #[test]
-fn restored_state_is_what_the_policy_sees() {
-    let r = Router::baseline("jsq", 3, 0).unwrap();
-    r.restore_state(&[2, 0, 1], &[true, false, true]).unwrap();
-    assert_eq!((r.loads(), r.healthy()), (vec![2, 0, 1], vec![true, false, true]));
-    assert_eq!(r.acquire(Signal::<u8>::Absent).unwrap(), 2, "least loaded among the healthy");
-    r.release(0).unwrap();
-    assert_eq!(r.loads(), vec![1, 0, 2]);
-    assert!(matches!(r.restore_state(&[0, 0], &[true; 3]), Err(RouterError::Shape { arg: "loads", .. })));
-    assert!(matches!(r.restore_state(&[0; 3], &[true; 2]), Err(RouterError::Shape { arg: "healthy", .. })));
-    assert!(matches!(r.restore_state(&[0, -1, 0], &[true; 3]), Err(RouterError::Negative { arg: "loads", index: 1, .. })));
-    assert_eq!(r.loads(), vec![1, 0, 2], "a refused restore changes nothing");
+fn certified_decisions_equal_exact_decisions() {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut refined_total = 0usize;
+    for n in 0..3000 {
+        let c = case(&mut rng);
+        let centroids = Centroids::new(&c.rows, c.workers, c.dim).unwrap();
+        let exact = LocalityModel::with_precision(c.spec.clone(), centroids.clone(), Precision::Exact).unwrap();
+        let exact = Router::with_model(exact, c.tau, c.guard).unwrap();
+        let signal = Signal::Counts { data: &c.counts, rows: c.spec.layers(), cols: c.spec.experts() };
+        let want = exact.select(signal, &c.loads, Some(&c.healthy)).unwrap();
+        for precision in [Precision::Int16, Precision::Int8] {
+            let model = LocalityModel::with_precision(c.spec.clone(), centroids.clone(), precision).unwrap();
+            let fast = Router::with_model(model, c.tau, c.guard).unwrap();
+            let got = fast.select(signal, &c.loads, Some(&c.healthy)).unwrap();
+            assert_eq!(got, want, "case {n} ({precision:?}): certified {got}, exact {want}");
+            assert_eq!(fast.scores(signal).unwrap(), exact.scores(signal).unwrap(), "case {n}: exact scores agree");
+        }
+        refined_total += 1;
+    }
+    assert!(refined_total > 0);
 }

@@ -1,78 +1,62 @@
-//! PyO3 binding of `eldr-router`, imported as `sglang_eldr.router_rs`. Inputs are borrowed
-//! from numpy without copying (when C-contiguous) and the GIL is released while computing.
-#![allow(non_snake_case)]
+//! PyO3 binding of `eldr-router`, imported as `sglang_eldr.router_rs` (types in
+//! `sglang_eldr/router_rs.pyi`). Arrays are borrowed from numpy without copying when
+//! C-contiguous, and the GIL is released while Rust computes.
+use std::borrow::Cow;
 
-use eldr_router::{Centroids, LocalityModel, Receipt, Router as Core, RouterError, SignatureSpec, Signal};
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use eldr_router::policy::LocalityBand;
+use eldr_router::{
+    Precision, Receipt, Router as Core, RouterError, SignatureSpec, Signal,
+    DEFAULT_BREAKER_FAILURES,
+};
+use numpy::ndarray::Dimension;
+use numpy::{Element, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::PyClassInitializer;
 use pyo3::types::PyDict;
 
 fn value_error(e: RouterError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
-/// Borrow a 1-D or 2-D numpy array as a slice, copying only when it is not C-contiguous.
-macro_rules! borrowed {
-    ($arr:expr, $owned:ident) => {
-        match $arr.as_slice() {
-            Ok(s) => s,
-            Err(_) => {
-                $owned = $arr.as_array().iter().copied().collect::<Vec<_>>();
-                &$owned[..]
-            }
-        }
-    };
+/// The array's data in C order: borrowed when contiguous, copied otherwise.
+fn slice<'a, T: Element + Copy, D: Dimension>(a: &'a PyReadonlyArray<'_, T, D>) -> Cow<'a, [T]> {
+    match a.as_slice() {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(a.as_array().iter().copied().collect()),
+    }
 }
 
-/// Runs `$body` (GIL released) with `$sig: Signal<_>` built from a counts array of any integer
-/// dtype, a float signature, or `None`.
-macro_rules! with_signal {
-    ($py:expr, $obj:expr, |$sig:ident| $body:expr) => {{
-        let obj: Option<&Bound<'_, PyAny>> = $obj;
-        match obj {
-            None => {
-                let $sig = Signal::<u8>::Absent;
-                $py.detach(|| $body)
-            }
-            Some(o) if o.is_none() => {
-                let $sig = Signal::<u8>::Absent;
-                $py.detach(|| $body)
-            }
-            Some(o) => with_signal!(@counts $py, o, $sig, $body, i64 i32 i16 i8 u64 u32 u16 u8)
-        }
-    }};
-    (@counts $py:expr, $o:expr, $sig:ident, $body:expr, $t:ident $($rest:ident)*) => {
-        if let Ok(a) = $o.extract::<PyReadonlyArray2<'_, $t>>() {
-            let (rows, cols) = (a.shape()[0], a.shape()[1]);
-            let owned: Vec<$t>;
-            let data = borrowed!(a, owned);
-            let $sig = Signal::Counts { data, rows, cols };
-            $py.detach(|| $body)
-        } else {
-            with_signal!(@counts $py, $o, $sig, $body, $($rest)*)
-        }
-    };
-    (@counts $py:expr, $o:expr, $sig:ident, $body:expr, ) => {
-        if let Ok(a) = $o.extract::<PyReadonlyArray1<'_, f32>>() {
-            let owned: Vec<f32>;
-            let data = borrowed!(a, owned);
-            let $sig = Signal::<u8>::Signature(data);
-            $py.detach(|| $body)
-        } else if let Ok(a) = $o.extract::<PyReadonlyArray1<'_, f64>>() {
-            let owned: Vec<f32> = a.as_array().iter().map(|&v| v as f32).collect();
-            let $sig = Signal::<u8>::Signature(&owned);
-            $py.detach(|| $body)
-        } else {
-            Err(RouterError::Invalid {
+/// What a request carries: counts `[layers, experts]` of any integer dtype (int32 first: the
+/// engine sends int32), a float signature `[dim]`, or nothing.
+#[derive(FromPyObject)]
+enum Input<'py> {
+    I32(PyReadonlyArray2<'py, i32>),
+    I64(PyReadonlyArray2<'py, i64>),
+    U32(PyReadonlyArray2<'py, u32>),
+    U64(PyReadonlyArray2<'py, u64>),
+    I16(PyReadonlyArray2<'py, i16>),
+    U16(PyReadonlyArray2<'py, u16>),
+    I8(PyReadonlyArray2<'py, i8>),
+    U8(PyReadonlyArray2<'py, u8>),
+    F32(PyReadonlyArray1<'py, f32>),
+    F64(PyReadonlyArray1<'py, f64>),
+}
+
+fn input<'py>(obj: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Input<'py>>> {
+    match obj {
+        None => Ok(None),
+        Some(o) if o.is_none() => Ok(None),
+        Some(o) => o.extract::<Input>().map(Some).map_err(|_| {
+            value_error(RouterError::Invalid {
                 arg: "counts_or_signature",
                 reason: format!(
                     "expected a 2-D integer numpy array [layers, experts], a 1-D float numpy array [dim], or None; got {}",
-                    describe($o)
+                    describe(o)
                 ),
             })
-        }
-    };
+        }),
+    }
 }
 
 fn describe(o: &Bound<'_, PyAny>) -> String {
@@ -86,13 +70,73 @@ fn describe(o: &Bound<'_, PyAny>) -> String {
     }
 }
 
-fn vec1<T: Copy + numpy::Element>(arr: &PyReadonlyArray1<'_, T>) -> Vec<T> {
-    arr.as_array().iter().copied().collect()
+/// Runs `$body` with the GIL released and `$sig` bound to the request's `Signal`.
+macro_rules! with_signal {
+    ($py:expr, $input:expr, |$sig:ident| $body:expr) => {{
+        macro_rules! counts {
+            ($a:expr) => {{
+                let (rows, cols) = ($a.shape()[0], $a.shape()[1]);
+                let data = slice($a);
+                let $sig = Signal::Counts { data: &data, rows, cols };
+                $py.detach(|| $body)
+            }};
+        }
+        match $input {
+            None => {
+                let $sig = Signal::<u8>::Absent;
+                $py.detach(|| $body)
+            }
+            Some(Input::I32(a)) => counts!(&a),
+            Some(Input::I64(a)) => counts!(&a),
+            Some(Input::U32(a)) => counts!(&a),
+            Some(Input::U64(a)) => counts!(&a),
+            Some(Input::I16(a)) => counts!(&a),
+            Some(Input::U16(a)) => counts!(&a),
+            Some(Input::I8(a)) => counts!(&a),
+            Some(Input::U8(a)) => counts!(&a),
+            Some(Input::F32(a)) => {
+                let data = slice(&a);
+                let $sig = Signal::<u8>::Signature(&data);
+                $py.detach(|| $body)
+            }
+            Some(Input::F64(a)) => {
+                let data: Vec<f32> = a.as_array().iter().map(|&v| v as f32).collect();
+                let $sig = Signal::<u8>::Signature(&data);
+                $py.detach(|| $body)
+            }
+        }
+    }};
 }
 
-/// A decode router: one policy, its own in-flight counters and health flags.
-/// Build one with `LocalityBandRouter(...)` or `BaselineRouter(...)`.
-#[pyclass(frozen, module = "sglang_eldr.router_rs")]
+fn precision(name: &str) -> PyResult<Precision> {
+    Ok(match name {
+        "auto" => Precision::Auto,
+        "int16" => Precision::Int16,
+        "int8" => Precision::Int8,
+        "exact" => Precision::Exact,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "precision: unknown {other:?} (expected auto, int16, int8 or exact)"
+            )))
+        }
+    })
+}
+
+fn keys_for(keys: Option<Vec<String>>, num_workers: Option<usize>, what: &str) -> PyResult<Vec<String>> {
+    match (keys, num_workers) {
+        (Some(k), Some(n)) if k.len() != n => Err(PyValueError::new_err(format!(
+            "keys: {} keys given for num_workers={n}",
+            k.len()
+        ))),
+        (Some(k), _) => Ok(k),
+        (None, Some(n)) => Ok((0..n).map(|i| i.to_string()).collect()),
+        (None, None) => Err(PyValueError::new_err(format!("{what}: give num_workers or keys"))),
+    }
+}
+
+/// A decode router: the decoder set (membership, in-flight counts, health, breaker counts) and
+/// one policy. Build one with `LocalityBandRouter(...)` or `BaselineRouter(...)`.
+#[pyclass(frozen, subclass, module = "sglang_eldr.router_rs")]
 struct Router {
     core: Core,
 }
@@ -100,11 +144,37 @@ struct Router {
 fn receipt_dict<'py>(py: Python<'py>, r: Receipt, policy: &str) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("worker", r.worker)?;
+    d.set_item("id", r.id)?;
     d.set_item("policy", policy)?;
     d.set_item("scores", r.scores)?;
     d.set_item("band", r.band)?;
     d.set_item("loads", r.loads)?;
     Ok(d)
+}
+
+/// IDF `[L, E]` and layer mask `[L]` (each optional) as a signature geometry for dimension `dim`.
+fn spec_for(
+    dim: usize,
+    idf: Option<&PyReadonlyArray2<'_, f32>>,
+    layer_mask: Option<&PyReadonlyArray1<'_, bool>>,
+    layers: Option<usize>,
+) -> PyResult<SignatureSpec> {
+    let mask: Option<Cow<[bool]>> = layer_mask.map(slice);
+    let (l, e) = match (idf, &mask) {
+        (Some(a), _) => (a.shape()[0], a.shape()[1]),
+        (None, mask) => {
+            let l = mask.as_ref().map(|m| m.len()).or(layers).unwrap_or(1);
+            let kept = mask.as_ref().map(|m| m.iter().filter(|k| **k).count()).unwrap_or(l);
+            if kept == 0 || dim % kept != 0 {
+                return Err(PyValueError::new_err(format!(
+                    "centroids: dimension {dim} is not a multiple of the {kept} kept layer(s); pass idf to fix the geometry"
+                )));
+            }
+            (l, dim / kept)
+        }
+    };
+    let idf_data = idf.map(slice);
+    SignatureSpec::new(l, e, idf_data.as_deref(), mask.as_deref()).map_err(value_error)
 }
 
 #[pymethods]
@@ -115,6 +185,7 @@ impl Router {
         self.core.policy()
     }
 
+    /// Number of members (decoders).
     #[getter]
     fn num_workers(&self) -> usize {
         self.core.workers()
@@ -128,36 +199,53 @@ impl Router {
 
     /// Locality band width (eldr only; None for baselines).
     #[getter]
-    fn tau(&self) -> Option<f32> {
+    fn tau(&self) -> Option<f64> {
         self.core.tau()
     }
 
-    /// Signature dimension D = kept layers × experts (eldr only).
+    /// Whether centroids are loaded (eldr; always False for baselines).
+    #[getter]
+    fn has_centroids(&self) -> bool {
+        self.core.has_centroids()
+    }
+
+    /// How scores are estimated: "int16 (avx512-vnni)", "int8 (avx2)", "exact", ….
+    #[getter]
+    fn kernel(&self) -> PyResult<String> {
+        Ok(self.core.model().map_err(value_error)?.kernel())
+    }
+
+    /// Signature dimension D = kept layers × experts (eldr with centroids only).
     #[getter]
     fn dim(&self) -> PyResult<usize> {
         Ok(self.core.model().map_err(value_error)?.centroids().dim())
     }
 
-    /// Expected counts shape (layers, experts) (eldr only).
+    /// Expected counts shape (layers, experts) (eldr with centroids only).
     #[getter]
     fn counts_shape(&self) -> PyResult<(usize, usize)> {
         let m = self.core.model().map_err(value_error)?;
         Ok((m.spec().layers(), m.spec().experts()))
     }
 
-    /// Pure locality-band choice for a signature float32[D] and loads int64[W].
-    #[pyo3(signature = (signature, loads, healthy=None))]
+    /// Pure locality-band choice (a member index) for counts int[L,E] or a signature float[D],
+    /// loads int64[W] and optional health bool[W].
+    #[pyo3(signature = (counts_or_signature, loads, healthy=None))]
     fn select(
         &self,
         py: Python<'_>,
-        signature: &Bound<'_, PyAny>,
+        counts_or_signature: &Bound<'_, PyAny>,
         loads: PyReadonlyArray1<'_, i64>,
         healthy: Option<PyReadonlyArray1<'_, bool>>,
     ) -> PyResult<usize> {
-        self.select_any(py, signature, loads, healthy)
+        let x = input(Some(counts_or_signature))?;
+        let loads = slice(&loads);
+        let healthy = healthy.as_ref().map(slice);
+        let core = &self.core;
+        with_signal!(py, x, |sig| core.select(sig, &loads, healthy.as_deref())).map_err(value_error)
     }
 
-    /// Pure locality-band choice from raw counts int[L,E] (signature built in Rust).
+    /// Same as `select` (kept for callers that pass counts).
     #[pyo3(signature = (counts, loads, healthy=None))]
     fn select_counts(
         &self,
@@ -166,77 +254,153 @@ impl Router {
         loads: PyReadonlyArray1<'_, i64>,
         healthy: Option<PyReadonlyArray1<'_, bool>>,
     ) -> PyResult<usize> {
-        self.select_any(py, counts, loads, healthy)
+        self.select(py, counts, loads, healthy)
     }
 
-    /// Cosine of a signature (float[D]) or counts (int[L,E]) to every centroid; zeros for a
-    /// zero signature.
-    fn scores<'py>(&self, py: Python<'py>, counts_or_signature: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    /// Exact cosine of counts (int[L,E]) or a signature (float[D]) to every centroid, float64[W];
+    /// zeros for a zero signature.
+    fn scores<'py>(&self, py: Python<'py>, counts_or_signature: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let x = input(Some(counts_or_signature))?;
         let core = &self.core;
-        let scores = with_signal!(py, Some(counts_or_signature), |sig| core.scores(sig)).map_err(value_error)?;
+        let scores = with_signal!(py, x, |sig| core.scores(sig)).map_err(value_error)?;
         Ok(PyArray1::from_vec(py, scores))
     }
 
-    /// Chooses a decoder for a request and counts it in flight. Pass counts int[L,E], a
-    /// signature float[D], or None (no signal: least-loaded for eldr; ignored by baselines).
+    /// Chooses a decoder and counts the request in flight on it; returns the member's id.
+    /// Pass counts int[L,E], a signature float[D], or None (no signal: least-loaded for eldr;
+    /// ignored by baselines).
     #[pyo3(signature = (counts_or_signature=None))]
-    fn acquire(&self, py: Python<'_>, counts_or_signature: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+    fn acquire(&self, py: Python<'_>, counts_or_signature: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
+        let x = input(counts_or_signature)?;
         let core = &self.core;
-        with_signal!(py, counts_or_signature, |sig| core.acquire(sig)).map_err(value_error)
+        with_signal!(py, x, |sig| core.acquire(sig)).map_err(value_error)
     }
 
-    /// As `acquire`, returning {"worker", "policy", "scores", "band", "loads"} (loads before).
+    /// As `acquire`, returning {"worker" (index), "id", "policy", "scores", "band", "loads"
+    /// (before this request)}.
     #[pyo3(signature = (counts_or_signature=None))]
     fn acquire_with_receipt<'py>(
         &self,
         py: Python<'py>,
         counts_or_signature: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let x = input(counts_or_signature)?;
         let core = &self.core;
-        let r = with_signal!(py, counts_or_signature, |sig| core.acquire_with_receipt(sig)).map_err(value_error)?;
+        let r = with_signal!(py, x, |sig| core.acquire_with_receipt(sig)).map_err(value_error)?;
         receipt_dict(py, r, self.core.policy())
     }
 
-    /// Ends one in-flight request on `worker`.
-    fn release(&self, worker: usize) -> PyResult<()> {
-        self.core.release(worker).map_err(value_error)
+    /// Ends one in-flight request on member `worker_id`; False when that member was removed
+    /// meanwhile (then only its retired count drops).
+    fn release(&self, worker_id: u64) -> PyResult<bool> {
+        self.core.release(worker_id).map_err(value_error)
     }
 
-    /// In-flight counts, int64[W].
+    /// Counts a request in flight on member `worker_id`, chosen outside the policy.
+    fn hold(&self, worker_id: u64) -> PyResult<()> {
+        self.core.hold(worker_id).map_err(value_error)
+    }
+
+    /// Requests in flight on member (or removed member) `worker_id`.
+    fn in_flight(&self, worker_id: u64) -> i64 {
+        self.core.in_flight(worker_id)
+    }
+
+    /// In-flight counts in member order, int64[W].
     fn loads<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
         PyArray1::from_vec(py, self.core.loads())
     }
 
+    /// Health flags in member order.
     fn healthy(&self) -> Vec<bool> {
         self.core.healthy()
     }
 
-    /// Marks a decoder (un)healthy; unhealthy decoders are never chosen.
-    fn set_healthy(&self, worker: usize, healthy: bool) -> PyResult<()> {
-        self.core.set_healthy(worker, healthy).map_err(value_error)
+    /// Member ids in member order.
+    fn ids(&self) -> Vec<u64> {
+        self.core.ids()
     }
 
-    /// Sets all in-flight counts (int64[W]) and health flags at once (membership changes).
-    fn restore_state(&self, loads: PyReadonlyArray1<'_, i64>, healthy: Vec<bool>) -> PyResult<()> {
-        let owned: Vec<i64>;
-        let data = borrowed!(loads, owned);
-        self.core.restore_state(data, &healthy).map_err(value_error)
+    /// [{"id", "key", "in_flight", "healthy", "failures"}] in member order.
+    fn members<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.core
+            .members()
+            .into_iter()
+            .map(|m| {
+                let d = PyDict::new(py);
+                d.set_item("id", m.id)?;
+                d.set_item("key", m.key)?;
+                d.set_item("in_flight", m.load)?;
+                d.set_item("healthy", m.healthy)?;
+                d.set_item("failures", m.failures)?;
+                Ok(d)
+            })
+            .collect()
     }
 
-    /// Atomically replaces the centroids float32[W,D]; row k stays decoder k.
-    fn swap_centroids(&self, py: Python<'_>, centroids: PyReadonlyArray2<'_, f32>) -> PyResult<()> {
-        let (rows, cols) = (centroids.shape()[0], centroids.shape()[1]);
-        let owned: Vec<f32>;
-        let data = borrowed!(centroids, owned);
+    /// Marks a member (un)healthy by hand; unhealthy members are never chosen. Returns whether
+    /// that changed its health.
+    fn set_healthy(&self, worker_id: u64, healthy: bool) -> PyResult<bool> {
+        self.core.set_healthy(worker_id, healthy).map_err(value_error)
+    }
+
+    /// One circuit-breaker observation (a health check or a request outcome): a success puts
+    /// the member back, `breaker_failures` failures in a row take it out. Returns the new health
+    /// when it changed, else None.
+    fn report(&self, worker_id: u64, ok: bool) -> PyResult<Option<bool>> {
+        self.core.report(worker_id, ok).map_err(value_error)
+    }
+
+    /// Adds a member under `key` (appended; returns its new id). With centroids it gets its old
+    /// row back if `key` was removed before, else the mean direction of the others.
+    #[pyo3(signature = (key, healthy=true))]
+    fn add(&self, key: &str, healthy: bool) -> PyResult<u64> {
+        self.core.add(key, healthy).map_err(value_error)
+    }
+
+    /// Removes a member (later indices shift down); returns its old index.
+    fn remove(&self, worker_id: u64) -> PyResult<usize> {
+        self.core.remove(worker_id).map_err(value_error)
+    }
+
+    /// Routes by new calibration: centroids float32[W,D] (row k is member k), idf float32[L,E]
+    /// or None, layer_mask bool[L] or None. Loads, health and membership stay.
+    #[pyo3(signature = (centroids, idf=None, layer_mask=None, layers=None))]
+    fn load_centroids(
+        &self,
+        py: Python<'_>,
+        centroids: PyReadonlyArray2<'_, f32>,
+        idf: Option<PyReadonlyArray2<'_, f32>>,
+        layer_mask: Option<PyReadonlyArray1<'_, bool>>,
+        layers: Option<usize>,
+    ) -> PyResult<()> {
+        let (w, d) = (centroids.shape()[0], centroids.shape()[1]);
+        let spec = spec_for(d, idf.as_ref(), layer_mask.as_ref(), layers)?;
+        let data = slice(&centroids);
         let core = &self.core;
-        py.detach(|| core.swap_centroids(data, rows, cols)).map_err(value_error)
+        py.detach(|| core.load_centroids(spec, &data, w, d)).map_err(value_error)
+    }
+
+    /// Replaces the centroids float32[W,D] in one step (same geometry; row k stays member k).
+    /// `fitted_for`: the member ids the rows were fitted for; refused if membership changed since.
+    #[pyo3(signature = (centroids, fitted_for=None))]
+    fn swap_centroids(&self, py: Python<'_>, centroids: PyReadonlyArray2<'_, f32>, fitted_for: Option<Vec<u64>>) -> PyResult<()> {
+        let (rows, cols) = (centroids.shape()[0], centroids.shape()[1]);
+        let data = slice(&centroids);
+        let core = &self.core;
+        py.detach(|| core.swap_centroids(&data, rows, cols, fitted_for.as_deref())).map_err(value_error)
     }
 
     /// The unit centroids in use, float32[W,D].
     fn centroids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let m = self.core.model().map_err(value_error)?;
+        Ok(self.centroid_snapshot(py)?.1)
+    }
+
+    /// (member ids, unit centroids float32[W,D]) read together.
+    fn centroid_snapshot<'py>(&self, py: Python<'py>) -> PyResult<(Vec<u64>, Bound<'py, PyArray2<f32>>)> {
+        let (ids, m) = self.core.centroid_snapshot().map_err(value_error)?;
         let (w, d) = (m.centroids().workers(), m.centroids().dim());
-        Ok(PyArray1::from_slice(py, m.centroids().rows()).reshape([w, d])?)
+        Ok((ids, PyArray1::from_slice(py, m.centroids().rows()).reshape([w, d])?))
     }
 
     /// Benchmark support: times `iters` pure selections inside Rust (no FFI per call) and
@@ -248,10 +412,10 @@ impl Router {
         loads: PyReadonlyArray1<'py, i64>,
         iters: usize,
     ) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        let loads = vec1(&loads);
+        let x = input(Some(counts_or_signature))?;
+        let loads = slice(&loads);
         let core = &self.core;
-        let ns = with_signal!(py, Some(counts_or_signature), |sig| eldr_router::time_select(core, sig, &loads, iters))
-            .map_err(value_error)?;
+        let ns = with_signal!(py, x, |sig| eldr_router::time_select(core, sig, &loads, iters)).map_err(value_error)?;
         Ok(PyArray1::from_vec(py, ns))
     }
 
@@ -263,81 +427,73 @@ impl Router {
     }
 }
 
-impl Router {
-    fn select_any(
-        &self,
+/// ELDR locality-band router.
+///
+/// centroids: float32[W, D] (one member per row, keyed by `keys` or "0".."W-1"), or None to
+/// start without (least-loaded until `load_centroids`; then give `keys` or `num_workers`);
+/// tau: band width (>= 0; 0 = pure locality, 1 = pure least-loaded); idf: float32[L, E] or None
+/// (all ones); layer_mask: bool[L] or None (all layers); layers: L when neither idf nor
+/// layer_mask is given (default 1, i.e. counts of shape [1, D]); max_imbalance: starvation guard
+/// (never choose a decoder whose in-flight count exceeds the least-loaded healthy decoder's by
+/// more than this; None: no guard); breaker_failures: consecutive failed reports that take a
+/// member out; precision: "auto" (int16, int8 for large fleets), "int16", "int8" or "exact".
+#[pyclass(frozen, extends = Router, module = "sglang_eldr.router_rs")]
+struct LocalityBandRouter;
+
+#[pymethods]
+impl LocalityBandRouter {
+    #[new]
+    #[pyo3(signature = (centroids=None, tau=0.1, idf=None, layer_mask=None, layers=None, max_imbalance=None,
+                        keys=None, num_workers=None, breaker_failures=DEFAULT_BREAKER_FAILURES, precision="auto"))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
         py: Python<'_>,
-        x: &Bound<'_, PyAny>,
-        loads: PyReadonlyArray1<'_, i64>,
-        healthy: Option<PyReadonlyArray1<'_, bool>>,
-    ) -> PyResult<usize> {
-        let owned_loads: Vec<i64>;
-        let loads = borrowed!(loads, owned_loads);
-        let healthy: Option<Vec<bool>> = healthy.as_ref().map(vec1);
-        let core = &self.core;
-        with_signal!(py, Some(x), |sig| core.select(sig, loads, healthy.as_deref())).map_err(value_error)
+        centroids: Option<PyReadonlyArray2<'_, f32>>,
+        tau: f64,
+        idf: Option<PyReadonlyArray2<'_, f32>>,
+        layer_mask: Option<PyReadonlyArray1<'_, bool>>,
+        layers: Option<usize>,
+        max_imbalance: Option<i64>,
+        keys: Option<Vec<String>>,
+        num_workers: Option<usize>,
+        breaker_failures: u32,
+        precision: &str,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let precision = self::precision(precision)?;
+        let band = LocalityBand::with_guard(tau, max_imbalance).map_err(value_error)?;
+        let workers = num_workers.or(centroids.as_ref().map(|c| c.shape()[0]));
+        let keys = keys_for(keys, workers, "LocalityBandRouter")?;
+        let core = Core::locality(&keys, band, precision, breaker_failures).map_err(value_error)?;
+        let router = Router { core };
+        if let Some(c) = centroids {
+            router.load_centroids(py, c, idf, layer_mask, layers)?;
+        }
+        Ok(PyClassInitializer::from(router).add_subclass(LocalityBandRouter))
     }
 }
 
-/// ELDR locality-band router over W decoders.
-///
-/// centroids: float32[W, D]; tau: band width (>= 0; 0 = pure locality, 1 = pure least-loaded);
-/// idf: float32[L, E] or None (all ones); layer_mask: bool[L] or None (all layers); layers: L
-/// when neither idf nor layer_mask is given (default 1, i.e. counts of shape [1, D]);
-/// max_imbalance: starvation guard — never choose a decoder whose in-flight count exceeds the
-/// least-loaded healthy decoder's by more than this (None: no guard).
-#[pyfunction]
-#[pyo3(signature = (centroids, tau, idf=None, layer_mask=None, layers=None, max_imbalance=None))]
-fn LocalityBandRouter(
-    py: Python<'_>,
-    centroids: PyReadonlyArray2<'_, f32>,
-    tau: f64,
-    idf: Option<PyReadonlyArray2<'_, f32>>,
-    layer_mask: Option<PyReadonlyArray1<'_, bool>>,
-    layers: Option<usize>,
-    max_imbalance: Option<i64>,
-) -> PyResult<Router> {
-    let (w, d) = (centroids.shape()[0], centroids.shape()[1]);
-    let cent_owned: Vec<f32>;
-    let cent = borrowed!(centroids, cent_owned);
-    let mask: Option<Vec<bool>> = layer_mask.as_ref().map(vec1);
-    let idf_dims = idf.as_ref().map(|a| (a.shape()[0], a.shape()[1]));
-    let idf_vec: Option<Vec<f32>> = idf.as_ref().map(|a| a.as_array().iter().copied().collect());
-    let (l, e) = match (idf_dims, &mask) {
-        (Some(dims), _) => dims,
-        (None, mask) => {
-            let l = mask.as_ref().map(Vec::len).or(layers).unwrap_or(1);
-            let kept = mask.as_ref().map(|m| m.iter().filter(|k| **k).count()).unwrap_or(l);
-            if kept == 0 || d % kept != 0 {
-                return Err(PyValueError::new_err(format!(
-                    "centroids: dimension {d} is not a multiple of the {kept} kept layer(s); pass idf to fix the geometry"
-                )));
-            }
-            (l, d / kept)
-        }
-    };
-    py.detach(|| {
-        let spec = SignatureSpec::new(l, e, idf_vec.as_deref(), mask.as_deref())?;
-        let model = LocalityModel::new(spec, Centroids::new(cent, w, d)?)?;
-        Core::locality_guarded(model, tau, max_imbalance)
-    })
-    .map(|core| Router { core })
-    .map_err(value_error)
-}
+/// A load-only baseline router: policy in {"rr", "random", "jsq", "p2c"} over `num_workers`
+/// members (or members `keys`); seed drives random and p2c.
+#[pyclass(frozen, extends = Router, module = "sglang_eldr.router_rs")]
+struct BaselineRouter;
 
-/// A load-only baseline router: policy in {"rr", "random", "jsq", "p2c"}; seed drives random
-/// and p2c.
-#[pyfunction]
-#[pyo3(signature = (policy, num_workers, seed=0))]
-fn BaselineRouter(policy: &str, num_workers: usize, seed: u64) -> PyResult<Router> {
-    Core::baseline(policy, num_workers, seed).map(|core| Router { core }).map_err(value_error)
+#[pymethods]
+impl BaselineRouter {
+    #[new]
+    #[pyo3(signature = (policy, num_workers=None, seed=0, keys=None, breaker_failures=DEFAULT_BREAKER_FAILURES))]
+    fn new(policy: &str, num_workers: Option<usize>, seed: u64, keys: Option<Vec<String>>, breaker_failures: u32) -> PyResult<PyClassInitializer<Self>> {
+        let keys = keys_for(keys, num_workers, "BaselineRouter")?;
+        let core = Core::baseline(policy, &keys, seed, breaker_failures).map_err(value_error)?;
+        Ok(PyClassInitializer::from(Router { core }).add_subclass(BaselineRouter))
+    }
 }
 
 #[pymodule]
 fn router_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Router>()?;
-    m.add_function(wrap_pyfunction!(LocalityBandRouter, m)?)?;
-    m.add_function(wrap_pyfunction!(BaselineRouter, m)?)?;
+    m.add_class::<LocalityBandRouter>()?;
+    m.add_class::<BaselineRouter>()?;
     m.add("BASELINES", eldr_router::policy::BASELINES.to_vec())?;
+    m.add("DEFAULT_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES)?;
     Ok(())
 }

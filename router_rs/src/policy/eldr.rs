@@ -1,5 +1,6 @@
-use super::{Fleet, Policy};
+use super::{FleetView, Policy};
 use crate::error::{Result, RouterError};
+use crate::model::Scores;
 
 /// ELDR locality band: keep the healthy workers whose score is within `tau` of the best,
 /// add the nearest alternative when `tau > 0` leaves a band of one, then pick the least
@@ -10,11 +11,13 @@ use crate::error::{Result, RouterError};
 /// Starvation guard: with `max_imbalance = Some(m)`, a choice whose in-flight count would exceed
 /// the least-loaded healthy worker's by more than `m` is replaced by the best-scoring worker among
 /// the least loaded, whatever the locality says.
+///
+/// Scores arrive as intervals around certified estimates; each step asks for the exact score
+/// only of the decoders whose interval straddles what that step compares (the maximum, the band
+/// edge, the nearest alternative, a load tie), so the decision is the one exact scores give.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalityBand {
-    tau: f32,
-    // Decided from the f64 the caller gave: a positive tau below f32's range still widens the band.
-    widen: bool,
+    tau: f64,
     max_imbalance: Option<i64>,
 }
 
@@ -32,39 +35,78 @@ impl LocalityBand {
                 return Err(RouterError::Invalid { arg: "max_imbalance", reason: format!("must be >= 0, got {m}") });
             }
         }
-        Ok(Self { tau: tau as f32, widen: tau > 0.0, max_imbalance })
+        Ok(Self { tau, max_imbalance })
     }
 
     pub fn max_imbalance(&self) -> Option<i64> {
         self.max_imbalance
     }
 
-    pub fn tau(&self) -> f32 {
+    pub fn tau(&self) -> f64 {
         self.tau
     }
 
-    /// Writes the band (ascending worker index) for `scores` into `band`.
-    pub fn band(&self, fleet: &Fleet, scores: &[f32], band: &mut Vec<usize>) {
+    /// Writes the band (ascending worker index) into `band`.
+    pub fn band(&self, fleet: &FleetView, s: &mut Scores, band: &mut Vec<usize>) {
         band.clear();
-        let Some(best) = fleet.healthy.iter().zip(scores).filter(|(h, _)| **h).map(|(_, s)| *s).reduce(f32::max)
-        else {
-            return;
-        };
+        let n = fleet.workers();
+        let healthy = |k: &usize| fleet.healthy[*k];
+        let Some(best) = max_exact(s, (0..n).filter(healthy)) else { return };
         let threshold = best - self.tau;
-        band.extend((0..scores.len()).filter(|&k| fleet.healthy[k] && scores[k] >= threshold));
-        if self.widen && band.len() == 1 {
+        for k in (0..n).filter(healthy) {
+            let inside = s.lo(k) >= threshold || (s.hi(k) >= threshold && s.exact(k) >= threshold);
+            if inside {
+                band.push(k);
+            }
+        }
+        if self.tau > 0.0 && band.len() == 1 {
             let inside = band[0];
-            // max_by picks the last maximum; iterate in reverse so ties go to the lowest index.
-            let alternative = (0..scores.len())
-                .rev()
-                .filter(|&k| k != inside && fleet.healthy[k])
-                .max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-            if let Some(alt) = alternative {
+            if let Some(alt) = argmax_exact(s, (0..n).filter(|&k| k != inside && fleet.healthy[k])) {
                 band.push(alt);
                 band.sort_unstable();
             }
         }
     }
+
+    /// Least loaded of `candidates`, load ties to the higher score, then the lower index.
+    fn least_loaded_best(fleet: &FleetView, s: &mut Scores, candidates: impl Iterator<Item = usize> + Clone) -> usize {
+        let least = candidates.clone().map(|k| fleet.loads[k]).min().expect("a candidate");
+        argmax_exact(s, candidates.filter(|&k| fleet.loads[k] == least)).expect("a candidate")
+    }
+}
+
+/// The exact maximum over `ks`, refining only those whose interval reaches the best lower bound.
+fn max_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<f64> {
+    let floor = ks.clone().map(|k| s.lo(k)).reduce(f64::max)?;
+    let mut best: Option<f64> = None;
+    for k in ks {
+        if s.hi(k) >= floor {
+            let v = s.exact(k);
+            best = Some(best.map_or(v, |b| b.max(v)));
+        }
+    }
+    best
+}
+
+/// The lowest index with the exact maximum over `ks`.
+fn argmax_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<usize> {
+    let mut ks = ks.peekable();
+    let first = *ks.peek()?;
+    if ks.clone().nth(1).is_none() {
+        return Some(first);
+    }
+    let floor = ks.clone().map(|k| s.lo(k)).fold(f64::NEG_INFINITY, f64::max);
+    let mut best: Option<(usize, f64)> = None;
+    for k in ks {
+        if s.hi(k) < floor {
+            continue;
+        }
+        let v = s.exact(k);
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((k, v));
+        }
+    }
+    best.map(|(k, _)| k)
 }
 
 impl Policy for LocalityBand {
@@ -72,29 +114,22 @@ impl Policy for LocalityBand {
         "eldr"
     }
 
-    fn choose(&mut self, fleet: &Fleet, scores: Option<&[f32]>, band: &mut Vec<usize>) -> Result<usize> {
+    fn choose(&mut self, fleet: &FleetView, scores: Option<&mut Scores>, band: &mut Vec<usize>) -> Result<usize> {
         fleet.require_healthy()?;
-        match scores {
-            Some(s) => {
-                self.band(fleet, s, band);
-                let by_load_then_score = |&a: &usize, &b: &usize| {
-                    (fleet.loads[a].cmp(&fleet.loads[b])).then(s[b].total_cmp(&s[a])).then(a.cmp(&b))
-                };
-                let pick = band.iter().copied().min_by(by_load_then_score).expect("band holds a healthy worker");
-                if let Some(m) = self.max_imbalance {
-                    let least = fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists");
-                    if fleet.loads[pick] + 1 > fleet.loads[least] + 1 + m {
-                        let all = (0..fleet.workers()).filter(|&k| fleet.healthy[k]);
-                        return Ok(all.min_by(by_load_then_score).expect("a healthy worker exists"));
-                    }
-                }
-                Ok(pick)
-            }
-            None => {
-                band.clear();
-                Ok(fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists"))
+        let Some(s) = scores else {
+            band.clear();
+            return Ok(fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists"));
+        };
+        self.band(fleet, s, band);
+        let pick = Self::least_loaded_best(fleet, s, band.iter().copied());
+        if let Some(m) = self.max_imbalance {
+            let least = fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists");
+            if fleet.loads[pick] > fleet.loads[least] + m {
+                let all = (0..fleet.workers()).filter(|&k| fleet.healthy[k]);
+                return Ok(Self::least_loaded_best(fleet, s, all));
             }
         }
+        Ok(pick)
     }
 }
 
@@ -102,12 +137,16 @@ impl Policy for LocalityBand {
 mod tests {
     use super::*;
 
-    fn pick(tau: f64, scores: &[f32], loads: &[i64]) -> (usize, Vec<usize>) {
-        let healthy = vec![true; scores.len()];
-        let fleet = Fleet { loads, healthy: &healthy };
+    fn choose_with(policy: LocalityBand, scores: &[f64], loads: &[i64], healthy: &[bool]) -> (usize, Vec<usize>) {
+        let fleet = FleetView { loads, healthy };
+        let (mut est, mut rad) = (scores.to_vec(), vec![0.0; scores.len()]);
         let mut band = Vec::new();
-        let w = LocalityBand::new(tau).unwrap().choose(&fleet, Some(scores), &mut band).unwrap();
+        let w = policy.clone().choose(&fleet, Some(&mut Scores::fixed(&mut est, &mut rad)), &mut band).unwrap();
         (w, band)
+    }
+
+    fn pick(tau: f64, scores: &[f64], loads: &[i64]) -> (usize, Vec<usize>) {
+        choose_with(LocalityBand::new(tau).unwrap(), scores, loads, &vec![true; scores.len()])
     }
 
     #[test]
@@ -121,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn tau_below_f32_range_still_widens_the_band() {
+    fn tiny_positive_tau_still_widens_the_band() {
         assert_eq!(pick(1e-207, &[0.1, 0.9, 0.5], &[0, 10, 0]), (2, vec![1, 2]));
     }
 
@@ -145,26 +184,23 @@ mod tests {
 
     #[test]
     fn no_scores_means_least_loaded() {
-        let fleet = Fleet { loads: &[2, 1, 1], healthy: &[true; 3] };
+        let fleet = FleetView { loads: &[2, 1, 1], healthy: &[true; 3] };
         assert_eq!(LocalityBand::new(0.1).unwrap().choose(&fleet, None, &mut Vec::new()), Ok(1));
     }
 
     #[test]
     fn unhealthy_best_is_skipped() {
-        let fleet = Fleet { loads: &[0, 0, 0], healthy: &[true, false, true] };
-        let mut band = Vec::new();
-        let w = LocalityBand::new(0.0).unwrap().choose(&fleet, Some(&[0.2, 0.9, 0.5]), &mut band).unwrap();
+        let (w, band) = choose_with(LocalityBand::new(0.0).unwrap(), &[0.2, 0.9, 0.5], &[0, 0, 0], &[true, false, true]);
         assert_eq!((w, band), (2, vec![2]));
     }
 
     #[test]
     fn imbalance_guard_overrides_locality() {
-        let fleet = Fleet { loads: &[5, 1, 2], healthy: &[true; 3] };
-        let mut band = Vec::new();
-        let scores = [0.9, 0.1, 0.2];
-        assert_eq!(LocalityBand::with_guard(0.0, None).unwrap().choose(&fleet, Some(&scores), &mut band), Ok(0));
-        assert_eq!(LocalityBand::with_guard(0.0, Some(4)).unwrap().choose(&fleet, Some(&scores), &mut band), Ok(0));
-        assert_eq!(LocalityBand::with_guard(0.0, Some(3)).unwrap().choose(&fleet, Some(&scores), &mut band), Ok(1));
+        let (scores, loads, h) = ([0.9, 0.1, 0.2], [5, 1, 2], [true; 3]);
+        let guard = |m| LocalityBand::with_guard(0.0, m).unwrap();
+        assert_eq!(choose_with(guard(None), &scores, &loads, &h).0, 0);
+        assert_eq!(choose_with(guard(Some(4)), &scores, &loads, &h).0, 0);
+        assert_eq!(choose_with(guard(Some(3)), &scores, &loads, &h).0, 1);
         assert!(LocalityBand::with_guard(0.1, Some(-1)).is_err());
     }
 

@@ -1,4 +1,5 @@
-use super::{Fleet, Policy};
+use super::{FleetView, Policy};
+use crate::model::Scores;
 use crate::error::Result;
 
 /// Join-shortest-queue: fewest in-flight requests, ties to the lowest index.
@@ -10,7 +11,7 @@ impl Policy for JoinShortestQueue {
         "jsq"
     }
 
-    fn choose(&mut self, fleet: &Fleet, _scores: Option<&[f32]>, band: &mut Vec<usize>) -> Result<usize> {
+    fn choose(&mut self, fleet: &FleetView, _scores: Option<&mut Scores>, band: &mut Vec<usize>) -> Result<usize> {
         band.clear();
         fleet.require_healthy()?;
         Ok(fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists"))

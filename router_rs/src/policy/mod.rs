@@ -1,6 +1,8 @@
 //! Decode-worker selection policies. Each policy sees the fleet (loads, health) and, when the
-//! request carries a non-zero signature, its cosine scores to the worker centroids.
+//! request carries a non-zero signature, its cosine scores to the worker centroids (as certified
+//! intervals it can refine, `model::Scores`).
 use crate::error::{Result, RouterError};
+use crate::model::Scores;
 
 mod eldr;
 mod jsq;
@@ -16,12 +18,12 @@ pub use rr::RoundRobin;
 
 /// What a policy may look at: in-flight counts and health, one entry per worker.
 #[derive(Debug, Clone, Copy)]
-pub struct Fleet<'a> {
+pub struct FleetView<'a> {
     pub loads: &'a [i64],
     pub healthy: &'a [bool],
 }
 
-impl Fleet<'_> {
+impl FleetView<'_> {
     pub fn workers(&self) -> usize {
         self.loads.len()
     }
@@ -52,7 +54,7 @@ pub trait Policy: Send {
 
     /// Picks one healthy worker. `scores` is `Some` only for requests with a non-zero
     /// signature; `band` receives the candidate set when the policy has one (else cleared).
-    fn choose(&mut self, fleet: &Fleet, scores: Option<&[f32]>, band: &mut Vec<usize>) -> Result<usize>;
+    fn choose(&mut self, fleet: &FleetView, scores: Option<&mut Scores>, band: &mut Vec<usize>) -> Result<usize>;
 }
 
 /// Names accepted by [`by_name`] for the load-only baselines.
@@ -82,7 +84,7 @@ mod tests {
     fn every_baseline_skips_unhealthy_workers() {
         let loads = [0, 5, 0, 9];
         let healthy = [false, true, false, true];
-        let fleet = Fleet { loads: &loads, healthy: &healthy };
+        let fleet = FleetView { loads: &loads, healthy: &healthy };
         for name in BASELINES {
             let mut p = by_name(name, 7).unwrap();
             let mut band = Vec::new();
@@ -95,7 +97,7 @@ mod tests {
 
     #[test]
     fn every_baseline_refuses_when_all_unhealthy() {
-        let fleet = Fleet { loads: &[0, 0], healthy: &[false, false] };
+        let fleet = FleetView { loads: &[0, 0], healthy: &[false, false] };
         for name in BASELINES {
             let mut p = by_name(name, 1).unwrap();
             assert_eq!(p.choose(&fleet, None, &mut Vec::new()), Err(RouterError::AllUnhealthy(2)));

@@ -1,4 +1,5 @@
-use super::{Fleet, Policy};
+use super::{FleetView, Policy};
+use crate::model::Scores;
 use crate::error::Result;
 
 /// Power of two choices: sample two distinct healthy workers, keep the less loaded one
@@ -19,7 +20,7 @@ impl Policy for PowerOfTwo {
         "p2c"
     }
 
-    fn choose(&mut self, fleet: &Fleet, _scores: Option<&[f32]>, band: &mut Vec<usize>) -> Result<usize> {
+    fn choose(&mut self, fleet: &FleetView, _scores: Option<&mut Scores>, band: &mut Vec<usize>) -> Result<usize> {
         band.clear();
         fleet.require_healthy()?;
         let n = fleet.healthy_count();
@@ -42,7 +43,7 @@ mod tests {
     #[test]
     fn never_picks_the_strictly_most_loaded_of_many() {
         let loads = [1, 1, 1, 100];
-        let fleet = Fleet { loads: &loads, healthy: &[true; 4] };
+        let fleet = FleetView { loads: &loads, healthy: &[true; 4] };
         let mut p = PowerOfTwo::new(3);
         for _ in 0..200 {
             assert_ne!(p.choose(&fleet, None, &mut Vec::new()).unwrap(), 3);

@@ -1,4 +1,5 @@
-use super::{Fleet, Policy};
+use super::{FleetView, Policy};
+use crate::model::Scores;
 use crate::error::Result;
 
 /// Uniform choice among healthy workers, reproducible under a seed.
@@ -18,7 +19,7 @@ impl Policy for Random {
         "random"
     }
 
-    fn choose(&mut self, fleet: &Fleet, _scores: Option<&[f32]>, band: &mut Vec<usize>) -> Result<usize> {
+    fn choose(&mut self, fleet: &FleetView, _scores: Option<&mut Scores>, band: &mut Vec<usize>) -> Result<usize> {
         band.clear();
         fleet.require_healthy()?;
         let nth = self.rng.usize(..fleet.healthy_count());

@@ -1,4 +1,5 @@
-use super::{Fleet, Policy};
+use super::{FleetView, Policy};
+use crate::model::Scores;
 use crate::error::Result;
 
 /// Round-robin over healthy workers.
@@ -12,7 +13,7 @@ impl Policy for RoundRobin {
         "rr"
     }
 
-    fn choose(&mut self, fleet: &Fleet, _scores: Option<&[f32]>, band: &mut Vec<usize>) -> Result<usize> {
+    fn choose(&mut self, fleet: &FleetView, _scores: Option<&mut Scores>, band: &mut Vec<usize>) -> Result<usize> {
         band.clear();
         fleet.require_healthy()?;
         let n = fleet.workers();
@@ -28,7 +29,7 @@ mod tests {
 
     #[test]
     fn cycles_in_order() {
-        let fleet = Fleet { loads: &[0; 3], healthy: &[true; 3] };
+        let fleet = FleetView { loads: &[0; 3], healthy: &[true; 3] };
         let mut p = RoundRobin::default();
         let picks: Vec<usize> = (0..6).map(|_| p.choose(&fleet, None, &mut Vec::new()).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);

@@ -1,0 +1,215 @@
+//! Fixed-point centroids with the IDF folded in: for decoder k and kept layer i, the weights
+//! w = idf · c_k are stored as integers Q times a power of two s_ki (int16, or int8 for large
+//! fleets), and a prompt's counts as int16 (divided by a power of two t_i in the rare layer whose
+//! counts exceed the kernel's overflow-free limit). The estimate Σ_i s_ki·t_i·Σ_e c'·Q comes with
+//! a bound that holds for any input:
+//!   |Σ c·w − estimate| ≤ Σ_i s_ki·(Σ_e c / 2 + [t_i > 1]·t_i/2·Σ_e |Q|) + the f32 rounding term,
+//! since |w − s·Q| ≤ s/2 and |c − t·c'| ≤ t/2 per element. Powers of two keep every scaling exact.
+use super::Isa;
+
+/// Which integer width holds the centroids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// int16 while the table fits in about 2 MiB, int8 above (memory-bound fleets).
+    Auto,
+    Int16,
+    Int8,
+    /// No fixed point: every score computed exactly (the reference the others must agree with).
+    Exact,
+}
+
+/// Above this many weights (W × D) `Auto` stores int8.
+pub const AUTO_INT8_ABOVE: usize = 1 << 20;
+/// Experts per layer are padded to this many int16 lanes (one AVX-512 register).
+const PAD: usize = 32;
+
+#[derive(Debug, Clone)]
+enum Table {
+    I16(Vec<i16>),
+    I8(Vec<i8>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Quantized {
+    workers: usize,
+    layers: usize,
+    experts: usize,
+    epad: usize,
+    table: Table,
+    /// s_ki, `[W][layers]`.
+    scale: Vec<f32>,
+    /// Σ_e |Q_kie|, `[W][layers]`.
+    abs_q: Vec<f64>,
+    count_limit: u64,
+    isa: Isa,
+}
+
+fn pow2_f64(e: i32) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+fn pow2_f32(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// Smallest power-of-two exponent e with m / 2^e ≤ qmax, or None outside f32's normal range.
+fn exponent(m: f64, qmax: f64) -> Option<i32> {
+    if m == 0.0 {
+        return Some(0);
+    }
+    let mut e = (m / qmax).log2().ceil() as i32;
+    while m / pow2_f64(e) > qmax {
+        e += 1;
+    }
+    while e > -126 && m / pow2_f64(e - 1) <= qmax {
+        e -= 1;
+    }
+    (-120..=120).contains(&e).then_some(e)
+}
+
+impl Quantized {
+    /// `rows`: unit centroids `[W][layers·experts]`; `idf`: `[layers][experts]` of the kept layers.
+    /// None when a weight is outside the range a power-of-two scale covers (then every score is
+    /// computed exactly).
+    pub fn new(rows: &[f32], idf: &[f32], workers: usize, layers: usize, experts: usize, precision: Precision) -> Option<Self> {
+        let dim = layers * experts;
+        let int8 = match precision {
+            Precision::Auto => workers * dim > AUTO_INT8_ABOVE,
+            Precision::Int16 => false,
+            Precision::Int8 => true,
+            Precision::Exact => return None,
+        };
+        let qmax = if int8 { 127.0 } else { 32767.0 };
+        let epad = experts.div_ceil(PAD) * PAD;
+        let mut q = vec![0i32; workers * layers * epad];
+        let mut scale = Vec::with_capacity(workers * layers);
+        let mut abs_q = Vec::with_capacity(workers * layers);
+        let mut w = vec![0.0f64; experts];
+        for k in 0..workers {
+            for i in 0..layers {
+                let row = &rows[k * dim + i * experts..][..experts];
+                for (e, wv) in w.iter_mut().enumerate() {
+                    // Exact: a product of two f32 fits in f64's mantissa.
+                    *wv = idf[i * experts + e] as f64 * row[e] as f64;
+                }
+                let m = w.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+                let ex = exponent(m, qmax)?;
+                let s = pow2_f64(ex);
+                let out = &mut q[(k * layers + i) * epad..][..experts];
+                let mut a = 0.0;
+                for (o, wv) in out.iter_mut().zip(&w) {
+                    *o = (wv / s).round() as i32;
+                    a += o.unsigned_abs() as f64;
+                }
+                scale.push(pow2_f32(ex));
+                abs_q.push(a);
+            }
+        }
+        let table = if int8 {
+            Table::I8(q.iter().map(|&v| v as i8).collect())
+        } else {
+            Table::I16(q.iter().map(|&v| v as i16).collect())
+        };
+        // Worst case over the kernels: AVX2 sums epad/8 products per i32 lane.
+        let products = (epad / 8) as u64;
+        let count_limit = (i32::MAX as u64 / (products * qmax as u64)).min(i16::MAX as u64);
+        Some(Self { workers, layers, experts, epad, table, scale, abs_q, count_limit, isa: Isa::detect() })
+    }
+
+    pub fn epad(&self) -> usize {
+        self.epad
+    }
+    /// Largest count the kernel takes unscaled.
+    pub fn count_limit(&self) -> u64 {
+        self.count_limit
+    }
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    pub fn precision(&self) -> &'static str {
+        match self.table {
+            Table::I16(_) => "int16",
+            Table::I8(_) => "int8",
+        }
+    }
+
+    /// Estimated Σ c·w per decoder into `est`, and Σ of the absolute partial terms (for the
+    /// rounding bound) into `absum`. `counts`: `[layers][epad]` int16, `tmul`: t_i per layer.
+    pub fn estimate(&self, counts: &[i16], tmul: &[f32], est: &mut Vec<f32>, absum: &mut Vec<f32>) {
+        assert!(counts.len() >= self.layers * self.epad && tmul.len() >= self.layers);
+        est.clear();
+        est.resize(self.workers, 0.0);
+        absum.clear();
+        absum.resize(self.workers, 0.0);
+        let dims = Dims { workers: self.workers, layers: self.layers, epad: self.epad };
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::x86;
+            // SAFETY: the ISA was detected at run time and every slice holds what `dims` says.
+            unsafe {
+                match (self.isa, &self.table) {
+                    (Isa::Avx512Vnni, Table::I16(q)) => return x86::vnni_i16(dims, counts, q, &self.scale, tmul, est, absum),
+                    (Isa::Avx512Vnni, Table::I8(q)) => return x86::vnni_i8(dims, counts, q, &self.scale, tmul, est, absum),
+                    (Isa::Avx2, Table::I16(q)) => return x86::avx2_i16(dims, counts, q, &self.scale, tmul, est, absum),
+                    (Isa::Avx2, Table::I8(q)) => return x86::avx2_i8(dims, counts, q, &self.scale, tmul, est, absum),
+                    (Isa::Portable, _) => {}
+                }
+            }
+        }
+        match &self.table {
+            Table::I16(q) => portable(dims, counts, q, &self.scale, tmul, est, absum),
+            Table::I8(q) => portable(dims, counts, q, &self.scale, tmul, est, absum),
+        }
+    }
+
+    /// Σ_i s_ki·(h_i + g_i·Σ|Q_ki|): the quantisation part of decoder k's bound, with
+    /// h_i = Σ_e c / 2 and g_i = t_i / 2 (0 when t_i = 1).
+    pub fn quant_error(&self, k: usize, h: &[f64], g: &[f64]) -> f64 {
+        let s = &self.scale[k * self.layers..][..self.layers];
+        let a = &self.abs_q[k * self.layers..][..self.layers];
+        let mut total = 0.0;
+        for i in 0..self.layers {
+            total += s[i] as f64 * (h[i] + g[i] * a[i]);
+        }
+        total
+    }
+
+    /// Bound on the f32 rounding of [`estimate`](Self::estimate) given its `absum`.
+    pub fn rounding_error(&self, absum: f32) -> f64 {
+        2.0 * (self.layers as f64 + 8.0) * (f32::EPSILON as f64 / 2.0) * absum as f64
+    }
+
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub workers: usize,
+    pub layers: usize,
+    pub epad: usize,
+}
+
+fn portable<T: Copy + Into<i32>>(
+    d: Dims,
+    counts: &[i16],
+    q: &[T],
+    scale: &[f32],
+    tmul: &[f32],
+    est: &mut [f32],
+    absum: &mut [f32],
+) {
+    for k in 0..d.workers {
+        let (mut acc, mut abs) = (0.0f32, 0.0f32);
+        for i in 0..d.layers {
+            let c = &counts[i * d.epad..][..d.epad];
+            let qr = &q[(k * d.layers + i) * d.epad..][..d.epad];
+            let dot: i64 = c.iter().zip(qr).map(|(&a, &b)| a as i64 * b.into() as i64).sum();
+            let t = dot as f32 * (scale[k * d.layers + i] * tmul[i]);
+            acc += t;
+            abs += t.abs();
+        }
+        est[k] = acc;
+        absum[k] = abs;
+    }
+}

@@ -1,0 +1,65 @@
+"""Refits run off the event loop: a membership change asks for a refit on a full window (4096
+requests, the window's cap), and requests routed on the loop meanwhile are not held up by it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from sglang_eldr import fitting
+from sglang_eldr.decode_policy import DecodeChooser
+
+LAYERS, EXPERTS, TOP_K, DECODERS, WINDOW = 24, 128, 8, 16, 4096
+MAX_ADDED_S = 0.050
+
+
+def prompts(n: int, seed: int = 0) -> np.ndarray:
+    """Counts of 128-token prompts from 8 domains, each with its own expert preferences."""
+    rng = np.random.default_rng(seed)
+    prefs = rng.dirichlet(np.full(EXPERTS, 0.1), size=(8, LAYERS))
+    domains = rng.integers(0, 8, size=n)
+    return np.stack([[rng.multinomial(128 * TOP_K, prefs[d, l]) for l in range(LAYERS)] for d in domains]).astype(np.int32)
+
+
+async def probe(chooser: DecodeChooser, counts: np.ndarray, i: int, pause_s: float = 0.002) -> float:
+    """One request's router work after a short await; returns the time beyond the await."""
+    t = time.perf_counter()
+    await asyncio.sleep(pause_s)
+    chooser.router.release(chooser.choose(counts[i % len(counts)])["id"])
+    return time.perf_counter() - t - pause_s
+
+
+def test_requests_keep_flowing_during_a_membership_refit_of_a_full_window():
+    counts = prompts(WINDOW)
+    keys = [f"http://d{k}:1" for k in range(DECODERS)]
+    cs = fitting.fit(counts[:1024], DECODERS, top_k=TOP_K, seed=0)
+    chooser = DecodeChooser("eldr", keys, cs, refit_window_s=3600, refit_interval_s=3600, refit_min_samples=WINDOW)
+    refitter = chooser.refitter
+    assert refitter is not None
+    for c in counts:
+        chooser.router.release(chooser.choose(c)["id"])
+    assert len(refitter.window()) == WINDOW
+
+    async def run() -> tuple[list[float], list[float], float]:
+        task = asyncio.create_task(refitter.run())
+        idle = [await probe(chooser, counts, i) for i in range(100)]
+        chooser.router.add("http://new:1")
+        chooser.membership_changed()
+        busy: list[float] = []
+        started = time.perf_counter()
+        while chooser.membership_refits == 0 and time.perf_counter() - started < 120:
+            busy.append(await probe(chooser, counts, len(busy)))
+        took = time.perf_counter() - started
+        task.cancel()
+        return idle, busy, took
+
+    idle, busy, took = asyncio.run(run())
+    assert chooser.membership_refits == 1 and chooser.router.centroids().shape[0] == DECODERS + 1
+    assert len(busy) >= 20, f"the refit took {took:.2f} s but only {len(busy)} requests ran meanwhile"
+    added = max(busy) - float(np.median(idle))
+    print(f"refit of {WINDOW} samples took {took:.2f} s; {len(busy)} requests meanwhile, "
+          f"max added {added * 1e3:.1f} ms (idle median {np.median(idle) * 1e3:.2f} ms)")
+    assert added <= MAX_ADDED_S, f"a request waited {added * 1e3:.1f} ms extra while the refit ran"
+    assert chooser.router.loads().tolist() == [0] * (DECODERS + 1)
