@@ -59,6 +59,8 @@ class LoadBalancer:
     async def stop(self, app: web.Application) -> None:
         if self._refit_task is not None:
             self._refit_task.cancel()
+        if self.decode.refitter is not None:
+            self.decode.refitter.close()
         self.fleet.cancel_tasks()
         await self.dispatch.stop()
         await self.fleet.close()

@@ -35,7 +35,8 @@ def test_requests_keep_flowing_during_a_membership_refit_of_a_full_window():
     counts = prompts(WINDOW)
     keys = [f"http://d{k}:1" for k in range(DECODERS)]
     cs = fitting.fit(counts[:1024], DECODERS, top_k=TOP_K, seed=0)
-    chooser = DecodeChooser("eldr", keys, cs, refit_window_s=3600, refit_interval_s=3600, refit_min_samples=WINDOW)
+    chooser = DecodeChooser("eldr", keys, cs, refit_window_s=3600, refit_interval_s=3600,
+                            refit_min_samples=WINDOW - 256)  # requests keep arriving while it reads the window
     refitter = chooser.refitter
     assert refitter is not None
     for c in counts:
@@ -56,6 +57,7 @@ def test_requests_keep_flowing_during_a_membership_refit_of_a_full_window():
         return idle, busy, took
 
     idle, busy, took = asyncio.run(run())
+    assert refitter.last_error is None and refitter.skipped == 0, (refitter.last_error, refitter.skipped)
     assert chooser.membership_refits == 1 and chooser.router.centroids().shape[0] == DECODERS + 1
     assert len(busy) >= 20, f"the refit took {took:.2f} s but only {len(busy)} requests ran meanwhile"
     added = max(busy) - float(np.median(idle))

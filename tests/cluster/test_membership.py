@@ -61,7 +61,7 @@ def test_decoders_removed_and_added_at_runtime(cluster, centroids):
 
     # b comes back: it gets its own centroid again, so its domains return to it.
     r = requests.post(router.url + "/workers", json={"url": b.url + "/", "role": "decode"}, timeout=10)
-    assert r.status_code == 201 and r.json() == {"url": b.url, "role": "decode", "healthy": True, "in_flight": 0}
+    assert r.status_code == 201 and r.json() == {"url": b.url, "role": "decode", "healthy": True, "in_flight": 0, "failures": 0}
     info = workers(router.url)
     assert [w["url"] for w in info["workers"] if w["role"] == "decode"] == [a.url, b.url] and info["centroids"] == 2
     assert {t: generate(router.url, t)["decoder"] for t in prompts} == before
