@@ -34,8 +34,13 @@ demo: setup
 
 test: test-rust test-types test-python
 
+# The Rust core under the generic and the native-flags build (separate target dirs), the
+# certified kernel's agreement with the exact rule, and a native-vs-generic latency check.
 test-rust:
 	cargo test -p eldr-router --release -q
+	RUSTFLAGS="-C target-cpu=native" cargo test -p eldr-router --release -q --target-dir target/flags-native
+	cargo run -q --release -p eldr-router --example router_check -- agreement 10000
+	$(PYTHON) bench/native_flags.py --quick --out target/native_flags_quick.json
 
 test-types: setup
 	$(BIN)/mypy --ignore-missing-imports sglang_eldr

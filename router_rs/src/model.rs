@@ -130,49 +130,113 @@ impl LocalityModel {
 
     fn estimate<T: CountValue>(&self, q: &Quantized, counts: &[T], buf: &mut ScoreBuf) -> Result<bool> {
         let (e, epad, kept) = (self.spec.experts(), q.epad(), self.spec.kept());
-        self.signature_of(counts, &mut buf.x);
-        if !buf.set_norm() {
-            return Ok(false);
-        }
+        let dim = self.spec.dim();
         buf.c16.clear();
         buf.c16.resize(kept.len() * epad, 0);
         buf.tmul.clear();
         buf.h.clear();
         buf.g.clear();
+        buf.r.clear();
+        // The rule's norm without writing the signature: x is built only if a score is refined.
+        let mut squares = [0.0f64; exact::LANES];
+        let mut offset = 0;
+        for &l in kept {
+            add_squares(&counts[l * e..(l + 1) * e], self.spec.idf_row(l), offset, &mut squares);
+            offset = (offset + e) % exact::LANES;
+        }
+        buf.norm = exact::reduce(squares).sqrt();
+        buf.x_ready = false;
+        if buf.norm == 0.0 {
+            return Ok(false);
+        }
         let limit = q.count_limit();
         for (i, &l) in kept.iter().enumerate() {
             let c = &counts[l * e..(l + 1) * e];
-            let (sum, max) = sum_max(c);
+            let c16 = &mut buf.c16[i * epad..][..e];
+            let (sum, max) = sum_max(c, c16);
             // t = 2^m, the smallest with round(max / t) ≤ limit (m = 0 for all but huge prompts).
             let mut m = 0u32;
             while ((max as u128 + ((1u128 << m) >> 1)) >> m) > limit as u128 {
                 m += 1;
             }
-            narrow(c, m, &mut buf.c16[i * epad..][..e]);
             let t = (1u128 << m) as f64;
+            let narrowed = if m == 0 { sum } else { narrow(c, m, c16) };
             buf.tmul.push(t as f32);
-            // The 1e-12 covers the rounding of the f64 sum (an upper bound is all the bound needs).
+            // The 1e-12 covers the rounding of the f64 sums (an upper bound is all the bound needs).
             buf.h.push(sum / 2.0 * (1.0 + 1e-12));
             buf.g.push(if m == 0 { 0.0 } else { t / 2.0 });
+            buf.r.push(q.rounding() * t * narrowed * (1.0 + 1e-12));
         }
-        q.estimate(&buf.c16, &buf.tmul, &mut buf.est32, &mut buf.abs32);
-        if buf.est32.iter().chain(&buf.abs32).any(|v| !v.is_finite()) {
+        q.estimate(&buf.c16, &buf.tmul, &mut buf.est32);
+        if buf.est32.iter().any(|v| !v.is_finite()) {
             return self.exact_counts(counts, buf); // weights so large the f32 estimate overflowed
         }
-        let rule = exact::rule_error(self.centroids.dim());
+        let rule = exact::rule_error(dim);
         buf.est.clear();
         buf.rad.clear();
         for k in 0..self.centroids.workers() {
             buf.est.push(buf.est32[k] as f64 / buf.norm);
-            let bound = q.quant_error(k, &buf.h, &buf.g) + q.rounding_error(buf.abs32[k]);
+            // 1e-300: the estimate's f32 terms may underflow by up to one subnormal step each.
+            let bound = q.error_bound(k, &buf.h, &buf.g, &buf.r) + 1e-300;
             buf.rad.push(bound / buf.norm * (1.0 + 1e-6) + rule);
         }
         Ok(true)
     }
 
-    /// The scores a policy reads, refining through this model.
-    pub(crate) fn scores<'a>(&'a self, buf: &'a mut ScoreBuf) -> Scores<'a> {
-        Scores { est: &mut buf.est, rad: &mut buf.rad, source: Some((&buf.x, buf.norm, &self.centroids)), refined: 0 }
+    /// The scores of `signal` (scored into `buf`) a policy reads, refining through this model.
+    pub(crate) fn scores<'a, T: CountValue>(&'a self, buf: &'a mut ScoreBuf, signal: Signal<'a, T>) -> Scores<'a> {
+        let counts = match signal {
+            Signal::Counts { data, .. } if !buf.x_ready => Some(data),
+            _ => None,
+        };
+        let fill: Fill<'a> = match counts {
+            Some(data) => Box::new(move |x: &mut Vec<f64>| self.signature_of(data, x)),
+            None => Box::new(|_: &mut Vec<f64>| {}),
+        };
+        let source = Source { x: &mut buf.x, ready: buf.x_ready, fill, norm: buf.norm, centroids: &self.centroids };
+        Scores { est: &mut buf.est, rad: &mut buf.rad, source: Some(source), refined: 0 }
+    }
+}
+
+/// (Σ c, max c) of non-negative counts, with min(c, i16::MAX) written to `c16`. Three plain
+/// loops (one reduction each) so that each vectorises; the sum in f64 only if u64 could wrap.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn sum_max<T: CountValue>(c: &[T], c16: &mut [i16]) -> (f64, u64) {
+    let max = c.iter().fold(0u64, |m, v| m.max(v.as_u64()));
+    let sum = c.iter().fold(0u64, |s, v| s.wrapping_add(v.as_u64()));
+    for (o, v) in c16.iter_mut().zip(c) {
+        *o = v.as_u64().min(i16::MAX as u64) as i16;
+    }
+    let sum = if (max as u128) * (c.len() as u128) <= u64::MAX as u128 {
+        sum as f64
+    } else {
+        c.iter().map(|v| v.as_f64()).sum()
+    };
+    (sum, max)
+}
+
+/// Adds (c · idf)² to the rule's lanes, the first element at lane `offset`: the same operations
+/// in the same order as `exact::sum_squares` over the signature.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn add_squares<T: CountValue>(c: &[T], idf: &[f32], offset: usize, squares: &mut [f64; exact::LANES]) {
+    const N: usize = exact::LANES;
+    let head = ((N - offset) % N).min(c.len());
+    for j in 0..head {
+        let x = c[j].as_f64() * idf[j] as f64;
+        squares[offset + j] += x * x;
+    }
+    let (c, idf) = (&c[head..], &idf[head..]);
+    let mut cs = c.chunks_exact(N);
+    let mut ws = idf.chunks_exact(N);
+    for (cc, ww) in (&mut cs).zip(&mut ws) {
+        for j in 0..N {
+            let x = cc[j].as_f64() * ww[j] as f64;
+            squares[j] += x * x;
+        }
+    }
+    for (j, (v, &w)) in cs.remainder().iter().zip(ws.remainder()).enumerate() {
+        let x = v.as_f64() * w as f64;
+        squares[j] += x * x;
     }
 }
 
@@ -184,57 +248,30 @@ fn weigh<T: CountValue>(c: &[T], idf: &[f32], x: &mut [f64]) {
     }
 }
 
-/// (Σ c, max c) of non-negative counts: integer lanes, the f64 sum only if u64 could wrap.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn sum_max<T: CountValue>(c: &[T]) -> (f64, u64) {
-    let mut acc = [0u64; 8];
-    let mut max = [0u64; 8];
-    let mut chunks = c.chunks_exact(8);
-    for ch in &mut chunks {
-        for j in 0..8 {
-            let v = ch[j].as_u64();
-            acc[j] = acc[j].wrapping_add(v);
-            max[j] = max[j].max(v);
-        }
+/// round(c / 2^m) as int16 (the caller chose m so every value fits); returns Σ of the result.
+fn narrow<T: CountValue>(c: &[T], m: u32, out: &mut [i16]) -> f64 {
+    let half = (1u128 << m) >> 1;
+    let mut total = 0.0;
+    for (o, v) in out.iter_mut().zip(c) {
+        *o = ((v.as_u64() as u128 + half) >> m) as i16;
+        total += *o as f64;
     }
-    for (j, v) in chunks.remainder().iter().enumerate() {
-        acc[j] = acc[j].wrapping_add(v.as_u64());
-        max[j] = max[j].max(v.as_u64());
-    }
-    let max = max.into_iter().max().unwrap_or(0);
-    if (max as u128) * (c.len() as u128) <= u64::MAX as u128 {
-        (acc.iter().sum::<u64>() as f64, max)
-    } else {
-        (c.iter().map(|v| v.as_u64() as f64).sum(), max)
-    }
-}
-
-/// round(c / 2^m) as int16 (the caller chose m so every value fits).
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn narrow<T: CountValue>(c: &[T], m: u32, out: &mut [i16]) {
-    if m == 0 {
-        for (o, v) in out.iter_mut().zip(c) {
-            *o = v.as_u64() as i16;
-        }
-    } else {
-        let half = (1u128 << m) >> 1;
-        for (o, v) in out.iter_mut().zip(c) {
-            *o = ((v.as_u64() as u128 + half) >> m) as i16;
-        }
-    }
+    total
 }
 
 /// Per-thread working memory of one scoring.
 #[derive(Default)]
 pub(crate) struct ScoreBuf {
     x: Vec<f64>,
+    /// Whether `x` holds this request's signature (the certified path builds it on demand).
+    x_ready: bool,
     norm: f64,
     c16: Vec<i16>,
     tmul: Vec<f32>,
     h: Vec<f64>,
     g: Vec<f64>,
+    r: Vec<f64>,
     est32: Vec<f32>,
-    abs32: Vec<f32>,
     est: Vec<f64>,
     rad: Vec<f64>,
 }
@@ -242,6 +279,7 @@ pub(crate) struct ScoreBuf {
 impl ScoreBuf {
     /// Sets the norm of `x`; false for the zero vector.
     fn set_norm(&mut self) -> bool {
+        self.x_ready = true;
         self.norm = exact::sum_squares(&self.x).sqrt();
         self.norm > 0.0
     }
@@ -252,9 +290,21 @@ impl ScoreBuf {
 pub struct Scores<'a> {
     est: &'a mut [f64],
     rad: &'a mut [f64],
-    /// Signature, its norm and the centroids, to refine with (None: every score is exact).
-    source: Option<(&'a [f64], f64, &'a Centroids)>,
+    /// What refining needs (None: every score is exact).
+    source: Option<Source<'a>>,
     refined: usize,
+}
+
+/// Writes the request's signature into the buffer given.
+type Fill<'a> = Box<dyn Fn(&mut Vec<f64>) + 'a>;
+
+/// The signature (built by `fill` on first use), its norm and the centroids.
+struct Source<'a> {
+    x: &'a mut Vec<f64>,
+    ready: bool,
+    fill: Fill<'a>,
+    norm: f64,
+    centroids: &'a Centroids,
 }
 
 impl<'a> Scores<'a> {
@@ -282,8 +332,12 @@ impl<'a> Scores<'a> {
     /// f64 order.
     pub fn exact(&mut self, k: usize) -> f64 {
         if self.rad[k] != 0.0 {
-            let (x, norm, centroids) = self.source.expect("scores with an error bound have a source");
-            self.est[k] = exact::dot(x, centroids.row(k)) / norm;
+            let src = self.source.as_mut().expect("scores with an error bound have a source");
+            if !src.ready {
+                (src.fill)(src.x);
+                src.ready = true;
+            }
+            self.est[k] = exact::dot(src.x, src.centroids.row(k)) / src.norm;
             self.rad[k] = 0.0;
             self.refined += 1;
         }

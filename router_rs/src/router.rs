@@ -173,7 +173,7 @@ impl Router {
             let mut scratch = cell.borrow_mut();
             let Scratch { buf, band } = &mut *scratch;
             match model {
-                Some(m) if m.score(signal, buf)? => decide(Some(&mut m.scores(buf)), band),
+                Some(m) if m.score(signal, buf)? => decide(Some(&mut m.scores(buf, signal)), band),
                 _ => decide(None, band),
             }
         })

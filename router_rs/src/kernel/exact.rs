@@ -3,10 +3,12 @@
 //! AVX2, AVX-512 and native-flags builds compute identical bits.
 use multiversion::multiversion;
 
-const LANES: usize = 32;
+/// Lane accumulators of the rule's sums (lane = index mod LANES).
+pub const LANES: usize = 32;
 
+/// The fixed pairwise reduction of the lanes.
 #[inline]
-fn reduce(mut acc: [f64; LANES]) -> f64 {
+pub fn reduce(mut acc: [f64; LANES]) -> f64 {
     let mut n = LANES;
     while n > 1 {
         n /= 2;

@@ -10,7 +10,9 @@ use super::Isa;
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// int16 while the table fits in about 2 MiB, int8 above (memory-bound fleets).
+    /// int16 unless its table would pass 64 MiB, int8 above. (Measured here: int8's coarser
+    /// intervals send more decoders to exact refinement, which costs more than the memory saved
+    /// at every fleet size up to 1024 decoders of (58, 256).)
     Auto,
     Int16,
     Int8,
@@ -19,7 +21,7 @@ pub enum Precision {
 }
 
 /// Above this many weights (W × D) `Auto` stores int8.
-pub const AUTO_INT8_ABOVE: usize = 1 << 20;
+pub const AUTO_INT8_ABOVE: usize = 1 << 25;
 /// Experts per layer are padded to this many int16 lanes (one AVX-512 register).
 const PAD: usize = 32;
 
@@ -38,8 +40,10 @@ pub struct Quantized {
     table: Table,
     /// s_ki, `[W][layers]`.
     scale: Vec<f32>,
-    /// Σ_e |Q_kie|, `[W][layers]`.
+    /// s_ki as f64, Σ_e |Q_kie| and max_e |Q_kie|, `[W][layers]`.
+    scale64: Vec<f64>,
     abs_q: Vec<f64>,
+    max_q: Vec<f64>,
     count_limit: u64,
     isa: Isa,
 }
@@ -83,6 +87,7 @@ impl Quantized {
         let mut q = vec![0i32; workers * layers * epad];
         let mut scale = Vec::with_capacity(workers * layers);
         let mut abs_q = Vec::with_capacity(workers * layers);
+        let mut max_q = Vec::with_capacity(workers * layers);
         let mut w = vec![0.0f64; experts];
         for k in 0..workers {
             for i in 0..layers {
@@ -95,13 +100,15 @@ impl Quantized {
                 let ex = exponent(m, qmax)?;
                 let s = pow2_f64(ex);
                 let out = &mut q[(k * layers + i) * epad..][..experts];
-                let mut a = 0.0;
+                let (mut a, mut mx) = (0.0, 0.0f64);
                 for (o, wv) in out.iter_mut().zip(&w) {
                     *o = (wv / s).round() as i32;
                     a += o.unsigned_abs() as f64;
+                    mx = mx.max(o.unsigned_abs() as f64);
                 }
                 scale.push(pow2_f32(ex));
                 abs_q.push(a);
+                max_q.push(mx);
             }
         }
         let table = if int8 {
@@ -112,7 +119,8 @@ impl Quantized {
         // Worst case over the kernels: AVX2 sums epad/8 products per i32 lane.
         let products = (epad / 8) as u64;
         let count_limit = (i32::MAX as u64 / (products * qmax as u64)).min(i16::MAX as u64);
-        Some(Self { workers, layers, experts, epad, table, scale, abs_q, count_limit, isa: Isa::detect() })
+        let scale64 = scale.iter().map(|&v| v as f64).collect();
+        Some(Self { workers, layers, experts, epad, table, scale, scale64, abs_q, max_q, count_limit, isa: Isa::detect() })
     }
 
     pub fn epad(&self) -> usize {
@@ -132,14 +140,12 @@ impl Quantized {
         }
     }
 
-    /// Estimated Σ c·w per decoder into `est`, and Σ of the absolute partial terms (for the
-    /// rounding bound) into `absum`. `counts`: `[layers][epad]` int16, `tmul`: t_i per layer.
-    pub fn estimate(&self, counts: &[i16], tmul: &[f32], est: &mut Vec<f32>, absum: &mut Vec<f32>) {
+    /// Estimated Σ c·w per decoder into `est`. `counts`: `[layers][epad]` int16, `tmul`: t_i per
+    /// layer.
+    pub fn estimate(&self, counts: &[i16], tmul: &[f32], est: &mut Vec<f32>) {
         assert!(counts.len() >= self.layers * self.epad && tmul.len() >= self.layers);
         est.clear();
         est.resize(self.workers, 0.0);
-        absum.clear();
-        absum.resize(self.workers, 0.0);
         let dims = Dims { workers: self.workers, layers: self.layers, epad: self.epad };
         #[cfg(target_arch = "x86_64")]
         {
@@ -147,35 +153,37 @@ impl Quantized {
             // SAFETY: the ISA was detected at run time and every slice holds what `dims` says.
             unsafe {
                 match (self.isa, &self.table) {
-                    (Isa::Avx512Vnni, Table::I16(q)) => return x86::vnni_i16(dims, counts, q, &self.scale, tmul, est, absum),
-                    (Isa::Avx512Vnni, Table::I8(q)) => return x86::vnni_i8(dims, counts, q, &self.scale, tmul, est, absum),
-                    (Isa::Avx2, Table::I16(q)) => return x86::avx2_i16(dims, counts, q, &self.scale, tmul, est, absum),
-                    (Isa::Avx2, Table::I8(q)) => return x86::avx2_i8(dims, counts, q, &self.scale, tmul, est, absum),
+                    (Isa::Avx512Vnni, Table::I16(q)) => return x86::vnni_i16(dims, counts, q, &self.scale, tmul, est),
+                    (Isa::Avx512Vnni, Table::I8(q)) => return x86::vnni_i8(dims, counts, q, &self.scale, tmul, est),
+                    (Isa::Avx2, Table::I16(q)) => return x86::avx2_i16(dims, counts, q, &self.scale, tmul, est),
+                    (Isa::Avx2, Table::I8(q)) => return x86::avx2_i8(dims, counts, q, &self.scale, tmul, est),
                     (Isa::Portable, _) => {}
                 }
             }
         }
         match &self.table {
-            Table::I16(q) => portable(dims, counts, q, &self.scale, tmul, est, absum),
-            Table::I8(q) => portable(dims, counts, q, &self.scale, tmul, est, absum),
+            Table::I16(q) => portable(dims, counts, q, &self.scale, tmul, est),
+            Table::I8(q) => portable(dims, counts, q, &self.scale, tmul, est),
         }
     }
 
-    /// Σ_i s_ki·(h_i + g_i·Σ|Q_ki|): the quantisation part of decoder k's bound, with
-    /// h_i = Σ_e c / 2 and g_i = t_i / 2 (0 when t_i = 1).
-    pub fn quant_error(&self, k: usize, h: &[f64], g: &[f64]) -> f64 {
-        let s = &self.scale[k * self.layers..][..self.layers];
-        let a = &self.abs_q[k * self.layers..][..self.layers];
+    /// Bound on |Σ c·w − estimate| for decoder k, from per-layer terms of the request:
+    /// h_i = Σ_e c / 2 (weight rounding), g_i = t_i / 2 or 0 (count rounding, times Σ|Q|) and
+    /// r_i = ρ·t_i·Σ_e c' (the kernel's f32 rounding, times max|Q|: Σ_e c'·|Q| ≤ Σ_e c'·max|Q|).
+    pub fn error_bound(&self, k: usize, h: &[f64], g: &[f64], r: &[f64]) -> f64 {
+        let at = k * self.layers..(k + 1) * self.layers;
+        let (s, a, m) = (&self.scale64[at.clone()], &self.abs_q[at.clone()], &self.max_q[at]);
         let mut total = 0.0;
         for i in 0..self.layers {
-            total += s[i] as f64 * (h[i] + g[i] * a[i]);
+            total += s[i] * (h[i] + g[i] * a[i] + r[i] * m[i]);
         }
         total
     }
 
-    /// Bound on the f32 rounding of [`estimate`](Self::estimate) given its `absum`.
-    pub fn rounding_error(&self, absum: f32) -> f64 {
-        2.0 * (self.layers as f64 + 8.0) * (f32::EPSILON as f64 / 2.0) * absum as f64
+    /// ρ: the kernel's f32 rounding relative to Σ of its absolute terms (conversion, one rounding
+    /// per layer, the lane reduction), doubled for margin.
+    pub fn rounding(&self) -> f64 {
+        2.0 * (self.layers as f64 + 8.0) * (f32::EPSILON as f64 / 2.0)
     }
 
     pub fn experts(&self) -> usize {
@@ -197,19 +205,15 @@ fn portable<T: Copy + Into<i32>>(
     scale: &[f32],
     tmul: &[f32],
     est: &mut [f32],
-    absum: &mut [f32],
 ) {
     for k in 0..d.workers {
-        let (mut acc, mut abs) = (0.0f32, 0.0f32);
+        let mut acc = 0.0f32;
         for i in 0..d.layers {
             let c = &counts[i * d.epad..][..d.epad];
             let qr = &q[(k * d.layers + i) * d.epad..][..d.epad];
             let dot: i64 = c.iter().zip(qr).map(|(&a, &b)| a as i64 * b.into() as i64).sum();
-            let t = dot as f32 * (scale[k * d.layers + i] * tmul[i]);
-            acc += t;
-            abs += t.abs();
+            acc += dot as f32 * (scale[k * d.layers + i] * tmul[i]);
         }
         est[k] = acc;
-        absum[k] = abs;
     }
 }

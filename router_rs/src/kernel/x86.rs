@@ -18,14 +18,12 @@ macro_rules! vnni_kernel {
             scale: &[f32],
             tmul: &[f32],
             est: &mut [f32],
-            absum: &mut [f32],
         ) {
             let (cp, qp) = (counts.as_ptr(), q.as_ptr());
             let mut k0 = 0;
             while k0 < d.workers {
                 let g = GROUP.min(d.workers - k0);
                 let mut acc = [_mm512_setzero_ps(); GROUP];
-                let mut abs = [_mm512_setzero_ps(); GROUP];
                 for i in 0..d.layers {
                     let mut dot = [_mm512_setzero_si512(); GROUP];
                     let mut e = 0;
@@ -39,14 +37,11 @@ macro_rules! vnni_kernel {
                     }
                     for j in 0..g {
                         let s = _mm512_set1_ps(*scale.get_unchecked((k0 + j) * d.layers + i) * *tmul.get_unchecked(i));
-                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[j]), s);
-                        acc[j] = _mm512_add_ps(acc[j], t);
-                        abs[j] = _mm512_add_ps(abs[j], _mm512_abs_ps(t));
+                        acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j]), s, acc[j]);
                     }
                 }
                 for j in 0..g {
                     est[k0 + j] = _mm512_reduce_add_ps(acc[j]);
-                    absum[k0 + j] = _mm512_reduce_add_ps(abs[j]);
                 }
                 k0 += g;
             }
@@ -64,13 +59,10 @@ macro_rules! avx2_kernel {
             scale: &[f32],
             tmul: &[f32],
             est: &mut [f32],
-            absum: &mut [f32],
         ) {
             let (cp, qp) = (counts.as_ptr(), q.as_ptr());
-            let sign = _mm256_set1_ps(-0.0);
             for k in 0..d.workers {
                 let mut acc = _mm256_setzero_ps();
-                let mut abs = _mm256_setzero_ps();
                 for i in 0..d.layers {
                     let base = (k * d.layers + i) * d.epad;
                     let mut dot = _mm256_setzero_si256();
@@ -82,12 +74,9 @@ macro_rules! avx2_kernel {
                         e += 16;
                     }
                     let s = _mm256_set1_ps(*scale.get_unchecked(k * d.layers + i) * *tmul.get_unchecked(i));
-                    let t = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s);
-                    acc = _mm256_add_ps(acc, t);
-                    abs = _mm256_add_ps(abs, _mm256_andnot_ps(sign, t));
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s));
                 }
                 est[k] = hsum256(acc);
-                absum[k] = hsum256(abs);
             }
         }
     };

@@ -46,15 +46,33 @@ impl LocalityBand {
         self.tau
     }
 
-    /// Writes the band (ascending worker index) into `band`.
+    /// Writes the band (ascending worker index) into `band`. A decoder is placed from the
+    /// intervals alone when they settle it against every value the best score can take; the
+    /// best (and the decoder) is computed exactly only for a decoder they do not.
     pub fn band(&self, fleet: &FleetView, s: &mut Scores, band: &mut Vec<usize>) {
         band.clear();
         let n = fleet.workers();
         let healthy = |k: &usize| fleet.healthy[*k];
-        let Some(best) = max_exact(s, (0..n).filter(healthy)) else { return };
-        let threshold = best - self.tau;
+        let Some(lo_best) = (0..n).filter(healthy).map(|k| s.lo(k)).reduce(f64::max) else { return };
+        let hi_best = (0..n).filter(healthy).map(|k| s.hi(k)).fold(f64::NEG_INFINITY, f64::max);
+        // Rounding is monotone, so hi_best − tau ≥ the threshold ≥ lo_best − tau as computed.
+        let (surely_in, surely_out) = (hi_best - self.tau, lo_best - self.tau);
+        let mut threshold: Option<f64> = None;
         for k in (0..n).filter(healthy) {
-            let inside = s.lo(k) >= threshold || (s.hi(k) >= threshold && s.exact(k) >= threshold);
+            let inside = if s.lo(k) >= surely_in {
+                true
+            } else if s.hi(k) < surely_out {
+                false
+            } else {
+                let t = match threshold {
+                    Some(t) => t,
+                    None => {
+                        let best = max_exact(s, (0..n).filter(healthy)).expect("a healthy worker");
+                        *threshold.insert(best - self.tau)
+                    }
+                };
+                s.lo(k) >= t || (s.hi(k) >= t && s.exact(k) >= t)
+            };
             if inside {
                 band.push(k);
             }

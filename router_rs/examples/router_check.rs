@@ -1,0 +1,111 @@
+//! Quick checks of the router core without criterion, for CI and for comparing builds:
+//!   router_check latency          p50/p99 of `select` from raw counts per (W, L, E), JSON lines
+//!   router_check agreement N      certified vs exact decisions on N random cases; prints the
+//!                                 number that differ (must be 0) and exits 1 if any does
+use eldr_router::{Centroids, LocalityModel, Precision, Router, SignatureSpec, Signal};
+use std::hint::black_box;
+use std::time::Instant;
+
+fn prompt_counts(rng: &mut fastrand::Rng, layers: usize, experts: usize, k: usize, tokens: usize) -> Vec<i32> {
+    let mut counts = vec![0i32; layers * experts];
+    for l in 0..layers {
+        for _ in 0..tokens {
+            let start = rng.usize(..experts);
+            for j in 0..k {
+                counts[l * experts + (start + j * 7) % experts] += 1;
+            }
+        }
+    }
+    counts
+}
+
+fn latency() {
+    let mut rng = fastrand::Rng::with_seed(42);
+    for (workers, layers, experts) in [(16, 48, 128), (64, 48, 128), (256, 48, 128), (1024, 48, 128), (1024, 58, 256)] {
+        let idf: Vec<f32> = (0..layers * experts).map(|_| 0.1 + rng.f32()).collect();
+        let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
+        let dim = spec.dim();
+        let data: Vec<f32> = (0..workers * dim).map(|_| rng.f32()).collect();
+        let counts = prompt_counts(&mut rng, layers, experts, 8, 128);
+        let loads: Vec<i64> = (0..workers as i64).map(|i| i % 5).collect();
+        let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
+        for (name, precision) in [("certified", Precision::Auto), ("exact", Precision::Exact)] {
+            let model = LocalityModel::with_precision(spec.clone(), Centroids::new(&data, workers, dim).unwrap(), precision).unwrap();
+            let kernel = model.kernel();
+            let router = Router::with_model(model, 0.1, None).unwrap();
+            let iters = (2_000_000 / (workers * dim / 64).max(1)).clamp(200, 20_000);
+            for _ in 0..iters / 10 {
+                black_box(router.select(signal, &loads, None).unwrap());
+            }
+            let mut ns: Vec<u64> = (0..iters)
+                .map(|_| {
+                    let t = Instant::now();
+                    black_box(router.select(black_box(signal), &loads, None).unwrap());
+                    t.elapsed().as_nanos() as u64
+                })
+                .collect();
+            ns.sort_unstable();
+            let p = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize] as f64 / 1e3;
+            println!(
+                "{{\"mode\": \"{name}\", \"kernel\": \"{kernel}\", \"workers\": {workers}, \"layers\": {layers}, \"experts\": {experts}, \"p50_us\": {:.3}, \"p99_us\": {:.3}}}",
+                p(0.5),
+                p(0.99)
+            );
+        }
+    }
+}
+
+fn agreement(cases: usize) -> usize {
+    let mut rng = fastrand::Rng::with_seed(2026);
+    let mut differ = 0;
+    for _ in 0..cases {
+        let layers = rng.usize(1..9);
+        let experts = [8, 16, 31, 64, 128, 256][rng.usize(..6)];
+        let workers = [1, 2, 3, 8, 16, 64][rng.usize(..6)];
+        let idf: Vec<f32> = (0..layers * experts).map(|_| if rng.u8(..10) == 0 { 0.0 } else { 0.05 + 3.0 * rng.f32() }).collect();
+        let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
+        let dim = spec.dim();
+        // Centroids near a common direction, so scores crowd the band edge and each other.
+        let base: Vec<f32> = (0..dim).map(|_| rng.f32()).collect();
+        let spread = [1e-6f32, 1e-3, 0.05, 1.0][rng.usize(..4)];
+        let mut data: Vec<f32> = (0..workers * dim).map(|i| base[i % dim] + spread * rng.f32()).collect();
+        if workers > 1 && rng.bool() {
+            let (a, b) = data.split_at_mut(dim);
+            b[..dim].copy_from_slice(a); // an exact tie
+        }
+        let tokens = [1, 16, 128, 2048, 100_000][rng.usize(..5)];
+        let counts = prompt_counts(&mut rng, layers, experts, 8.min(experts), tokens);
+        let loads: Vec<i64> = (0..workers).map(|_| rng.i64(0..3)).collect();
+        let healthy: Vec<bool> = (0..workers).map(|k| k == 0 || rng.u8(..8) != 0).collect();
+        let tau = [0.0, 1e-6, 1e-3, 0.05, 0.1, 0.3][rng.usize(..6)];
+        let guard = [None, Some(0), Some(2)][rng.usize(..3)];
+        let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
+        let centroids = Centroids::new(&data, workers, dim).unwrap();
+        let decide = |p| {
+            let model = LocalityModel::with_precision(spec.clone(), centroids.clone(), p).unwrap();
+            Router::with_model(model, tau, guard).unwrap().select(signal, &loads, Some(&healthy)).unwrap()
+        };
+        let want = decide(Precision::Exact);
+        differ += [Precision::Int16, Precision::Int8].iter().filter(|&&p| decide(p) != want).count();
+    }
+    differ
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("latency") => latency(),
+        Some("agreement") => {
+            let n = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(100_000);
+            let differ = agreement(n);
+            println!("{{\"cases\": {n}, \"kernels\": [\"int16\", \"int8\"], \"differing_decisions\": {differ}}}");
+            if differ > 0 {
+                std::process::exit(1);
+            }
+        }
+        _ => {
+            eprintln!("usage: router_check latency | agreement [N]");
+            std::process::exit(2);
+        }
+    }
+}
