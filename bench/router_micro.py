@@ -22,6 +22,9 @@ from sglang_eldr.router_rs import LocalityBandRouter
 from sglang_eldr.signature import build_signature
 
 WORKERS = [4, 16, 64, 256, 1024]
+# (impl, (layers, experts, workers), p50 limit in µs) from issue 10.
+TARGETS = [("rust", (48, 128, 16), 3.0), ("pyo3", (48, 128, 16), 3.5), ("rust", (48, 128, 64), 12.0),
+           ("rust", (48, 128, 1024), 120.0), ("rust", (58, 256, 1024), 500.0)]
 GEOMETRIES = [(4, 32), (36, 128), (48, 128), (58, 256)]
 
 
@@ -98,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{l:>3} {e:>4} {w:>5} | {ru['p50_us']:>8.2f}µ {ru['p99_us']:>8.2f}µ | {py['p50_us']:>8.2f}µ {py['p99_us']:>8.2f}µ"
             f" | {nu['p50_us']:>9.1f}µ {nu['p99_us']:>9.1f}µ | {nu['p50_us'] / py['p50_us']:>7.1f}×"
         )
+    print("\ntargets (issue 10):")
+    for impl, (l, e, w), limit in TARGETS:
+        got = by_key[(l, e, w)][impl]["p50_us"]
+        print(f"  {impl:5} W={w:<5} ({l},{e}) p50 {got:8.2f} µs  target <= {limit:g} µs: {'met' if got <= limit else 'NOT met'}")
+    ratio = by_key[(48, 128, 16)]["numpy"]["p50_us"] / by_key[(48, 128, 16)]["pyo3"]["p50_us"]
+    print(f"  numpy/pyo3 at W=16 (48,128): {ratio:.1f}x  target >= 15x: {'met' if ratio >= 15 else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"\n{len(records)} records in {elapsed:.1f} s on {platform.processor() or platform.machine()} -> {args.out}")

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import mmap
 import multiprocessing
+import os
 import threading
 import time
 import weakref
@@ -130,6 +131,18 @@ def fit_window(name: str, shape: tuple[int, int, int], cutoff: float, idf: np.nd
     return centroids
 
 
+def _exit_with(parent: int) -> None:
+    """Fit-process initializer: end when the router process is gone (a killed router must not
+    leave its fit process behind)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="eldr-fit-parent-watch", daemon=True).start()
+
+
 class Refitter:
     def __init__(
         self,
@@ -193,7 +206,8 @@ class Refitter:
         """`k` centroids fitted on the window in `space` by the fit process (started on first
         use), or None when the window holds too few requests."""
         if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with, initargs=(os.getpid(),))
         job = self._pool.submit(fit_window, self._window.name, self._window.shape, time.monotonic() - self.window_s,
                                 *space, k, self.min_samples(k), self.seed)
         return job.result()

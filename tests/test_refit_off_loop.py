@@ -4,6 +4,9 @@ requests, the window's cap), and requests routed on the loop meanwhile are not h
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -65,3 +68,45 @@ def test_requests_keep_flowing_during_a_membership_refit_of_a_full_window():
           f"max added {added * 1e3:.1f} ms (idle median {np.median(idle) * 1e3:.2f} ms)")
     assert added <= MAX_ADDED_S, f"a request waited {added * 1e3:.1f} ms extra while the refit ran"
     assert chooser.router.loads().tolist() == [0] * (DECODERS + 1)
+
+
+CHILD = """
+import sys, time
+import numpy as np
+from sglang_eldr import fitting
+from sglang_eldr.router_rs import LocalityBandRouter
+from sglang_eldr.refit import Refitter
+if __name__ == "__main__":
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 20, size=(200, 2, 16)).astype(np.int32)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
+    router = LocalityBandRouter(cs.centroids, 0.0, idf=cs.idf, layer_mask=cs.layer_mask)
+    refit = Refitter(router, cs.idf, cs.layer_mask, window_s=60, min_samples=20)
+    for c in counts:
+        refit.observe(c)
+    assert refit.refit_once()
+    print(*refit._pool._processes, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_router_leaves_no_fit_process_behind(tmp_path):
+    script = tmp_path / "router.py"
+    script.write_text(CHILD)
+    router = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        fit_pid = int(router.stdout.readline())
+        os.kill(fit_pid, 0)  # alive while the router is
+        router.kill()
+        router.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(fit_pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"fit process {fit_pid} still runs 10 s after its router was killed")
+    finally:
+        if router.poll() is None:
+            router.kill()
