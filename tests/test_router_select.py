@@ -167,3 +167,22 @@ def test_positive_tau_below_float32_range_still_adds_the_nearest_alternative():
     sig = np.array([0.1, 1.0, 0.5], dtype=np.float32)
     want = numpy_router.select(sig, numpy_router.unit_rows(centroids), np.array([0, 10, 0]), 1.5e-207)
     assert router.select(sig, np.array([0, 10, 0])) == want == 2
+
+
+@given(problems(), st.sampled_from(["int16", "int8"]), st.integers(0, 2**32 - 1))
+def test_certified_kernels_decide_exactly_as_the_exact_rule(p, precision, seed):
+    """The fixed-point estimates with their error bounds never change a decision, whatever the
+    counts (some far above the int16 kernel's unscaled limit)."""
+    centroids, _, loads, healthy, tau = p
+    rng = np.random.default_rng(seed)
+    layers, experts = 3, centroids.shape[1]
+    wide = np.ascontiguousarray(np.concatenate([centroids, centroids[:, ::-1]], axis=1))
+    idf = (rng.random((layers, experts)) * 2).astype(np.float32)
+    mask = np.array([True, False, True])
+    top = int(rng.choice([5, 300, 100_000]))
+    counts = rng.integers(0, top, size=(layers, experts)).astype(np.int32)
+    fast = LocalityBandRouter(wide, tau, idf=idf, layer_mask=mask, precision=precision)
+    exact = LocalityBandRouter(wide, tau, idf=idf, layer_mask=mask, precision="exact")
+    assert fast.kernel.startswith(precision) and exact.kernel == "exact"
+    assert fast.select_counts(counts, loads, healthy) == exact.select_counts(counts, loads, healthy)
+    np.testing.assert_array_equal(fast.scores(counts), exact.scores(counts))

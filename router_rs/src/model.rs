@@ -19,6 +19,9 @@ pub enum Signal<'a, T: CountValue = u8> {
     Absent,
 }
 
+/// Signature dimensions below which `Precision::Auto` scores exactly.
+pub const SMALL_DIM: usize = 512;
+
 /// Geometry + calibration transforms + unit centroids (+ their fixed-point copy).
 #[derive(Debug, Clone)]
 pub struct LocalityModel {
@@ -42,7 +45,8 @@ impl LocalityModel {
                 got: format!("[{}, {}]", centroids.workers(), centroids.dim()),
             });
         }
-        let quant = if precision == Precision::Exact {
+        // Below SMALL_DIM the exact rule alone is faster than estimating first (criterion).
+        let quant = if precision == Precision::Exact || (precision == Precision::Auto && spec.dim() < SMALL_DIM) {
             None
         } else {
             let idf: Vec<f32> = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().copied()).collect();

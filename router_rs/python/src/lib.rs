@@ -436,7 +436,7 @@ impl Router {
 /// layer_mask is given (default 1, i.e. counts of shape [1, D]); max_imbalance: starvation guard
 /// (never choose a decoder whose in-flight count exceeds the least-loaded healthy decoder's by
 /// more than this; None: no guard); breaker_failures: consecutive failed reports that take a
-/// member out; precision: "auto" (int16, int8 above a 64 MiB table), "int16", "int8" or "exact".
+/// member out; precision: "auto" (exact below 512 dimensions, else int16, int8 above a 64 MiB table), "int16", "int8" or "exact".
 #[pyclass(frozen, extends = Router, module = "sglang_eldr.router_rs")]
 struct LocalityBandRouter;
 

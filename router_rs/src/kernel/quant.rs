@@ -10,7 +10,7 @@ use super::Isa;
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// int16 unless its table would pass 64 MiB, int8 above. (Measured here: int8's coarser
+    /// Exact below 512 dimensions; else int16 unless its table would pass 64 MiB, int8 above. (Measured here: int8's coarser
     /// intervals send more decoders to exact refinement, which costs more than the memory saved
     /// at every fleet size up to 1024 decoders of (58, 256).)
     Auto,
