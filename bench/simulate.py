@@ -188,13 +188,15 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
 
 
 MAX_IMBALANCE: int | None = 2  # set from --max-imbalance
+IMBALANCE_FRACTION = 0.0  # set from --imbalance-fraction
 
 
 def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int):
     if policy in BASELINES:
         return BaselineRouter(policy, workers, seed=seed)
     cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
-    return LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE)
+    return LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,
+                              imbalance_fraction=IMBALANCE_FRACTION)
 
 
 def capacity_rate(trace: Trace, workers: int, cost: CostModel, max_batch: int) -> float:
@@ -284,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-worker", type=int, default=40)
     ap.add_argument("--max-imbalance", type=int, default=2,
                     help="eldr starvation guard, as the load balancer's --max-imbalance (default 2; -1 = off)")
+    ap.add_argument("--imbalance-fraction", type=float, default=0.0,
+                    help="relative guard, as the load balancer's --imbalance-fraction (default 0: absolute)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small sweep for CI smoke tests")
     ap.add_argument("--out", type=Path, default=Path("bench/results/simulate.json"))
     args = ap.parse_args(argv)
-    global MAX_IMBALANCE
+    global MAX_IMBALANCE, IMBALANCE_FRACTION
     MAX_IMBALANCE = None if args.max_imbalance < 0 else args.max_imbalance
+    IMBALANCE_FRACTION = args.imbalance_fraction
     if args.quick:
         args.workers, args.tau, args.load, args.cost, args.requests_per_worker = [8, 16], [0.1], [0.85], ["cpu"], 20
     if args.traces is None and not args.synthetic:

@@ -38,6 +38,7 @@ class DecodeChooser:
         max_imbalance: int | None = 2,
         online_refit: bool | None = None,
         breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        imbalance_fraction: float = 0.0,
     ):
         """`decoders`: the decoders' keys (their URLs), in order."""
         if policy not in DECODE_POLICIES:
@@ -51,7 +52,7 @@ class DecodeChooser:
         self.router: Router
         if self.locality:
             self.router = LocalityBandRouter(None, tau, keys=list(decoders), max_imbalance=max_imbalance,
-                                             breaker_failures=breaker_failures)
+                                             imbalance_fraction=imbalance_fraction, breaker_failures=breaker_failures)
         else:
             self.router = BaselineRouter(policy, keys=list(decoders), seed=seed, breaker_failures=breaker_failures)
         self._refitter_for = functools.partial(

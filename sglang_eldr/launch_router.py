@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="starvation guard for the eldr policies: never send a request to a decoder that already "
                          "has more than this many requests in flight above the least-loaded healthy decoder, "
                          "whatever the locality says (default: 2; -1 turns the guard off)")
+    ap.add_argument("--imbalance-fraction", type=float, default=0.0,
+                    help="eldr: make the starvation guard relative to load: a decoder may be up to "
+                         "max(--max-imbalance, floor(F x mean in-flight)) above the least loaded (default: 0, the "
+                         "absolute guard; 0.25 lets locality act at high load too)")
     ap.add_argument("--counts-deadline", type=float, default=5.0,
                     help="seconds to wait for a prefill's expert counts before routing least-loaded (default: 5)")
     ap.add_argument("--request-timeout", type=float, default=600.0,
@@ -131,6 +135,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         args.policy, [d.url for d in decoders], cs, breaker_failures=args.health_failures, tau=args.tau, seed=args.seed, refit_window_s=args.refit_window,
         refit_interval_s=args.refit_interval, refit_min_samples=args.refit_min_samples,
         max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
+        imbalance_fraction=args.imbalance_fraction,
         online_refit=None if args.refit is None else args.refit == "online",
     )
     return LoadBalancer(

@@ -182,3 +182,18 @@ def test_imbalance_guard_bounds_the_spread(stream, bound):
 def test_imbalance_guard_rejects_negative_bound():
     with pytest.raises(ValueError, match="max_imbalance: must be >= 0"):
         LocalityBandRouter(np.eye(2, dtype=np.float32), 0.1, max_imbalance=-1)
+
+
+def test_relative_guard_lets_locality_act_at_high_load():
+    """max(1, floor(0.25 x mean in-flight)): at a high mean load the absolute +1 would override
+    locality for a decoder 4 above the least loaded; the relative allowance (5) does not."""
+    centroids = np.eye(4, 8, dtype=np.float32)
+    sig = np.eye(1, 8, 0, dtype=np.float32)[0]
+    busy = np.array([24, 20, 22, 22], dtype=np.int64)
+    relative = LocalityBandRouter(centroids, 0.0, max_imbalance=1, imbalance_fraction=0.25)
+    absolute = LocalityBandRouter(centroids, 0.0, max_imbalance=1)
+    assert relative.imbalance_fraction == 0.25 and absolute.imbalance_fraction == 0.0
+    assert relative.select(sig, busy) == 0 and absolute.select(sig, busy) == 1
+    assert relative.select(sig, np.array([3, 0, 1, 2], dtype=np.int64)) == 1  # mean 1.5: the floor of 1 holds
+    with pytest.raises(ValueError, match="imbalance_fraction: a relative guard needs max_imbalance"):
+        LocalityBandRouter(centroids, 0.0, imbalance_fraction=0.25)

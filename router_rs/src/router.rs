@@ -135,6 +135,9 @@ impl Router {
     pub fn max_imbalance(&self) -> Option<i64> {
         self.band.and_then(|b| b.max_imbalance())
     }
+    pub fn imbalance_fraction(&self) -> Option<f64> {
+        self.band.map(|b| b.imbalance_fraction())
+    }
     pub fn has_centroids(&self) -> bool {
         self.lock().model.is_some()
     }

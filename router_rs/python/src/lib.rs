@@ -197,6 +197,13 @@ impl Router {
         self.core.max_imbalance()
     }
 
+    /// Relative starvation guard: the allowance is max(max_imbalance, ⌊this · mean in-flight⌋)
+    /// (eldr only; 0 = absolute guard).
+    #[getter]
+    fn imbalance_fraction(&self) -> Option<f64> {
+        self.core.imbalance_fraction()
+    }
+
     /// Locality band width (eldr only; None for baselines).
     #[getter]
     fn tau(&self) -> Option<f64> {
@@ -435,7 +442,8 @@ impl Router {
 /// (all ones); layer_mask: bool[L] or None (all layers); layers: L when neither idf nor
 /// layer_mask is given (default 1, i.e. counts of shape [1, D]); max_imbalance: starvation guard
 /// (never choose a decoder whose in-flight count exceeds the least-loaded healthy decoder's by
-/// more than this; None: no guard); breaker_failures: consecutive failed reports that take a
+/// more than this; None: no guard); imbalance_fraction: make that allowance
+/// max(max_imbalance, ⌊imbalance_fraction · mean in-flight⌋) (0: absolute); breaker_failures: consecutive failed reports that take a
 /// member out; precision: "auto" (exact below 512 dimensions, else int16, int8 above a 64 MiB table), "int16", "int8" or "exact".
 #[pyclass(frozen, extends = Router, module = "sglang_eldr.router_rs")]
 struct LocalityBandRouter;
@@ -444,7 +452,8 @@ struct LocalityBandRouter;
 impl LocalityBandRouter {
     #[new]
     #[pyo3(signature = (centroids=None, tau=0.1, idf=None, layer_mask=None, layers=None, max_imbalance=None,
-                        keys=None, num_workers=None, breaker_failures=DEFAULT_BREAKER_FAILURES, precision="auto"))]
+                        keys=None, num_workers=None, breaker_failures=DEFAULT_BREAKER_FAILURES, precision="auto",
+                        imbalance_fraction=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -458,9 +467,10 @@ impl LocalityBandRouter {
         num_workers: Option<usize>,
         breaker_failures: u32,
         precision: &str,
+        imbalance_fraction: f64,
     ) -> PyResult<PyClassInitializer<Self>> {
         let precision = self::precision(precision)?;
-        let band = LocalityBand::with_guard(tau, max_imbalance).map_err(value_error)?;
+        let band = LocalityBand::with_relative_guard(tau, max_imbalance, imbalance_fraction).map_err(value_error)?;
         let workers = num_workers.or(centroids.as_ref().map(|c| c.shape()[0]));
         let keys = keys_for(keys, workers, "LocalityBandRouter")?;
         let core = Core::locality(&keys, band, precision, breaker_failures).map_err(value_error)?;

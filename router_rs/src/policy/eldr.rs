@@ -9,8 +9,11 @@ use crate::model::Scores;
 /// two-decoder fleet would degenerate into JSQ. Without scores (zero signature) it is JSQ.
 ///
 /// Starvation guard: with `max_imbalance = Some(m)`, a choice whose in-flight count would exceed
-/// the least-loaded healthy worker's by more than `m` is replaced by the best-scoring worker among
-/// the least loaded, whatever the locality says.
+/// the least-loaded healthy worker's by more than the allowance is replaced by the best-scoring
+/// worker among the least loaded, whatever the locality says. The allowance is
+/// max(m, ⌊fraction · mean in-flight of the healthy workers⌋): absolute with fraction 0, relative
+/// to load otherwise (an absolute +2 at a mean of 30 in flight lets locality pick almost never,
+/// at a mean of 1 almost always).
 ///
 /// Scores arrive as intervals around certified estimates; each step asks for the exact score
 /// only of the decoders whose interval straddles what that step compares (the maximum, the band
@@ -19,6 +22,7 @@ use crate::model::Scores;
 pub struct LocalityBand {
     tau: f64,
     max_imbalance: Option<i64>,
+    imbalance_fraction: f64,
 }
 
 impl LocalityBand {
@@ -27,6 +31,20 @@ impl LocalityBand {
     }
 
     pub fn with_guard(tau: f64, max_imbalance: Option<i64>) -> Result<Self> {
+        Self::with_relative_guard(tau, max_imbalance, 0.0)
+    }
+
+    /// The guard's allowance is max(`max_imbalance`, ⌊`fraction` · mean in-flight⌋).
+    pub fn with_relative_guard(tau: f64, max_imbalance: Option<i64>, fraction: f64) -> Result<Self> {
+        if !fraction.is_finite() || fraction < 0.0 {
+            return Err(RouterError::Invalid { arg: "imbalance_fraction", reason: format!("must be finite and >= 0, got {fraction}") });
+        }
+        if fraction > 0.0 && max_imbalance.is_none() {
+            return Err(RouterError::Invalid {
+                arg: "imbalance_fraction",
+                reason: "a relative guard needs max_imbalance (its floor, e.g. 1)".into(),
+            });
+        }
         if !tau.is_finite() || tau < 0.0 {
             return Err(RouterError::Tau(tau));
         }
@@ -35,7 +53,7 @@ impl LocalityBand {
                 return Err(RouterError::Invalid { arg: "max_imbalance", reason: format!("must be >= 0, got {m}") });
             }
         }
-        Ok(Self { tau, max_imbalance })
+        Ok(Self { tau, max_imbalance, imbalance_fraction: fraction })
     }
 
     pub fn max_imbalance(&self) -> Option<i64> {
@@ -44,6 +62,23 @@ impl LocalityBand {
 
     pub fn tau(&self) -> f64 {
         self.tau
+    }
+
+    pub fn imbalance_fraction(&self) -> f64 {
+        self.imbalance_fraction
+    }
+
+    /// How far above the least-loaded healthy worker a choice may be, or None without a guard.
+    fn allowance(&self, fleet: &FleetView) -> Option<i64> {
+        let floor = self.max_imbalance?;
+        if self.imbalance_fraction == 0.0 {
+            return Some(floor);
+        }
+        let (sum, n) = (0..fleet.workers())
+            .filter(|&k| fleet.healthy[k])
+            .fold((0i64, 0i64), |(s, n), k| (s + fleet.loads[k], n + 1));
+        let relative = (self.imbalance_fraction * sum as f64 / n.max(1) as f64).floor() as i64;
+        Some(floor.max(relative))
     }
 
     /// Writes the band (ascending worker index) into `band`. A decoder is placed from the
@@ -140,7 +175,7 @@ impl Policy for LocalityBand {
         };
         self.band(fleet, s, band);
         let pick = Self::least_loaded_best(fleet, s, band.iter().copied());
-        if let Some(m) = self.max_imbalance {
+        if let Some(m) = self.allowance(fleet) {
             let least = fleet.least_loaded(0..fleet.workers()).expect("a healthy worker exists");
             if fleet.loads[pick] > fleet.loads[least] + m {
                 let all = (0..fleet.workers()).filter(|&k| fleet.healthy[k]);
@@ -220,6 +255,21 @@ mod tests {
         assert_eq!(choose_with(guard(Some(4)), &scores, &loads, &h).0, 0);
         assert_eq!(choose_with(guard(Some(3)), &scores, &loads, &h).0, 1);
         assert!(LocalityBand::with_guard(0.1, Some(-1)).is_err());
+    }
+
+    #[test]
+    fn relative_guard_scales_with_the_mean_load() {
+        let scores = [0.9, 0.1, 0.1, 0.1];
+        let h = [true; 4];
+        let relative = LocalityBand::with_relative_guard(0.0, Some(1), 0.25).unwrap();
+        // Mean 1.5: allowance max(1, 0) = 1; decoder 0 is 3 above the least loaded.
+        assert_eq!(choose_with(relative, &scores, &[3, 0, 1, 2], &h).0, 1);
+        // Mean 22: allowance max(1, 5) = 5; decoder 0 is 4 above: locality stands.
+        assert_eq!(choose_with(relative, &scores, &[24, 20, 22, 22], &h).0, 0);
+        // The absolute guard of 1 would have overridden it.
+        assert_eq!(choose_with(LocalityBand::with_guard(0.0, Some(1)).unwrap(), &scores, &[24, 20, 22, 22], &h).0, 1);
+        assert!(LocalityBand::with_relative_guard(0.0, None, 0.25).is_err());
+        assert!(LocalityBand::with_relative_guard(0.0, Some(1), -0.1).is_err());
     }
 
     #[test]
