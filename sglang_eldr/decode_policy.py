@@ -39,6 +39,7 @@ class DecodeChooser:
         online_refit: bool | None = None,
         breaker_failures: int = DEFAULT_BREAKER_FAILURES,
         imbalance_fraction: float = 0.0,
+        refit_every: int | None = None,
     ):
         """`decoders`: the decoders' keys (their URLs), in order."""
         if policy not in DECODE_POLICIES:
@@ -57,7 +58,7 @@ class DecodeChooser:
             self.router = BaselineRouter(policy, keys=list(decoders), seed=seed, breaker_failures=breaker_failures)
         self._refitter_for = functools.partial(
             Refitter, self.router, window_s=refit_window_s, interval_s=refit_interval_s,
-            min_samples=refit_min_samples, periodic=self.online_refit, seed=seed)
+            min_samples=refit_min_samples, periodic=self.online_refit, every=refit_every, seed=seed)
         # Set once centroids are loaded: refits on membership changes, and periodically with eldr.
         self.refitter: Refitter | None = None
         # The last centroid file loaded (IDF, layer mask, geometry; the router holds the centroids as

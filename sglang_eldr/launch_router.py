@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refit-window", type=float, default=5.0, help="online refit window, seconds (default: 5)")
     ap.add_argument("--refit-interval", type=float, default=2.5, help="online refit period, seconds (default: 2.5)")
     ap.add_argument("--refit-min-samples", type=int, default=None,
-                    help="requests needed in the window to refit (default: max(64, 16 per decoder))")
+                    help="requests a refit needs: it fits on the last --refit-window seconds, or on the last this "
+                         "many requests when fewer arrived in that time (default: max(64, 16 per decoder), at most "
+                         "the 4096 the window keeps)")
+    ap.add_argument("--refit-every", type=int, default=None,
+                    help="online refit: also refit after this many new requests, not only every --refit-interval "
+                         "seconds (default: time only)")
     ap.add_argument("--seed", type=int, default=0, help="seed for random/p2c and the refit (default: 0)")
     ap.add_argument("--host", default="0.0.0.0",
                     help="address the router's HTTP port binds: clients on other hosts reach the router there "
@@ -135,7 +140,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         args.policy, [d.url for d in decoders], cs, breaker_failures=args.health_failures, tau=args.tau, seed=args.seed, refit_window_s=args.refit_window,
         refit_interval_s=args.refit_interval, refit_min_samples=args.refit_min_samples,
         max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
-        imbalance_fraction=args.imbalance_fraction,
+        imbalance_fraction=args.imbalance_fraction, refit_every=args.refit_every,
         online_refit=None if args.refit is None else args.refit == "online",
     )
     return LoadBalancer(

@@ -94,23 +94,26 @@ def _views(buf, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return stamps, counts
 
 
-def _rows_since(stamps: np.ndarray, counts: np.ndarray, cutoff: float) -> np.ndarray:
-    """Copies the rows newer than `cutoff` (CLOCK_MONOTONIC is system-wide); a row rewritten
-    while it was copied is dropped."""
+def _rows_since(stamps: np.ndarray, counts: np.ndarray, cutoff: float, at_least: int = 0) -> np.ndarray:
+    """Copies the rows newer than `cutoff` (CLOCK_MONOTONIC is system-wide), or the newest
+    `at_least` rows if that is more; a row rewritten while it was copied is dropped."""
     before = stamps.copy()
     keep = np.flatnonzero(before >= cutoff)
+    if len(keep) < at_least:
+        filled = np.flatnonzero(before > -np.inf)
+        keep = filled[np.argsort(before[filled])[-at_least:]]
     rows = counts[keep].copy()
     return rows[stamps[keep] == before[keep]]
 
 
-def read_window(name: str, shape: tuple[int, int, int], cutoff: float) -> np.ndarray:
+def read_window(name: str, shape: tuple[int, int, int], cutoff: float, at_least: int = 0) -> np.ndarray:
     """`CountsWindow.since` from another process. Maps the block read-only by its /dev/shm path,
     so this process never registers it with the resource tracker (which would unlink it when
     this process ends, on Python < 3.13)."""
     with open(f"/dev/shm/{name.lstrip('/')}", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         stamps, counts = _views(m, shape)
         try:
-            return _rows_since(stamps, counts, cutoff)
+            return _rows_since(stamps, counts, cutoff, at_least)
         finally:
             del stamps, counts
 
@@ -118,9 +121,9 @@ def read_window(name: str, shape: tuple[int, int, int], cutoff: float) -> np.nda
 def fit_window(name: str, shape: tuple[int, int, int], cutoff: float, idf: np.ndarray, layer_mask: np.ndarray,
                k: int, min_samples: int, seed: int) -> np.ndarray | None:
     """Runs in the fit process: balanced spherical K-means with `k` centroids on the window rows
-    newer than `cutoff`, or None when there are too few (fewer than `min_samples`, or than `k`
-    with a non-zero signature)."""
-    samples = read_window(name, shape, cutoff)
+    newer than `cutoff`, or the newest `min_samples` rows if that is more; None when there are
+    too few (fewer than `min_samples`, or than `k` with a non-zero signature)."""
+    samples = read_window(name, shape, cutoff, at_least=min_samples)
     if len(samples) < max(min_samples, k):
         return None
     sigs = build_signatures(samples, idf, layer_mask)
@@ -154,10 +157,19 @@ class Refitter:
         min_samples: int | None = None,
         max_samples: int = 4096,
         periodic: bool = True,
+        every: int | None = None,
         seed: int = 0,
     ):
+        """Fits on the last `window_s` seconds of requests, or on the last `min_samples` requests
+        when fewer arrived in that time (so a low request rate or a large fleet still refits);
+        with `periodic`, every `interval_s` seconds and also, with `every`, after that many new
+        requests."""
         if window_s <= 0 or interval_s <= 0:
             raise ValueError("refit window and interval must be positive")
+        if every is not None and every <= 0:
+            raise ValueError("refit every: must be a positive number of requests")
+        self.every = every
+        self._since = 0  # requests observed since the last fit began
         self.router = router
         self.window_s = window_s
         self.interval_s = interval_s
@@ -176,6 +188,7 @@ class Refitter:
         self._generation = 0
         self._wake = asyncio.Event()  # set on the event loop only
         self._again = False  # set by a fit that found the members changed
+        self._membership = False  # a membership change asked for the next fit
         self.refits = 0  # periodic swaps
         self.membership_refits = 0  # swaps after a membership change
         self.skipped = 0  # too few samples
@@ -183,7 +196,9 @@ class Refitter:
         self.last_error: str | None = None
 
     def min_samples(self, k: int) -> int:
-        return self._min_samples if self._min_samples is not None else max(64, 16 * k)
+        """Requests a fit for `k` centroids needs (never more than the window holds)."""
+        wanted = self._min_samples if self._min_samples is not None else max(64, 16 * k)
+        return min(wanted, self._window.shape[0])
 
     def retarget(self, idf: np.ndarray, layer_mask: np.ndarray) -> None:
         """Fits in the space of a new centroid file (same geometry) from now on; the window's raw
@@ -194,12 +209,17 @@ class Refitter:
 
     def observe(self, counts: np.ndarray) -> None:
         self._window.observe(counts)
+        self._since += 1
+        if self.periodic and self.every is not None and self._since >= self.every:
+            self._wake.set()
 
     def request(self) -> None:
         """Refit as soon as possible (a decoder was added or removed)."""
+        self._membership = True
         self._wake.set()
 
     def window(self) -> np.ndarray:
+        """The requests a fit now would use."""
         return self._window.since(time.monotonic() - self.window_s)
 
     def fit(self, k: int, space: tuple[np.ndarray, np.ndarray]) -> np.ndarray | None:
@@ -218,6 +238,7 @@ class Refitter:
         works (the event loop runs it in a thread)."""
         with self._lock:
             space, generation = self._space, self._generation
+        self._since = 0
         ids, current = self.router.centroid_snapshot()
         new = self.fit(len(ids), space)
         if new is None:
@@ -248,14 +269,14 @@ class Refitter:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s if self.periodic else None)
             except TimeoutError:
                 pass
-            membership = self._wake.is_set()
+            membership, self._membership = self._membership, False
             self._wake.clear()
             try:
                 await asyncio.to_thread(self.refit_once, membership)
                 self.last_error = None
                 if self._again:
                     self._again = False
-                    self._wake.set()
+                    self.request()
             except Exception as e:  # noqa: BLE001 - a failed refit keeps the old centroids
                 self.last_error = str(e)
                 logger.warning("refit failed, keeping the current centroids: %s", e)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 import pytest
 
@@ -212,3 +215,46 @@ def test_centroid_bytes_are_validated_like_a_file(tmp_path):
                              (b"", "not a readable")):
         with pytest.raises(CentroidFileError, match=f"upload: {message}"):
             centroid_file.loads(damaged, source="upload")
+
+
+def test_refit_uses_the_last_requests_when_few_arrived_in_the_window():
+    """A low request rate (or a fleet so large that 16 per decoder never arrive in the window)
+    still refits: on the newest `min_samples` requests, whatever their age."""
+    counts, _ = two_domains(80)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
+    router = LocalityBandRouter(cs.centroids, 0.0, idf=cs.idf, layer_mask=cs.layer_mask)
+    refit = Refitter(router, cs.idf, cs.layer_mask, window_s=0.05, interval_s=1, min_samples=30, seed=1)
+    for c in counts[:40]:
+        refit.observe(c)
+    time.sleep(0.2)
+    assert len(refit.window()) == 0  # nothing in the last 50 ms
+    assert refit.refit_once() and refit.refits == 1
+    big = Refitter(router, cs.idf, cs.layer_mask, min_samples=10_000, max_samples=512)
+    assert big.min_samples(2) == 512  # never more than the window keeps
+    big.close()
+    refit.close()
+
+
+def test_the_online_refit_fires_by_request_count():
+    counts, _ = two_domains(200)
+    cs = fitting.fit(counts, 2, top_k=2, seed=0)
+    chooser = DecodeChooser("eldr", keys(2), cs, refit_interval_s=3600, refit_min_samples=50, refit_every=60)
+    refitter = chooser.refitter
+    assert refitter is not None and refitter.every == 60
+
+    async def run() -> int:
+        task = asyncio.create_task(refitter.run())
+        for c in counts[:70]:
+            chooser.router.release(chooser.choose(c)["id"])
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + 60
+        while refitter.refits == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        return refitter.refits
+
+    assert asyncio.run(run()) == 1  # an hour-long interval, yet 60 requests triggered it
+    assert refitter.membership_refits == 0
+    refitter.close()
+    with pytest.raises(ValueError, match="refit every"):
+        DecodeChooser("eldr", keys(2), cs, refit_every=0)
