@@ -30,7 +30,7 @@ build: $(VENV)/.deps engine
 setup: build
 
 demo: setup
-	$(BIN)/python -m sglang_eldr.demo
+	$(BIN)/python -m sglang_eldr.demo --host 127.0.0.1
 
 test: test-rust test-types test-python
 

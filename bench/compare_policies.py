@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke mode: one rate, few prompts, one repeat")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare_policies.json")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="the address the benchmark cluster listens on (default: 127.0.0.1, this machine only)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rates, args.num_prompts, args.output_len, args.repeats = [4.0], 12, 8, 1
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     custom_dataset(EVAL, dataset)
     started = time.monotonic()
     results: list[dict] = []
-    cluster = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, log_dir=work,
+    cluster = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, log_dir=work, host=args.host,
                       step_stats=True, tau=args.tau)
     with cluster:
         centroids = args.centroids or (str(MODEL / f"eldr-centroids-{args.decoders}d.eldr")

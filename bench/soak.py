@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="the address the benchmark cluster listens on (default: 127.0.0.1, this machine only)")
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.kills = 60, 1
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
     started = time.monotonic()
-    with Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2,
+    with Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, host=args.host,
                  centroids=str(MODEL / "eldr-centroids-2d.eldr")) as cluster:
         router = cluster.start_router(extra=["--health-interval", "1", "--health-failures", "2"])
         victim = cluster.decoders[1]

@@ -58,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="eldr")
     ap.add_argument("--recalibrate", action="store_true", help="calibrate even if a centroid file ships")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host", required=True,
+                    help="the address the demo cluster's servers and router listen on (make demo: 127.0.0.1)")
     args = ap.parse_args(argv)
     if not (MODEL / "config.json").exists():
         print(f"demo: the tiny model is missing at {MODEL}", file=sys.stderr)
         return 2
 
     t0 = time.monotonic()
-    with Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, policy=args.policy) as cluster:
+    with Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, policy=args.policy, host=args.host) as cluster:
         print(f"[{time.monotonic() - t0:5.1f}s] 1 prefill + 2 decode servers healthy "
               f"({', '.join(s.url for s in cluster.servers)}); logs in {cluster.log_dir}")
         if SHIPPED_CENTROIDS.exists() and not args.recalibrate:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sglang_eldr.decode_policy import DECODE_POLICIES
 from sglang_eldr.paths import local_path, model_path
-from sglang_eldr.server_process import HOST, ServerProcess, free_port, pd_env, wait_all
+from sglang_eldr.server_process import ServerProcess, free_port, pd_env, wait_all
 
 __all__ = ["Cluster", "Server", "free_port", "pd_env"]
 
@@ -46,12 +46,17 @@ class Cluster:
     max_total_tokens: int = 16384
     startup_timeout_s: float = 300.0
     step_stats: bool = False  # decoders write distinct-experts-per-step statistics (benchmarks)
-    hosts: list[str] = field(default_factory=list)  # per server (prefills, then decoders); default HOST
-    router_host: str = HOST
+    host: str = ""  # the address of every server and the router, unless `hosts` / `router_host` say otherwise
+    hosts: list[str] = field(default_factory=list)  # per server (prefills, then decoders)
+    router_host: str = ""
     servers: list[Server] = field(default_factory=list)
     router: Server | None = None
 
     def __post_init__(self) -> None:
+        self.router_host = self.router_host or self.host
+        if not self.router_host or not (self.hosts or self.host):
+            raise ValueError("Cluster: give host (or hosts and router_host): the addresses the servers and the "
+                             "router listen on and advertise")
         # Servers run with the log directory as working directory: relative paths must not reach them.
         self.model_path = model_path(self.model_path)
         self.centroids = local_path(self.centroids) if self.centroids else None
@@ -97,7 +102,7 @@ class Cluster:
         n = self.num_prefill + self.num_decode
         if self.hosts and len(self.hosts) != n:
             raise ValueError(f"hosts: {len(self.hosts)} addresses for {n} servers")
-        hosts = self.hosts or [HOST] * n
+        hosts = self.hosts or [self.host] * n
         for i in range(self.num_prefill):
             h = hosts[i]
             port = self.free_port(h)
@@ -213,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "then load the centroids into it (written into the log directory)")
     ap.add_argument("--tau", type=float, default=0.1, help="locality band width (default: 0.1)")
     ap.add_argument("--port", type=int, default=30000, help="router port (default: 30000)")
-    ap.add_argument("--host", default=HOST,
-                    help=f"the address every server and the router listen on, and the transfer engine and "
-                         f"counts publisher advertise (default: {HOST}); for servers on several hosts, start "
+    ap.add_argument("--host", required=True,
+                    help="the address every server and the router listen on, and the transfer engine and "
+                         "counts publisher advertise (127.0.0.1 keeps the cluster on this machine's loopback); "
+                         "for servers on several hosts, start "
                          "each with python -m sglang_eldr.launch_server and the router with launch_router")
     ap.add_argument("--max-total-tokens", type=int, default=16384, help="KV budget per server (default: 16384)")
     ap.add_argument("--log-dir", type=lambda p: Path(local_path(p)), default=None,
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(model_path=args.model_path, num_prefill=args.num_prefill, num_decode=args.num_decode,
                       policy=args.policy, centroids=args.centroids, tau=args.tau, router_port=args.port,
                       max_total_tokens=args.max_total_tokens,
-                      hosts=[args.host] * (args.num_prefill + args.num_decode), router_host=args.host,
+                      host=args.host,
                       **({"log_dir": args.log_dir} if args.log_dir else {}))
     stop = {"flag": False}
 

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import requests
 
-HOST = "127.0.0.1"  # the default address of a local test or demo cluster; every helper takes another
 # Built by scripts/install_pd_cpu.sh: turns the transfer engine's wildcard binds into binds to the
 # server's own address (ELDR_BIND_ADDR).
 LOOPBACK_PRELOAD = Path(sys.prefix) / "lib" / "eldr-loopback" / "libeldr_loopback_bind.so"
 
 
-def free_port(host: str = HOST) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -33,7 +32,7 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def pd_env(core: int | None, bootstrap_timeout_s: int | None = None, host: str = HOST) -> dict[str, str]:
+def pd_env(core: int | None, host: str, bootstrap_timeout_s: int | None = None) -> dict[str, str]:
     """Environment for one SGLang server of a CPU PD cluster (Mooncake over TCP) on address `host`:
     the transfer engine advertises `host`, and the preload keeps its wildcard listeners there."""
     env = dict(os.environ)
@@ -70,7 +69,7 @@ class ServerProcess:
     role: str  # "prefill" | "decode" | "plain" | "router"
     port: int
     log: Path
-    host: str = HOST
+    host: str  # the address it listens on; nothing here assumes one
     cmd: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
     bootstrap_port: int | None = None

@@ -18,10 +18,10 @@ HUB_ID = "Qwen/Qwen3-30B-A3B"
 def test_cli_paths_are_absolute(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     args = launch_cluster.build_parser().parse_args(
-        ["--model-path", MODEL, "--centroids", CENTROIDS, "--log-dir", "build/logs"])
+        ["--model-path", MODEL, "--centroids", CENTROIDS, "--log-dir", "build/logs", "--host", "127.0.0.1"])
     assert args.model_path == str(ROOT / MODEL) and args.centroids == str(ROOT / CENTROIDS)
     assert args.log_dir == ROOT / "build" / "logs"
-    args = launch_cluster.build_parser().parse_args(["--model-path", HUB_ID, "--calibrate", "bench/calib.jsonl"])
+    args = launch_cluster.build_parser().parse_args(["--model-path", HUB_ID, "--calibrate", "bench/calib.jsonl", "--host", "127.0.0.1"])
     assert args.model_path == HUB_ID and args.calibrate == str(ROOT / "bench" / "calib.jsonl")
 
     args = calibrate.build_parser().parse_args(
@@ -37,14 +37,14 @@ def test_cli_paths_are_absolute(monkeypatch, tmp_path):
 
 def test_cluster_resolves_its_paths(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    c = Cluster(model_path=MODEL, centroids=CENTROIDS, log_dir=Path(os.path.relpath(tmp_path, ROOT)))
+    c = Cluster(model_path=MODEL, centroids=CENTROIDS, host="127.0.0.1", log_dir=Path(os.path.relpath(tmp_path, ROOT)))
     assert c.model_path == str(ROOT / MODEL) and c.centroids == str(ROOT / CENTROIDS)
     assert c.log_dir == tmp_path
     monkeypatch.chdir(tmp_path)  # what a server's working directory is
     assert Path(c.model_path, "config.json").exists() and Path(c.centroids).exists()
-    assert Cluster(model_path=HUB_ID, log_dir=tmp_path).model_path == HUB_ID
+    assert Cluster(model_path=HUB_ID, host="127.0.0.1", log_dir=tmp_path).model_path == HUB_ID
 
 
 def test_calibrate_needs_an_eldr_policy(capsys):
-    assert launch_cluster.main(["--model-path", MODEL, "--policy", "jsq", "--calibrate", "calib.jsonl"]) == 2
+    assert launch_cluster.main(["--model-path", MODEL, "--policy", "jsq", "--calibrate", "calib.jsonl", "--host", "127.0.0.1"]) == 2
     assert "for the eldr policies, not jsq" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 
 from sglang_eldr.launch_cluster import Cluster, Server, free_port, pd_env
 
+HOST = "127.0.0.1"  # these tests' own address: the whole cluster on this machine's loopback
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "tiny-qwen3-moe"
 CALIB = ROOT / "bench" / "data" / "prompts_calib.jsonl"
@@ -41,7 +42,7 @@ def cluster(tmp_path_factory):
     # exercises the Cluster's path resolution for real.
     with contextlib.chdir(ROOT):
         c = Cluster(model_path=str(MODEL.relative_to(ROOT)), num_prefill=1, num_decode=2, max_total_tokens=8192,
-                    log_dir=tmp_path_factory.mktemp("cluster"))
+                    host=HOST, log_dir=tmp_path_factory.mktemp("cluster"))
     with c:
         yield c
 
@@ -57,10 +58,10 @@ def centroids(cluster) -> str:
 @pytest.fixture(scope="package")
 def reference_server(cluster):
     """A plain (non-PD) ELDR server of the same model: greedy outputs to compare against."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", str(MODEL), "--host", "127.0.0.1",
+    port = free_port(HOST)
+    cmd = [sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", str(MODEL), "--host", HOST,
            "--port", str(port), "--device", "cpu", "--max-total-tokens", "8192"]
-    s = Server("plain", port, cluster.log_dir / "plain.log", cmd=cmd, env=pd_env(0)).start()
+    s = Server("plain", port, cluster.log_dir / "plain.log", host=HOST, cmd=cmd, env=pd_env(0, host=HOST)).start()
     cluster.servers.append(s)  # stopped with the cluster
     cluster.wait_healthy([s])
     return s

@@ -190,7 +190,7 @@ class CountsRelay:
         self.sub.setsockopt(zmq.SUBSCRIBE, COUNTS_TOPIC)
         self.sub.connect(f"tcp://127.0.0.1:{upstream_port}")
         self.pub = ctx.socket(zmq.PUB)
-        self.port = free_port()
+        self.port = free_port("127.0.0.1")
         self.pub.bind(f"tcp://127.0.0.1:{self.port}")
         self.mode = "pass"
         self.stop = threading.Event()

@@ -73,8 +73,8 @@ def test_decoders_removed_and_added_at_runtime(cluster, centroids):
 
 def test_prefill_added_unreachable_is_kept_out_until_healthy_then_removed(cluster, centroids):
     router = cluster.start_router(policy="jsq", extra=["--prefill-policy", "rr"])
-    ghost = f"http://127.0.0.1:{free_port()}"
-    r = requests.post(router.url + "/workers", json={"url": ghost, "role": "prefill", "bootstrap_port": free_port()},
+    ghost = f"http://127.0.0.1:{free_port('127.0.0.1')}"
+    r = requests.post(router.url + "/workers", json={"url": ghost, "role": "prefill", "bootstrap_port": free_port("127.0.0.1")},
                       timeout=10)
     assert r.status_code == 201 and r.json()["healthy"] is False
     routes = [generate(router.url, t) for t in by_domain(1)[:3]]

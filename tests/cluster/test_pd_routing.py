@@ -129,7 +129,7 @@ def test_counts_that_never_arrive_fall_back_to_jsq(cluster, centroids):
     p = cluster.prefills[0]
     router = cluster.start_router(policy="eldr", centroids=centroids, extra=[
         "--counts-deadline", "0.5",
-    ], prefill_counts_port=free_port())
+    ], prefill_counts_port=free_port("127.0.0.1"))
     res = generate(router.url, pick_prompts(1)[0]["text"])
     route = res["meta_info"]["eldr_route"]
     assert route["fallback"] == "counts-timeout" and route["scores"] is None

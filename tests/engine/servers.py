@@ -34,16 +34,19 @@ def post_json(url: str, payload: Any, timeout: float = 300) -> tuple[int, Any]:
             return e.code, body.decode(errors="replace")
 
 
+HOST = "127.0.0.1"  # these tests' own address: every engine server on this machine's loopback
+
+
 class Server(ServerProcess):
     """``python -m sglang_eldr.launch_server`` (eldr=True) or stock ``python -m sglang.launch_server``,
     started at once; `wait_ready()` blocks until it has warmed up."""
 
     def __init__(self, model_dir: str | Path, log_path: Path, *, eldr: bool = True, args: tuple = (),
                  env: Optional[dict] = None):
-        port = free_port()
+        port = free_port(HOST)
         module = "sglang_eldr.launch_server" if eldr else "sglang.launch_server"
         cmd = [sys.executable, "-m", module, "--model-path", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), *args]
+               "--host", HOST, "--port", str(port), *args]
         e = dict(os.environ)
         e.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
         if not eldr:  # stock SGLang on CPU needs these by hand
@@ -59,7 +62,7 @@ class Server(ServerProcess):
         for k in ("SGLANG_ELDR", "SGLANG_ELDR_CAPTURE", "SGLANG_ELDR_CPU_GUARDS", "SGLANG_ELDR_INFO"):
             e.pop(k, None)
         e.update(env or {})
-        super().__init__(role="plain", port=port, log=Path(log_path), cmd=cmd, env=e)
+        super().__init__(role="plain", port=port, log=Path(log_path), host=HOST, cmd=cmd, env=e)
         self.model_dir = str(model_dir)
         self.start()
 

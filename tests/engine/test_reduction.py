@@ -113,7 +113,8 @@ def test_one_pub_socket_per_server_carries_every_ranks_reports():
     """DP rank 0 owns the PUB socket; rank 1 pushes through it: one bind, both ranks heard."""
     from sglang_eldr.server_process import free_port
 
-    host, port = "127.0.0.1", free_port()
+    host = "127.0.0.1"
+    port = free_port(host)
     hub, spoke = counts_publisher.Publisher(host, port, hub=True), counts_publisher.Publisher(host, port, hub=False)
     assert hub.ipc == spoke.ipc != counts_publisher.ipc_endpoint(host, port + 1)
     sub = zmq.Context.instance().socket(zmq.SUB)

@@ -35,6 +35,7 @@ CHUNK = 64
 MAX_NEW_TOKENS = 16
 # Small, so that the "decoder never comes" test is quick; still far above the ~1 s a decoder takes
 # to bootstrap here.
+HOST = "127.0.0.1"  # these tests' own address: the PD pair on this machine's loopback
 BOOTSTRAP_TIMEOUT_S = 12
 
 
@@ -68,7 +69,7 @@ def _cores() -> list[int]:
 
 
 def pd_env(core: int) -> dict[str, str]:
-    env = server_process.pd_env(core, bootstrap_timeout_s=BOOTSTRAP_TIMEOUT_S)
+    env = server_process.pd_env(core, HOST, bootstrap_timeout_s=BOOTSTRAP_TIMEOUT_S)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     return env
 
@@ -103,7 +104,7 @@ def pd_pair(request, pd_model_dir, tmp_path_factory) -> PDPair:
     logs = tmp_path_factory.mktemp("pd-logs")
     cores = _cores()
     c_prefill, c_decode = cores[0], cores[-1]
-    bootstrap = free_port()
+    bootstrap = free_port(HOST)
     common = ("--disaggregation-transfer-backend", "mooncake",
               "--disaggregation-decode-allocation-policy", "prefill_complete",
               "--max-total-tokens", "8192")
