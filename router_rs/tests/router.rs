@@ -227,7 +227,6 @@ fn case(rng: &mut fastrand::Rng) -> Case {
 #[test]
 fn certified_decisions_equal_exact_decisions() {
     let mut rng = fastrand::Rng::with_seed(7);
-    let mut refined_total = 0usize;
     for n in 0..3000 {
         let c = case(&mut rng);
         let centroids = Centroids::new(&c.rows, c.workers, c.dim).unwrap();
@@ -242,7 +241,5 @@ fn certified_decisions_equal_exact_decisions() {
             assert_eq!(got, want, "case {n} ({precision:?}): certified {got}, exact {want}");
             assert_eq!(fast.scores(signal).unwrap(), exact.scores(signal).unwrap(), "case {n}: exact scores agree");
         }
-        refined_total += 1;
     }
-    assert!(refined_total > 0);
 }
