@@ -9,7 +9,7 @@ its real request path:
 
 * the stand-in prefill serves `GET /eldr/info` (capture on, its counts endpoint) and `/health`; on
   `POST /generate` with a `bootstrap_room` it publishes a `CountsReport` for that room on its ZMQ
-  PUB socket (topic `wire.COUNTS_TOPIC`, `wire.encode_report`, counts of the centroid file's
+  PUB socket (topic `wire.COUNTS_TOPIC`, `wire.publisher_frames` around `wire.encode_report`, counts of the centroid file's
   geometry), then holds its HTTP response until the decode side has been called for that room
   (SGLang's `prefill_complete`: the prefill answers after the KV transfer), or 5 s;
 * each stand-in decode answers `/generate` at once with a small SGLang-shaped JSON
@@ -108,7 +108,9 @@ def run_standins(args: argparse.Namespace) -> int:
         if isinstance(room, int):
             fut = asyncio.get_running_loop().create_future()
             waiting[room] = fut
-            pub.send_multipart([wire.COUNTS_TOPIC, wire.encode_report(room, f"r{room}", pool[room % len(pool)], 64)],
+            stats["seq"] += 1  # a stand-in without heartbeats: the router treats it as a silent publisher
+            pub.send_multipart(wire.publisher_frames(1, stats["seq"], "counts",
+                                                     wire.encode_report(room, f"r{room}", pool[room % len(pool)], 64)),
                                flags=zmq.NOBLOCK)
             try:
                 await asyncio.wait_for(fut, args.hold_s)

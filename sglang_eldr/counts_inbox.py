@@ -1,96 +1,209 @@
-"""Receives prefill expert counts (ZMQ SUB, one socket per prefill server) and hands each report
-to the request waiting on its bootstrap room."""
+"""Receives what the prefill servers publish (ZMQ SUB, one socket per prefill) and settles each
+waiting request's counts: the report, or the reason to route without one.
+
+A room waits until one of these happens (the request path also stops waiting if the prefill's HTTP
+call ends first):
+* its `CountsReport` arrives: the counts (or the prefill's reason for having none);
+* a heartbeat lists it as reported but no report came: `"counts-lost"` (within one heartbeat,
+  50 ms, of the loss);
+* `deadline_s` passes after the prefill *started* it (a `Started` message or a heartbeat says
+  so), or after it was sent while the publisher is silent (no message for `deadline_s`, or never
+  heard from): `"counts-timeout"`. A request queued on a live prefill never times out here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from sglang_eldr.wire import COUNTS_TOPIC, CountsReport, decode_report
+from sglang_eldr.wire import COUNTS_TOPIC, BodyError, CountsReport, Header, Heartbeat, Started, decode_message
 
 logger = logging.getLogger(__name__)
 
+Outcome = CountsReport | str  # a report, or the fallback reason
+TICK_S = 0.05
+
+
+@dataclass
+class Channel:
+    """One prefill's publisher, as this router hears it."""
+
+    endpoint: str
+    sock: zmq.asyncio.Socket
+    task: asyncio.Task[None] | None = None
+    sender: int | None = None
+    seq: int = 0
+    heard: float | None = None  # monotonic time of its last message
+    rooms: set[int] = field(default_factory=set)  # waiting rooms sent to this prefill
+
+
+@dataclass
+class Waiting:
+    channel: Channel
+    sent: float
+    future: asyncio.Future[Outcome]
+    started: float | None = None
+    timer: asyncio.TimerHandle | None = None
+
 
 class CountsInbox:
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float = 5.0) -> None:
+        self.deadline_s = deadline_s
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.SUBSCRIBE, COUNTS_TOPIC)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._waiting: dict[int, asyncio.Future[CountsReport]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._endpoints: set[str] = set()
-        self.received = 0
+        self._channels: dict[str, Channel] = {}
+        self._waiting: dict[int, Waiting] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._running = False
+        self.received = 0  # counts reports
         self.malformed = 0
-        self.unmatched = 0
+        self.unmatched = 0  # reports for rooms nobody here waits for (other routers', late ones)
+        self.gaps = 0  # messages the sequence numbers say were lost
+        self.lost = 0  # waiting rooms settled "counts-lost"
 
+    # ------------------------------------------------------------------ subscriptions
     def connect(self, endpoint: str) -> None:
-        if endpoint not in self._endpoints:
-            self._sock.connect(endpoint)
-            self._endpoints.add(endpoint)
+        if endpoint in self._channels:
+            return
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, COUNTS_TOPIC)
+        sock.setsockopt(zmq.LINGER, 0)
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(endpoint)
+        ch = self._channels[endpoint] = Channel(endpoint, sock)
+        if self._running:
+            ch.task = asyncio.create_task(self._run(ch), name=f"eldr-counts {endpoint}")
 
     def disconnect(self, endpoint: str) -> None:
-        if endpoint in self._endpoints:
-            self._sock.disconnect(endpoint)
-            self._endpoints.discard(endpoint)
+        ch = self._channels.pop(endpoint, None)
+        if ch is None:
+            return
+        if ch.task is not None:
+            ch.task.cancel()
+        ch.sock.close(0)
+        for room in list(ch.rooms):
+            self._settle(room, "counts-timeout")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="eldr-counts-inbox")
+        self._running = True
+        for ch in self._channels.values():
+            ch.task = asyncio.create_task(self._run(ch), name=f"eldr-counts {ch.endpoint}")
+        self._ticker = asyncio.create_task(self._tick(), name="eldr-counts-deadlines")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for fut in self._waiting.values():
-            fut.cancel()
-        self._sock.close(0)
+        self._running = False
+        tasks = [t for t in [self._ticker, *(ch.task for ch in self._channels.values())] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for w in self._waiting.values():
+            w.future.cancel()
+        for ch in self._channels.values():
+            ch.sock.close(0)
+        self._channels.clear()
 
-    def expect(self, room: int) -> asyncio.Future[CountsReport]:
-        """Registers interest in a room before its request is sent; call `forget` when done."""
-        fut: asyncio.Future[CountsReport] = asyncio.get_running_loop().create_future()
-        self._waiting[room] = fut
+    # ------------------------------------------------------------------ waiting rooms
+    def expect(self, room: int, endpoint: str) -> asyncio.Future[Outcome]:
+        """Registers interest in a room before its request is sent to the prefill publishing on
+        `endpoint` (connected); call `forget` when done."""
+        ch = self._channels[endpoint]
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting[room] = Waiting(ch, time.monotonic(), fut)
+        ch.rooms.add(room)
         return fut
 
     def forget(self, room: int) -> None:
-        self._waiting.pop(room, None)
+        w = self._waiting.pop(room, None)
+        if w is not None:
+            w.channel.rooms.discard(room)
+            if w.timer is not None:
+                w.timer.cancel()
 
-    async def _run(self) -> None:
+    def _settle(self, room: int, outcome: Outcome) -> bool:
+        w = self._waiting.get(room)
+        if w is None or w.future.done():
+            return False
+        w.future.set_result(outcome)
+        self.forget(room)
+        return True
+
+    def _started(self, room: int, now: float) -> None:
+        w = self._waiting.get(room)
+        if w is not None and w.started is None:
+            w.started = now
+            w.timer = asyncio.get_running_loop().call_later(self.deadline_s, self._settle, room, "counts-timeout")
+
+    async def _tick(self) -> None:
+        """Times out rooms whose publisher is silent (or was never heard) past the deadline."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for ch in self._channels.values():
+                if ch.heard is not None and now - ch.heard <= self.deadline_s:
+                    continue
+                for room in [r for r in ch.rooms if self._waiting[r].started is None
+                             and now - self._waiting[r].sent > self.deadline_s]:
+                    self._settle(room, "counts-timeout")
+
+    # ------------------------------------------------------------------ messages
+    async def _run(self, ch: Channel) -> None:
         while True:
             try:
-                frames = await self._sock.recv_multipart()
+                frames = await ch.sock.recv_multipart()
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError as e:
-                logger.warning("counts inbox receive failed: %s", e)
+                logger.warning("counts inbox: receive from %s failed: %s", ch.endpoint, e)
                 await asyncio.sleep(0.05)
                 continue
             try:
-                self.deliver(frames)
+                self.deliver(ch, frames)
             except Exception:  # noqa: BLE001 - one bad message must not stop every later delivery
                 self.malformed += 1
                 logger.exception("counts inbox: dropped a message that failed to deliver")
 
-    def deliver(self, frames: list[bytes]) -> None:
-        if len(frames) != 2 or frames[0] != COUNTS_TOPIC:
-            self.malformed += 1
-            logger.warning("counts inbox: dropped a message with %d frame(s)", len(frames))
-            return
+    def deliver(self, ch: Channel, frames: list[bytes]) -> None:
+        now = time.monotonic()
         try:
-            report = decode_report(frames[1])
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            header, body = decode_message(frames)
+        except BodyError as e:
+            self._heard(ch, e.header, now)
             self.malformed += 1
-            logger.warning("counts inbox: dropped a malformed report: %s", e)
+            logger.warning("counts inbox: dropped a malformed %s message from %s: %s", e.header.kind, ch.endpoint, e)
             return
-        self.received += 1
-        fut = self._waiting.pop(report.room, None)
-        if fut is None or fut.done():
-            self.unmatched += 1
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+            self.malformed += 1
+            logger.warning("counts inbox: dropped a malformed message from %s: %s", ch.endpoint, e)
             return
-        fut.set_result(report)
+        self._heard(ch, header, now)
+        if isinstance(body, CountsReport):
+            self.received += 1
+            if not self._settle(body.room, body):
+                self.unmatched += 1
+        elif isinstance(body, Started):
+            for room in body.rooms:
+                self._started(room, now)
+        elif isinstance(body, Heartbeat):
+            for room in body.started:
+                self._started(room, now)
+            for room in body.reported:
+                if room in ch.rooms and self._settle(room, "counts-lost"):
+                    self.lost += 1
+                    logger.warning("counts inbox: the report for room %d from %s was lost", room, ch.endpoint)
+
+    def _heard(self, ch: Channel, header: Header, now: float) -> None:
+        if header.sender != ch.sender:
+            if ch.sender is not None:
+                logger.info("counts publisher at %s restarted", ch.endpoint)
+            ch.sender, ch.seq = header.sender, header.seq
+        else:
+            if header.seq > ch.seq + 1:
+                self.gaps += header.seq - ch.seq - 1
+            ch.seq = max(ch.seq, header.seq)
+        ch.heard = now

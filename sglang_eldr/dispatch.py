@@ -7,10 +7,11 @@ Protocol (docs/protocol.md has the full design):
    holds the request's KV until a decoder bootstraps for that room (SGLang's bootstrap timeout
    frees it if none ever does).
 2. The ELDR plugin on the prefill server publishes the prompt's expert counts over ZMQ as soon
-   as the prefill forward ends; the counts inbox resolves the future for that room.
-3. One Rust-router decision picks the decoder (JSQ fallback if counts do not arrive by the
-   deadline, or are malformed); the same request, same room, goes to that decoder, which pulls
-   the KV from the prefill server and decodes. Its response is returned with a route receipt.
+   as the prefill forward ends; the counts inbox settles the future for that room (with the
+   report, or with a fallback reason: lost, or past the deadline counted from the prefill's start).
+3. One Rust-router decision picks the decoder (JSQ fallback without usable counts); the same
+   request, same room, goes to that decoder, which pulls the KV from the prefill server and
+   decodes. Its response is returned with a route receipt.
 4. The decoder's in-flight count is released exactly once, however the request ends.
 """
 
@@ -113,20 +114,23 @@ class Dispatcher:
         pd_body = {k: v for k, v in body.items() if k != COUNTS_FIELD}
         pd_body.update(bootstrap_host=prefill.host, bootstrap_port=prefill.bootstrap_port, bootstrap_room=room)
         pd_data = dumps_json(pd_body, fast)  # encoded once, for the prefill and the decoder
-        counts_future = self.fleet.inbox.expect(room)
+        counts_future = (self.fleet.inbox.expect(room, prefill.counts_endpoint)
+                         if prefill.counts_port is not None else None)
+        sent = time.perf_counter()
         self.fleet.prefills.hold(prefill)
         prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_data))
         self._background.add(prefill_task)
         prefill_task.add_done_callback(self._background.discard)
         try:
-            if prefill.counts_port is None:  # it advertised no counts endpoint (yet): nothing to wait for
+            if counts_future is None:  # it advertised no counts endpoint (yet): nothing to wait for
                 counts, fallback = None, "no-counts-endpoint"
             else:
                 counts, fallback = await self._await_counts(counts_future, prefill_task)
+            wait_ms = round((time.perf_counter() - sent) * 1e3, 3)
             stream = bool(body.get("stream", False))
             extra = counts_meta(counts) if want_counts and counts is not None else {}
             for attempt in range(self.config.decode_attempts):
-                decoder, route = self._route(prefill, counts, fallback, room)
+                decoder, route = self._route(prefill, counts, fallback, room, wait_ms)
                 try:
                     if stream:
                         return await self._stream_decode(request, decoder, path, pd_data, route, prefill_task)
@@ -153,7 +157,8 @@ class Dispatcher:
             prefill_task.add_done_callback(functools.partial(_release, self.fleet.prefills, prefill))
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
-    def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int) -> tuple[Worker, dict]:
+    def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int,
+               wait_ms: float) -> tuple[Worker, dict]:
         """One Rust-router decision (counts the request in flight) and its receipt."""
         route_started = time.perf_counter()
         try:
@@ -176,15 +181,19 @@ class Dispatcher:
         self.metrics.count_routed(decoder.url)
         route = RouteReceipt(
             policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
-            fallback=fallback, scores=receipt["scores"] if locality else None,
+            room=room, counts_wait_ms=wait_ms, fallback=fallback, scores=receipt["scores"] if locality else None,
             band=receipt["band"] if locality else None,
         )
         return decoder, msgspec.to_builtins(route)
 
     async def _await_counts(self, counts_future: asyncio.Future, prefill_task: asyncio.Task):
-        await first_done((counts_future, prefill_task), self.config.counts_deadline_s)
+        """(counts, fallback reason); the inbox owns the deadline and the loss detection."""
+        await first_done((counts_future, prefill_task))
         if counts_future.done():
             report = counts_future.result()
+            if isinstance(report, str):
+                logger.info("routing without counts: %s", report)
+                return None, report
             if report.unavailable is not None:
                 logger.info("prefill has no counts for room %d: %s", report.room, report.unavailable)
                 return None, "counts-unavailable"
@@ -202,7 +211,7 @@ class Dispatcher:
                 raise UpstreamError(*error)
             # Prefill answered without publishing counts (capture off on that server).
             return None, "no-counts"
-        return None, "counts-timeout"
+        raise AssertionError("first_done returned with nothing done")
 
     async def _call_prefill(self, prefill: Worker, path: str, body: bytes) -> tuple[int, str]:
         try:

@@ -163,7 +163,7 @@ class Fleet:
         self.decode = decode
         self.metrics = metrics
         self.config = config
-        self.inbox = CountsInbox()
+        self.inbox = CountsInbox(config.counts_deadline_s)
         self._session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
         self._draining: dict[str, asyncio.Task] = {}  # removed prefills' counts endpoints

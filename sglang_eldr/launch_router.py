@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "max(--max-imbalance, floor(F x mean in-flight)) above the least loaded (default: 0, the "
                          "absolute guard; 0.25 lets locality act at high load too)")
     ap.add_argument("--counts-deadline", type=float, default=5.0,
-                    help="seconds to wait for a prefill's expert counts before routing least-loaded (default: 5)")
+                    help="seconds to wait for a prefill's expert counts, counted from when the prefill server starts the "
+                         "request (time queued there does not count; from sending it when its publisher is silent), "
+                         "before routing least-loaded with fallback counts-timeout. A report the prefill's heartbeat "
+                         "says was sent but never arrived is routed least-loaded at once (counts-lost). Default: 5")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds without data from an upstream server before the request fails (default: 600)")
     ap.add_argument("--health-interval", type=float, default=2.0,

@@ -1,8 +1,11 @@
 """Every wire format of the expert counts, and the router's other messages (msgspec structs).
 
-* `CountsReport` goes from a prefill server's scheduler to the load balancer over ZMQ (PUB/SUB,
-  topic = b"eldr-counts") as soon as the prefill forward of a PD request ends: the expert counts of
-  its whole prompt, keyed by bootstrap room.
+* A prefill server's publisher sends the load balancer three kinds of message over ZMQ (PUB/SUB),
+  each as the frames `[b"eldr-counts", Header, body]`: a `CountsReport` as soon as the prefill
+  forward of a PD request ends (the expert counts of its whole prompt, keyed by bootstrap room), a
+  `Started` when its scheduler puts PD requests in a prefill batch, and every 50 ms a `Heartbeat`
+  naming the rooms reported and started in the last second. The header's sequence number is
+  per sender, so a gap shows a lost message; the heartbeat says which rooms were in it.
 * In HTTP responses (`return_eldr_counts`), `meta_info["eldr_counts"]` holds base64 of
   little-endian int32, row-major `[L, E]`, and `meta_info["eldr_counts_shape"] = [L, E]`, where L
   is the number of MoE layers (in layer order) and E the number of routed experts.
@@ -73,8 +76,88 @@ class CountsReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return np.frombuffer(self.counts, dtype="<i4").reshape(self.layers, self.experts)
 
 
+class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """First frame after the topic. `sender` is drawn at random when a publisher starts (a restart
+    is a new sender); `seq` counts that sender's messages from 1, heartbeats included."""
+
+    sender: int
+    seq: int
+    kind: Literal["counts", "started", "heartbeat"]
+
+
+class Started(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Rooms whose prefill the scheduler has just started (they left its queues)."""
+
+    rooms: list[int]
+
+
+class Heartbeat(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the sender published in the last `window_s` seconds: rooms it sent a counts report
+    for, and rooms it reported started. A waiting room listed under `reported` whose report never
+    arrived was lost."""
+
+    window_s: float
+    reported: list[int]
+    started: list[int]
+
+
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(CountsReport)
+_HEADER = msgspec.msgpack.Decoder(Header)
+_STARTED = msgspec.msgpack.Decoder(Started)
+_HEARTBEAT = msgspec.msgpack.Decoder(Heartbeat)
+
+
+def encode_header(sender: int, seq: int, kind: Literal["counts", "started", "heartbeat"]) -> bytes:
+    return _ENCODER.encode(Header(sender=sender, seq=seq, kind=kind))
+
+
+def encode_started(rooms: list[int]) -> bytes:
+    return _ENCODER.encode(Started(rooms=[int(r) for r in rooms]))
+
+
+def encode_heartbeat(window_s: float, reported: list[int], started: list[int]) -> bytes:
+    return _ENCODER.encode(Heartbeat(window_s=float(window_s), reported=reported, started=started))
+
+
+def publisher_frames(sender: int, seq: int, kind: Literal["counts", "started", "heartbeat"],
+                     body: bytes) -> list[bytes]:
+    """The frames of one published message."""
+    return [COUNTS_TOPIC, encode_header(sender, seq, kind), body]
+
+
+def decode_message(frames: list[bytes]) -> tuple[Header, CountsReport | Started | Heartbeat]:
+    """A published message's header and body; msgspec.DecodeError / ValidationError (ValueError
+    for a wrong frame count or topic) when it is malformed. The header is decoded first, so a
+    message with a good header and a bad body raises `BodyError` carrying the header."""
+    if len(frames) != 3 or frames[0] != COUNTS_TOPIC:
+        raise ValueError(f"{len(frames)} frame(s), expected [topic, header, body]")
+    header = _decode(_HEADER, frames[1])
+    try:
+        if header.kind == "counts":
+            body: CountsReport | Started | Heartbeat = _decode(_DECODER, frames[2])
+        elif header.kind == "started":
+            body = _decode(_STARTED, frames[2])
+        else:
+            body = _decode(_HEARTBEAT, frames[2])
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BodyError(header, str(e)) from None
+    return header, body
+
+
+class BodyError(ValueError):
+    """A message whose header was readable and whose body was not."""
+
+    def __init__(self, header: Header, message: str):
+        super().__init__(message)
+        self.header = header
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, data: bytes):
+    try:
+        return decoder.decode(data)
+    except UnicodeDecodeError as e:  # msgspec lets this through for invalid UTF-8 in map keys
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {e}") from None
 
 
 def encode_report(room: int, rid: str, counts: np.ndarray | None, prompt_tokens: int,
@@ -93,20 +176,21 @@ def encode_report(room: int, rid: str, counts: np.ndarray | None, prompt_tokens:
 
 def decode_report(data: bytes) -> CountsReport:
     """Raises msgspec.DecodeError / ValidationError on malformed input."""
-    try:
-        return _DECODER.decode(data)
-    except UnicodeDecodeError as e:  # msgspec lets this through for invalid UTF-8 in map keys
-        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {e}") from None
+    return _decode(_DECODER, data)
 
 
 class RouteReceipt(msgspec.Struct):
     """Why a request went where it went; returned in meta_info["eldr_route"]. Every key is always
-    present; scores and band are null for the load-only policies and for fallbacks."""
+    present; scores and band are null for the load-only policies and for fallbacks. `room` is the
+    bootstrap room (as in the servers' logs); `counts_wait_ms` the time from sending the request to
+    the prefill until its counts (or the reason to go without) were known."""
 
     policy: str
     prefill: str
     decoder: str
     loads: list[int]
+    room: int
+    counts_wait_ms: float
     fallback: str | None = None
     scores: list[float] | None = None
     band: list[int] | None = None

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from sglang_eldr.counts_inbox import CountsInbox
 from sglang_eldr.request_validation import validate_body
-from sglang_eldr.wire import COUNTS_TOPIC, decode_report, encode_report
+from sglang_eldr.wire import (COUNTS_TOPIC, decode_report, encode_heartbeat, encode_report, encode_started,
+                              publisher_frames)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -91,29 +92,125 @@ def test_more_than_one_choice_is_refused_before_any_server_work():
         assert validate_body(path, body) is None, (path, body)
 
 
-def test_inbox_delivers_over_real_zmq_and_counts_bad_messages():
-    async def scenario():
-        ctx = zmq.Context.instance()
-        pub = ctx.socket(zmq.PUB)
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
-        inbox = CountsInbox()
-        inbox.connect(f"tcp://127.0.0.1:{port}")
+class FakePublisher:
+    """A PUB socket speaking the publisher's wire format, with a hand-driven sequence (the real
+    publisher's forwarder is tested in tests/engine/test_reduction.py)."""
+
+    def __init__(self) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.PUB)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.sender, self.seq = 99, 0
+
+    def send(self, kind, body: bytes, skip: bool = False) -> None:
+        self.seq += 1
+        if not skip:  # a lost message still used up its number
+            self.sock.send_multipart(publisher_frames(self.sender, self.seq, kind, body))
+
+    def report(self, room: int, skip: bool = False) -> None:
+        self.send("counts", encode_report(room, f"r{room}", np.eye(2), 2), skip)
+
+    def heartbeat(self, reported=(), started=()) -> None:
+        self.send("heartbeat", encode_heartbeat(1.0, list(reported), list(started)))
+
+
+def run_inbox(scenario, deadline_s: float = 5.0):
+    async def main():
+        pub = FakePublisher()
+        inbox = CountsInbox(deadline_s)
+        inbox.connect(pub.endpoint)
         inbox.start()
         try:
-            await asyncio.sleep(0.3)  # SUB joins
-            fut = inbox.expect(42)
-            pub.send_multipart([COUNTS_TOPIC, b"\x00garbage"])
-            pub.send_multipart([COUNTS_TOPIC, encode_report(41, "other", np.ones((2, 2)), 3)])
-            pub.send_multipart([COUNTS_TOPIC, encode_report(42, "mine", np.eye(2), 2)])
-            report = await asyncio.wait_for(fut, 5)
-            assert report.rid == "mine"
-            np.testing.assert_array_equal(report.array(), np.eye(2, dtype=np.int32))
-            assert inbox.malformed == 1 and inbox.unmatched == 1 and inbox.received == 2
+            for _ in range(100):  # until the SUB has joined
+                pub.heartbeat()
+                await asyncio.sleep(0.02)
+                if inbox._channels[pub.endpoint].heard is not None:
+                    break
+            await scenario(pub, inbox)
         finally:
             await inbox.close()
-            pub.close(0)
+            pub.sock.close(0)
 
-    asyncio.run(scenario())
+    asyncio.run(main())
+
+
+def test_inbox_delivers_over_real_zmq_and_counts_bad_messages():
+    async def scenario(pub, inbox):
+        fut = inbox.expect(42, pub.endpoint)
+        pub.sock.send_multipart([COUNTS_TOPIC, b"\x00garbage"])
+        pub.sock.send_multipart(publisher_frames(1, 1, "counts", b"\xc1"))
+        pub.report(41)
+        pub.report(42)
+        report = await asyncio.wait_for(fut, 5)
+        assert report.rid == "r42"
+        np.testing.assert_array_equal(report.array(), np.eye(2, dtype=np.int32))
+        assert inbox.malformed == 2 and inbox.unmatched == 1 and inbox.received == 2
+
+    run_inbox(scenario)
+
+
+def test_a_lost_report_is_settled_at_the_next_heartbeat_and_the_gap_counted():
+    async def scenario(pub, inbox):
+        fut = inbox.expect(7, pub.endpoint)
+        pub.send("started", encode_started([7]))
+        pub.report(7, skip=True)
+        await asyncio.sleep(0.1)
+        assert not fut.done()
+        pub.heartbeat(reported=[7], started=[7])
+        assert await asyncio.wait_for(fut, 1) == "counts-lost"
+        assert inbox.lost == 1 and inbox.gaps == 1
+
+    run_inbox(scenario)
+
+
+def test_the_deadline_runs_from_the_start_not_from_sending():
+    """A room queued on a live prefill (heartbeats, no start) never times out; once started it
+    does, `deadline_s` later. A started message lost is recovered from the heartbeat."""
+    async def scenario(pub, inbox):
+        fut = inbox.expect(5, pub.endpoint)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while loop.time() - t0 < 0.6:  # 2x the deadline, queued
+            pub.heartbeat()
+            await asyncio.sleep(0.05)
+        assert not fut.done()
+        pub.send("started", encode_started([5]), skip=True)
+        pub.heartbeat(started=[5])
+        started = loop.time()
+        while not fut.done():
+            pub.heartbeat(started=[5])
+            await asyncio.sleep(0.02)
+        assert fut.result() == "counts-timeout"
+        assert 0.25 <= loop.time() - started <= 0.5
+
+    run_inbox(scenario, deadline_s=0.3)
+
+
+def test_a_silent_publisher_times_out_rooms_from_sending():
+    async def scenario(pub, inbox):
+        loop = asyncio.get_running_loop()
+        fut = inbox.expect(9, pub.endpoint)
+        t0 = loop.time()
+        assert await asyncio.wait_for(fut, 2) == "counts-timeout"
+        assert 0.25 <= loop.time() - t0 <= 0.6
+
+    run_inbox(scenario, deadline_s=0.3)
+
+
+def test_a_restarted_publisher_is_a_new_sender_not_a_gap():
+    async def scenario(pub, inbox):
+        last = inbox._channels[pub.endpoint].seq
+        pub.seq = 1000
+        pub.heartbeat()
+        await asyncio.sleep(0.1)
+        assert inbox.gaps == 1000 - last  # the jump is a gap
+        pub.sender, pub.seq = 123, 0  # the restart starts again from 1: not a gap
+        fut = inbox.expect(3, pub.endpoint)
+        pub.report(3)
+        assert (await asyncio.wait_for(fut, 1)).room == 3
+        assert inbox.gaps == 1000 - last
+
+    run_inbox(scenario)
 
 
 REPORT_KEYS = ["room", "rid", "layers", "experts", "counts", "prompt_tokens", "extra"]

@@ -11,23 +11,37 @@ bootstrap or other port), and the publisher writes it to a file the HTTP process
 One socket per server, whatever the parallel layout: with DP attention every DP rank runs its own
 scheduler process with its own requests. The scheduler of DP rank 0 (attention-TP rank 0) owns the
 PUB socket and a PULL socket on a local IPC path; every publishing rank, rank 0 included, PUSHes its
-reports there and a proxy thread forwards them, so no two processes bind the counts port and each
-rank reports its own requests. Other attention-TP ranks see the same requests and publish nothing.
+reports there and the hub's forwarding thread publishes them, so no two processes bind the counts
+port and each rank reports its own requests. Other attention-TP ranks see the same requests and
+publish nothing.
+
+The forwarding thread numbers what it publishes (`wire.Header`) and sends a `wire.Heartbeat` every
+50 ms naming the rooms it reported and started in the last second: ZMQ PUB drops messages silently
+(a slow or reconnecting subscriber), and this is how the router learns within 100 ms that a report
+it waits for was lost, that a request has started (its counts deadline runs from then, so queueing
+never causes a fallback), and that the publisher is alive at all.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
+import secrets
 import tempfile
 import threading
-from typing import Any, Optional
+import time
+from typing import Any, Literal, Optional
 
+import msgspec
 import numpy as np
 import zmq
 
-from sglang_eldr.wire import COUNTS_TOPIC, encode_report
+from sglang_eldr.wire import encode_heartbeat, encode_report, encode_started, publisher_frames
+
+HEARTBEAT_S = 0.05
+RECENT_S = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +84,7 @@ class Publisher:
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(self.ipc)
-
-        def forward() -> None:
-            try:
-                zmq.proxy(pull, pub)
-            except zmq.ContextTerminated:
-                pass
-
-        self._thread = threading.Thread(target=forward, name="eldr-counts-proxy", daemon=True)
+        self._thread = threading.Thread(target=Forwarder(pull, pub).run, name="eldr-counts-forwarder", daemon=True)
         self._thread.start()
         logger.info("ELDR counts publisher bound to %s (ranks push to %s)", self.endpoint, self.ipc)
 
@@ -94,13 +101,61 @@ class Publisher:
             self._push = push
         return self._push
 
-    def send(self, payload: bytes) -> None:
+    def send(self, kind: Literal["counts", "started"], rooms: list[int], body: bytes) -> None:
+        """Hands one message to the hub: `rooms` are the bootstrap rooms it is about."""
         try:
-            self.socket().send_multipart([COUNTS_TOPIC, payload], flags=zmq.NOBLOCK)
+            self.socket().send_multipart([kind.encode(), _PACK.encode(rooms), body], flags=zmq.NOBLOCK)
             self.sent += 1
         except zmq.Again:
             self.dropped += 1
-            logger.warning("ELDR counts publisher: send queue full, report dropped (the router falls back)")
+            logger.warning("ELDR counts publisher: send queue full, message dropped (the router falls back)")
+
+
+_PACK = msgspec.msgpack.Encoder()
+_ROOMS = msgspec.msgpack.Decoder(list[int])
+
+
+class Forwarder:
+    """The hub's thread: publishes what the ranks push, numbered, and a heartbeat every 50 ms."""
+
+    def __init__(self, pull: zmq.Socket, pub: zmq.Socket):
+        self.pull, self.pub = pull, pub
+        self.sender = secrets.randbits(63)
+        self.seq = 0
+        self.recent: dict[str, collections.deque[tuple[float, int]]] = {
+            "counts": collections.deque(), "started": collections.deque()}
+
+    def publish(self, kind: Literal["counts", "started", "heartbeat"], body: bytes) -> None:
+        self.seq += 1
+        try:
+            self.pub.send_multipart(publisher_frames(self.sender, self.seq, kind, body), flags=zmq.NOBLOCK)
+        except zmq.Again:  # PUB never blocks in practice; the heartbeat names what this lost
+            pass
+
+    def heartbeat(self, now: float) -> None:
+        for q in self.recent.values():
+            while q and q[0][0] < now - RECENT_S:
+                q.popleft()
+        self.publish("heartbeat", encode_heartbeat(RECENT_S, [r for _, r in self.recent["counts"]],
+                                                   [r for _, r in self.recent["started"]]))
+
+    def run(self) -> None:
+        next_beat = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.heartbeat(now)
+                    next_beat = now + HEARTBEAT_S
+                if not self.pull.poll(max(1, int((next_beat - now) * 1000))):
+                    continue
+                kind, rooms, body = self.pull.recv_multipart()
+                name = "counts" if kind == b"counts" else "started"
+                self.publish(name, body)
+                t = time.monotonic()
+                self.recent[name].extend((t, r) for r in _ROOMS.decode(rooms))
+        except zmq.ContextTerminated:
+            pass
 
 
 def _bracket(host: str) -> str:
@@ -129,6 +184,9 @@ def ranks_role(parallel: Any) -> tuple[bool, bool]:
 
 
 T_SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
+# Forms each prefill batch (every scheduler loop, PD prefill loops included): its requests have left
+# the bootstrap and waiting queues and are about to run.
+T_NEW_PREFILL_BATCH = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 
 
 def active() -> bool:
@@ -152,10 +210,30 @@ def scheduler_init_after(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     return None
 
 
+def new_prefill_batch_after(plan: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    batch = getattr(plan, "batch_to_run", None)
+    if _PUB is None or batch is None:
+        return None
+    rooms = []
+    for r in batch.reqs:
+        if getattr(r, "bootstrap_room", None) is not None and not getattr(r, "_eldr_started", False):
+            r._eldr_started = True
+            rooms.append(int(r.bootstrap_room))
+    publish_started(rooms)
+    return None
+
+
 def publish(req: Any, counts: Optional[np.ndarray], unavailable: Optional[str]) -> None:
     """Sends one request's report (its counts, or why there are none), from publishing ranks."""
     if _PUB is not None:
-        _PUB.send(encode_report(req.bootstrap_room, req.rid, counts, len(req.origin_input_ids), unavailable))
+        room = int(req.bootstrap_room)
+        _PUB.send("counts", [room], encode_report(room, req.rid, counts, len(req.origin_input_ids), unavailable))
+
+
+def publish_started(rooms: list[int]) -> None:
+    """Says that these PD requests' prefill has started (one message per batch)."""
+    if _PUB is not None and rooms:
+        _PUB.send("started", rooms, encode_started(rooms))
 
 
 def register(host: Optional[str], port: int, port_file: Optional[str] = None) -> None:
@@ -164,3 +242,4 @@ def register(host: Optional[str], port: int, port_file: Optional[str] = None) ->
     global _CONFIG
     _CONFIG = (host, port, port_file)
     HookRegistry.register(T_SCHEDULER_INIT, scheduler_init_after, HookType.AFTER)
+    HookRegistry.register(T_NEW_PREFILL_BATCH, new_prefill_batch_after, HookType.AFTER)

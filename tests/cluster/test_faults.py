@@ -16,7 +16,7 @@ import requests
 import zmq
 
 from sglang_eldr.launch_cluster import free_port
-from sglang_eldr.wire import COUNTS_TOPIC, decode_report, encode_report
+from sglang_eldr.wire import COUNTS_TOPIC, decode_message, decode_report, encode_report
 
 from .conftest import EVAL, rows
 from .helpers import all_idle, decode_rows, open_stream, server_busy, wait_for, workers
@@ -132,10 +132,12 @@ def test_prefill_killed_gives_clear_errors_and_leaves_no_reservations(cluster, c
     frozen = threading.Event()
 
     def freeze_on_counts():
-        if sub.poll(60_000):
-            sub.recv_multipart()
-            prefill.signal(signal.SIGSTOP)
-            frozen.set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sub.poll(1000) and decode_message(sub.recv_multipart())[0].kind == "counts":
+                prefill.signal(signal.SIGSTOP)
+                frozen.set()
+                return
 
     watcher = threading.Thread(target=freeze_on_counts, daemon=True)
     watcher.start()
@@ -215,8 +217,10 @@ class CountsRelay:
     def run(self) -> None:
         while not self.stop.is_set():
             if self.sub.poll(100):
-                topic, data = self.sub.recv_multipart()
-                self.pub.send_multipart([topic, self.rewrite(data)])
+                topic, header, data = self.sub.recv_multipart()
+                if decode_message([topic, header, data])[0].kind == "counts":
+                    data = self.rewrite(data)
+                self.pub.send_multipart([topic, header, data])
 
     def close(self) -> None:
         self.stop.set()
@@ -227,7 +231,7 @@ class CountsRelay:
 
 @pytest.mark.parametrize("mode,fallback", [
     ("negative", "bad-counts"), ("wrong-shape", "bad-counts"), ("short-bytes", "bad-counts"),
-    ("garbage", "counts-timeout"), ("unavailable", "counts-unavailable"),
+    ("garbage", "counts-lost"), ("unavailable", "counts-unavailable"),
 ])
 def test_misbehaving_prefill_counts_fall_back_and_keep_serving(cluster, centroids, relay, mode, fallback):
     router = cluster.start_router(policy="eldr", centroids=centroids, extra=["--counts-deadline", "1"],

@@ -4,6 +4,7 @@ SGLang's own capturer, and the publisher's one-socket-per-server layout."""
 
 from __future__ import annotations
 
+import time
 import types
 
 import numpy as np
@@ -15,7 +16,8 @@ torch = pytest.importorskip("torch")
 from sglang_eldr.engine import counts_publisher  # noqa: E402
 from sglang_eldr.engine.capture import reduce_counts  # noqa: E402
 from sglang_eldr.engine.moe_shape import MoeShape, moe_layer_ids, moe_shape_from_hf_config  # noqa: E402
-from sglang_eldr.wire import COUNTS_TOPIC, decode_counts, decode_report, encode_counts  # noqa: E402
+from sglang_eldr.wire import (COUNTS_TOPIC, CountsReport, Heartbeat, decode_counts, decode_message,  # noqa: E402
+                              encode_counts, encode_report, encode_started)
 
 
 def _brute(rows: np.ndarray, slots, layers, E: int) -> np.ndarray:
@@ -125,22 +127,32 @@ def test_one_pub_socket_per_server_carries_every_ranks_reports():
     with pytest.raises(zmq.ZMQError):  # a second process binding the port would fail the same way
         zmq.Context.instance().socket(zmq.PUB).bind(f"tcp://{host}:{port}")
     got: dict[int, object] = {}
+    seqs: list[int] = []
+    beats: list[Heartbeat] = []
     for _ in range(50):  # PUB/SUB joins asynchronously: resend until both rooms arrive
-        hub.send(counts_publisher.encode_report(1, "r1", np.ones((2, 3), np.int32), 2))
-        spoke.send(counts_publisher.encode_report(2, "r2", None, 2, "prefix loaded from the hierarchical cache"))
+        hub.send("counts", [1], encode_report(1, "r1", np.ones((2, 3), np.int32), 2))
+        spoke.send("started", [2], encode_started([2]))
+        spoke.send("counts", [2], encode_report(2, "r2", None, 2, "prefix loaded from the hierarchical cache"))
         try:
-            while True:
-                topic, payload = sub.recv_multipart()
-                r = decode_report(payload)
-                got[r.room] = r
+            t_end = time.monotonic() + 0.2  # heartbeats arrive every 50 ms: read for a while, then resend
+            while time.monotonic() < t_end:
+                header, body = decode_message(sub.recv_multipart())
+                seqs.append(header.seq)
+                if isinstance(body, CountsReport):
+                    got[body.room] = body
+                elif isinstance(body, Heartbeat):
+                    beats.append(body)
         except zmq.Again:
             pass
-        if len(got) == 2:
+        if len(got) == 2 and beats and 2 in beats[-1].reported:
             break
     sub.close(0)
     assert set(got) == {1, 2}
     assert got[1].array().sum() == 6 and got[1].unavailable is None  # type: ignore[attr-defined]
     assert got[2].unavailable == "prefix loaded from the hierarchical cache"  # type: ignore[attr-defined]
+    # One sequence for the whole server, every message numbered once; heartbeats list both ranks' rooms.
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert {1, 2} <= set(beats[-1].reported) and 2 in beats[-1].started and beats[-1].window_s == 1.0
 
 
 def test_port_zero_binds_a_free_port_and_reports_it(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from sglang_eldr.wire import COUNTS_TOPIC, decode_report
+from sglang_eldr.wire import COUNTS_TOPIC, CountsReport, Started, decode_message
 from tests.engine.helpers import reference_counts, text_ids
 from tests.pd.client import Background, generate_body, get_json, post
 from tests.pd.conftest import MAX_NEW_TOKENS, PROMPTS
@@ -44,11 +44,16 @@ def pd_request(pair, sub, prompt: str):
     room = random.getrandbits(63)
     body = generate_body(prompt, max_new_tokens=MAX_NEW_TOKENS, bootstrap_port=pair.bootstrap_port, room=room)
     pre = Background(post, pair.prefill.url, body)
+    started = False
     while True:
-        topic, payload = sub.recv_multipart()  # RCVTIMEO: fails instead of hanging
-        report = decode_report(payload)
-        if report.room == room:
+        _, msg = decode_message(sub.recv_multipart())  # RCVTIMEO: fails instead of hanging
+        started = started or (isinstance(msg, Started) and room in msg.rooms)
+        if isinstance(msg, CountsReport) and msg.room == room:
+            report = msg
             break
+    # The scheduler said it started the request before it reported the counts (the router's
+    # counts deadline runs from then).
+    assert started
     status, dec = post(pair.decode.url, body)
     assert status == 200, dec
     assert pre.result()[0] == 200
