@@ -6,9 +6,10 @@ call ends first):
 * its `CountsReport` arrives: the counts (or the prefill's reason for having none);
 * a heartbeat lists it as reported but no report came: `"counts-lost"` (within one heartbeat,
   50 ms, of the loss);
-* `deadline_s` passes after the prefill *started* it (a `Started` message or a heartbeat says
-  so), or after it was sent while the publisher is silent (no message for `deadline_s`, or never
-  heard from): `"counts-timeout"`. A request queued on a live prefill never times out here.
+* `deadline_s` passes after the prefill last ran a chunk of it (a `Started` message; a heartbeat
+  naming it stands in for a lost one), or after it was sent while the publisher is silent (no
+  message for `deadline_s`, or never heard from): `"counts-timeout"`. A request queued on a live
+  prefill, before or between its chunks, never times out here.
 """
 
 from __future__ import annotations
@@ -133,11 +134,15 @@ class CountsInbox:
         self.forget(room)
         return True
 
-    def _started(self, room: int, now: float) -> None:
+    def _started(self, room: int, now: float, again: bool) -> None:
+        """The prefill runs (a chunk of) this room now; `again` re-arms the deadline if it was armed."""
         w = self._waiting.get(room)
-        if w is not None and w.started is None:
-            w.started = now
-            w.timer = asyncio.get_running_loop().call_later(self.deadline_s, self._settle, room, "counts-timeout")
+        if w is None or (w.started is not None and not again):
+            return
+        if w.timer is not None:
+            w.timer.cancel()
+        w.started = now
+        w.timer = asyncio.get_running_loop().call_later(self.deadline_s, self._settle, room, "counts-timeout")
 
     async def _tick(self) -> None:
         """Times out rooms whose publisher is silent (or was never heard) past the deadline."""
@@ -188,10 +193,10 @@ class CountsInbox:
                 self.unmatched += 1
         elif isinstance(body, Started):
             for room in body.rooms:
-                self._started(room, now)
+                self._started(room, now, again=True)
         elif isinstance(body, Heartbeat):
             for room in body.started:
-                self._started(room, now)
+                self._started(room, now, again=False)
             for room in body.reported:
                 if room in ch.rooms and self._settle(room, "counts-lost"):
                     self.lost += 1

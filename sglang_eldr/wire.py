@@ -86,7 +86,8 @@ class Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Started(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Rooms whose prefill the scheduler has just started (they left its queues)."""
+    """Rooms in the prefill batch the scheduler has just formed: they left its queues, and a chunked
+    prompt is named again with each batch that runs one of its chunks."""
 
     rooms: list[int]
 

@@ -211,15 +211,12 @@ def scheduler_init_after(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
 
 
 def new_prefill_batch_after(plan: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Every prefill batch says which PD requests it computes: a chunked prompt in each batch that
+    runs one of its chunks, so the router's deadline runs from the latest progress."""
     batch = getattr(plan, "batch_to_run", None)
     if _PUB is None or batch is None:
         return None
-    rooms = []
-    for r in batch.reqs:
-        if getattr(r, "bootstrap_room", None) is not None and not getattr(r, "_eldr_started", False):
-            r._eldr_started = True
-            rooms.append(int(r.bootstrap_room))
-    publish_started(rooms)
+    publish_started([int(r.bootstrap_room) for r in batch.reqs if getattr(r, "bootstrap_room", None) is not None])
     return None
 
 
@@ -231,7 +228,7 @@ def publish(req: Any, counts: Optional[np.ndarray], unavailable: Optional[str]) 
 
 
 def publish_started(rooms: list[int]) -> None:
-    """Says that these PD requests' prefill has started (one message per batch)."""
+    """Says that these PD requests' prefill is running now (one message per batch)."""
     if _PUB is not None and rooms:
         _PUB.send("started", rooms, encode_started(rooms))
 

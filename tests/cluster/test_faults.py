@@ -3,6 +3,7 @@ while the router serves, and restarted afterwards so the cluster is whole for th
 
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import threading
@@ -18,7 +19,8 @@ import zmq
 from sglang_eldr.launch_cluster import free_port
 from sglang_eldr.wire import COUNTS_TOPIC, decode_message, decode_report, encode_report
 
-from .conftest import EVAL, rows
+from .conftest import EVAL, HOST, rows
+from .counts_relay import CountsRelay
 from .helpers import all_idle, decode_rows, open_stream, server_busy, wait_for, workers
 
 def prompt(i: int = 0) -> str:
@@ -182,53 +184,6 @@ def test_client_disconnect_mid_stream_aborts_downstream_and_releases_load(cluste
     assert generate(router.url, prompt(5)).status_code == 200
 
 
-class CountsRelay:
-    """Stands between a prefill's counts publisher and the router, rewriting each report by
-    `mode`: a misbehaving prefill built from the real one."""
-
-    def __init__(self, upstream_port: int):
-        ctx = zmq.Context.instance()
-        self.sub = ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, COUNTS_TOPIC)
-        self.sub.connect(f"tcp://127.0.0.1:{upstream_port}")
-        self.pub = ctx.socket(zmq.PUB)
-        self.port = free_port("127.0.0.1")
-        self.pub.bind(f"tcp://127.0.0.1:{self.port}")
-        self.mode = "pass"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def rewrite(self, data: bytes) -> bytes:
-        r = decode_report(data)
-        counts = r.array()
-        if self.mode == "negative":
-            return encode_report(r.room, r.rid, -counts - 1, r.prompt_tokens)
-        if self.mode == "wrong-shape":
-            return encode_report(r.room, r.rid, np.ones((counts.shape[0] + 1, 3), np.int32), r.prompt_tokens)
-        if self.mode == "short-bytes":
-            return msgspec.msgpack.encode({**msgspec.structs.asdict(r), "counts": r.counts[:-4]})
-        if self.mode == "garbage":
-            return b"\xc1not msgpack"
-        if self.mode == "unavailable":  # what a prefill says when its rows cannot be trusted (HiCache prefix)
-            return encode_report(r.room, r.rid, None, r.prompt_tokens, "prefix loaded from the hierarchical cache")
-        return data
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            if self.sub.poll(100):
-                topic, header, data = self.sub.recv_multipart()
-                if decode_message([topic, header, data])[0].kind == "counts":
-                    data = self.rewrite(data)
-                self.pub.send_multipart([topic, header, data])
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sub.close(0)
-        self.pub.close(0)
-
-
 @pytest.mark.parametrize("mode,fallback", [
     ("negative", "bad-counts"), ("wrong-shape", "bad-counts"), ("short-bytes", "bad-counts"),
     ("garbage", "counts-lost"), ("unavailable", "counts-unavailable"),
@@ -251,6 +206,50 @@ def test_misbehaving_prefill_counts_fall_back_and_keep_serving(cluster, centroid
 
 @pytest.fixture(scope="module")
 def relay(cluster):
-    r = CountsRelay(cluster.prefills[0].counts_port)
+    r = CountsRelay(HOST, cluster.prefills[0].counts_port)
     yield r
     r.close()
+
+
+def test_lost_counts_are_caught_within_100ms_and_queueing_never_times_out(cluster, centroids, relay):
+    """A queue on the prefill deeper than the counts deadline, reports delayed 50 ms and every
+    fifth one dropped on the way: queued requests still get their counts (the deadline runs from
+    the prefill's start), each dropped report is routed least-loaded as counts-lost within 100 ms
+    of when it would have arrived, and nothing times out."""
+    deadline_s = 2.5
+    router = cluster.start_router(policy="eldr", centroids=centroids, prefill_counts_port=relay.port,
+                                  extra=["--counts-deadline", str(deadline_s)])
+    wait_for(lambda: generate(router.url, prompt(0)).json()["meta_info"]["eldr_route"]["fallback"] is None,
+             10, "the router's SUB to join the relay")
+    relay.set(delay_s=0.05, drop_every=5)
+    relay.dropped()  # forget earlier tests' drops
+    texts = [prompt(i % 20) * 2 for i in range(N_QUEUED)]  # about 300 tokens each: more than the KV holds
+
+    def one(i: int) -> dict:
+        r = requests.post(router.url + "/generate", json={
+            "text": texts[i], "sampling_params": {"temperature": 0, "max_new_tokens": 2}}, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["meta_info"]["eldr_route"]
+
+    try:
+        with ThreadPoolExecutor(N_QUEUED) as pool:
+            routes = list(pool.map(one, range(N_QUEUED)))
+        gap = relay.max_heartbeat_gap()
+    finally:
+        relay.set(delay_s=0.0, drop_every=0)
+    by_room = {r["room"]: (i, r) for i, r in enumerate(routes)}
+    fallbacks = collections.Counter(r["fallback"] for r in routes)
+    assert fallbacks["counts-timeout"] == 0, fallbacks
+    late = relay.dropped()  # room -> seconds from the report's due time to the heartbeat naming it
+    assert late and {r["room"] for r in routes if r["fallback"] == "counts-lost"} == set(late) <= set(by_room)
+    assert fallbacks[None] == N_QUEUED - len(late), fallbacks
+    print(f"heartbeats at most {1e3 * gap:.0f} ms apart; {len(late)} reports lost, each "
+          f"known lost {1e3 * min(late.values()):.0f}-{1e3 * max(late.values()):.0f} ms after it was due; longest "
+          f"wait that still got counts {max(r['counts_wait_ms'] for r in routes if r['fallback'] is None):.0f} ms")
+    assert max(late.values()) <= 0.1, late
+    # The queue was deeper than the deadline: requests that waited longer than it still got counts.
+    assert max(r["counts_wait_ms"] for r in routes if r["fallback"] is None) > 1e3 * deadline_s
+    assert all_idle(router.url)
+
+
+N_QUEUED = 128
