@@ -22,8 +22,15 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "maturin>=1.8,<2" "pytest>=8" "hypothesis>=6.100" "matplotlib>=3.7" "mypy==2.4.1"
 	touch $@
 
+# smg (SGLang Model Gateway), the stock PD router bench/ttft_vs_stock.py compares against, in a
+# venv of its own: its pinned protobuf/grpcio must not meet SGLang's.
+SMG := $(VENV)/smg/bin/smg
+$(SMG): | $(BIN)/python
+	$(PYTHON) -m venv $(VENV)/smg
+	$(VENV)/smg/bin/pip install -q "smg==1.13.0"
+
 # Editable install of the package; maturin rebuilds the Rust extension incrementally.
-build: $(VENV)/.deps engine
+build: $(VENV)/.deps engine $(SMG)
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $(BIN)/maturin develop --release
 	$(BIN)/python -c "import sglang_eldr.router_rs"
 

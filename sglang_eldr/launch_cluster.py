@@ -46,6 +46,9 @@ class Cluster:
     max_total_tokens: int = 16384
     startup_timeout_s: float = 300.0
     step_stats: bool = False  # decoders write distinct-experts-per-step statistics (benchmarks)
+    # What ELDR needs: the prefill computes at once and holds the KV for a decoder chosen later. None:
+    # SGLang's own default, for a stock-PD baseline (bench/ttft_vs_stock.py).
+    decode_allocation_policy: str | None = "prefill_complete"
     host: str = ""  # the address of every server and the router, unless `hosts` / `router_host` say otherwise
     hosts: list[str] = field(default_factory=list)  # per server (prefills, then decoders)
     router_host: str = ""
@@ -72,8 +75,9 @@ class Cluster:
             "--host", s.host, "--port", str(s.port), "--device", "cpu",
             "--max-total-tokens", str(self.max_total_tokens),
             "--disaggregation-mode", s.role, "--disaggregation-transfer-backend", "mooncake",
-            "--disaggregation-decode-allocation-policy", "prefill_complete",
         ]
+        if self.decode_allocation_policy is not None:
+            cmd += ["--disaggregation-decode-allocation-policy", self.decode_allocation_policy]
         if s.role == "prefill":
             cmd += ["--disaggregation-bootstrap-port", str(s.bootstrap_port), "--eldr-counts-port", str(s.counts_port)]
         elif self.step_stats:

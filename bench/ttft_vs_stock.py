@@ -1,0 +1,273 @@
+"""Time to first token side by side with stock SGLang PD routing (issue 12).
+
+Two clusters of the tiny trained MoE run at once (one core each server; only the arm being measured
+gets traffic), and SGLang's own client (`python -m sglang.benchmark.serving --backend sglang`,
+streaming /generate, the held-out prompts) measures four routes in shuffled order per repeat:
+
+* `stock-smg`: the stock baseline. Servers without ELDR capture (`--no-eldr-capture`: the plugin
+  only applies its CPU guards, which stock SGLang PD needs on CPU, docs/smg-baseline.md §7) and
+  SGLang's default decode allocation policy (`early`), behind smg 1.13.0 (SGLang Model Gateway) in
+  PD mode with round_robin: it sends each request to a prefill and a decoder at once.
+* `eldr-servers-smg`: this project's servers (capture on, `prefill_complete`) behind the same smg.
+* `eldr-router-eldr`, `eldr-router-jsq`: those servers behind this router, deciding after prefill.
+
+Before each arm the radix caches of its cluster are flushed, so no arm reuses another's prefixes.
+Reports TTFT/TPOT p50/p99 and output throughput per run, and per route the paired ratio to
+`stock-smg` (same repeat, same rate) with a 95 % t-interval over repeats. Writes the runs as a list
+of records to bench/results/ttft_vs_stock.json, the ratios to ttft_vs_stock_summary.json and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_policies import custom_dataset, run_bench  # noqa: E402
+
+from sglang_eldr.launch_cluster import Cluster, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "tiny-qwen3-moe"
+EVAL = ROOT / "bench" / "data" / "prompts_eval.jsonl"
+SMG = ROOT / ".venv" / "smg" / "bin" / "smg"
+ROUTES = ["stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq"]
+METRICS = {"ttft_p50_ms": "median_ttft_ms", "ttft_p99_ms": "p99_ttft_ms", "tpot_p50_ms": "median_tpot_ms",
+           "tpot_p99_ms": "p99_tpot_ms", "output_tok_s": "output_throughput"}
+# smg flags: a plain round-robin PD proxy (no load polling, no overload veto, no retries), so the
+# comparison is of the protocol, not of smg's admission features.
+SMG_FLAGS = ["--policy", "round_robin", "--disable-tokenizer-autoload", "--disable-load-monitoring",
+             "--disable-worker-overload-protection", "--disable-retries", "--log-level", "warn"]
+
+
+class Smg:
+    """One smg process in PD mode in front of a cluster; stopped by PID."""
+
+    def __init__(self, cluster: Cluster, host: str, log: Path):
+        if not SMG.exists():
+            raise SystemExit(f"smg is not installed at {SMG}: run `make build` (it installs smg==1.13.0)")
+        self.port, prom = free_port(host), free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        cmd = [str(SMG), "launch", "--host", host, "--port", str(self.port), "--prometheus-host", host,
+               "--prometheus-port", str(prom), "--pd-disaggregation"]
+        for p in cluster.prefills:
+            cmd += ["--prefill", p.url, str(p.bootstrap_port)]  # smg does not discover the bootstrap port
+        for d in cluster.decoders:
+            cmd += ["--decode", d.url]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd + SMG_FLAGS, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        want = (len(cluster.prefills), len(cluster.decoders))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smg exited ({self.proc.returncode}); see {log}")
+            try:
+                if requests.get(self.url + "/readiness", timeout=2).status_code == 200:
+                    stats = requests.get(self.url + "/workers", timeout=2).json().get("stats", {})
+                    if (stats.get("prefill_count"), stats.get("decode_count")) == want:
+                        return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"smg not ready with {want} prefill/decode workers in 60 s; see {log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def flush(cluster: Cluster) -> None:
+    for s in cluster.servers:
+        r = requests.post(s.url + "/flush_cache", timeout=60)
+        if r.status_code != 200:
+            raise RuntimeError(f"flush_cache on {s.url}: {r.status_code} {r.text[:200]}")
+
+
+def router_fallbacks(url: str) -> dict[str, float]:
+    out = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("eldr_fallbacks_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t-interval (Student, n-1 degrees of freedom); the interval is NaN for n < 2."""
+    from scipy import stats
+
+    a = np.asarray(xs, dtype=float)
+    m = float(a.mean())
+    if len(a) < 2:
+        return m, math.nan, math.nan
+    h = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+    return m, m - h, m + h
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (rate, route, metric): the paired ratio route / stock-smg over repeats."""
+    out = []
+    for rate in sorted({r["rate"] for r in records}):
+        base = {r["repeat"]: r for r in records if r["rate"] == rate and r["route"] == "stock-smg"}
+        for route in ROUTES[1:]:
+            rows = [r for r in records if r["rate"] == rate and r["route"] == route and r["repeat"] in base]
+            if not rows:
+                continue
+            for metric in METRICS:
+                ratios = [r[metric] / base[r["repeat"]][metric] for r in rows
+                          if r[metric] and base[r["repeat"]][metric]]
+                if not ratios:
+                    continue
+                m, lo, hi = t_interval(ratios)
+                out.append({"rate": rate, "route": route, "metric": metric, "vs": "stock-smg", "n": len(ratios),
+                            "ratio_mean": m, "ci95_low": lo, "ci95_high": hi})
+    return out
+
+
+def verdict(s: dict) -> str:
+    if math.isnan(s["ci95_low"]):
+        return "one repeat: no interval"
+    if s["ci95_low"] > 1:
+        return "higher (outside the noise)"
+    if s["ci95_high"] < 1:
+        return "lower (outside the noise)"
+    return "unresolved (inside the noise)"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({r["rate"] for r in records})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
+        width = 0.8 / len(ROUTES)
+        for i, route in enumerate(ROUTES):
+            for j, rate in enumerate(rates):
+                rs = [r for r in records if r["route"] == route and r["rate"] == rate]
+                if not rs:
+                    continue
+                p50 = [r[f"{metric}_p50_ms"] for r in rs]
+                p99 = [r[f"{metric}_p99_ms"] for r in rs]
+                x = j + i * width
+                ax.bar(x, np.mean(p50), width, color=f"C{i}", label=route if j == 0 else None)
+                ax.scatter([x] * len(p99), p99, color="k", marker="_", s=60, zorder=3)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rates))], [f"{r:g} req/s" for r in rates])
+        ax.set_ylabel(f"{label} ms (bar: mean p50; ticks: p99 per repeat)")
+        ax.set_title(f"{label}, tiny MoE 1P+{records[0]['decoders']}D on CPU")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1", help="the address every server and router binds (default: 127.0.0.1)")
+    ap.add_argument("--decoders", type=int, default=2, help="decode servers per cluster (default: 2)")
+    ap.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0], help="request rates, req/s (default: 2 4)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke mode: 1P+1D clusters, one rate, 8 prompts, one repeat")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ttft_vs_stock.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.decoders, args.rates, args.num_prompts, args.output_len, args.repeats = 1, [2.0], 8, 8, 1
+    work = Path(tempfile.mkdtemp(prefix="eldr-ttft-"))
+    dataset = work / "eval_custom.jsonl"
+    custom_dataset(EVAL, dataset)
+    started = time.monotonic()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stock = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, host=args.host,
+                    log_dir=work / "stock", extra_server_args=["--no-eldr-capture"], decode_allocation_policy=None,
+                    policy="jsq")
+    eldr = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, host=args.host,
+                   log_dir=work / "eldr")
+    for c in (stock, eldr):
+        c.log_dir.mkdir(parents=True, exist_ok=True)
+    centroids = MODEL / f"eldr-centroids-{args.decoders}d.eldr"
+    records: list[dict] = []
+    fallbacks: dict[str, dict[str, float]] = {}
+    smgs: list[Smg] = []
+    try:
+        with stock, eldr:
+            smg_stock = Smg(stock, args.host, work / "smg-stock.log")
+            smgs.append(smg_stock)
+            smg_eldr = Smg(eldr, args.host, work / "smg-eldr.log")
+            smgs.append(smg_eldr)
+            if not centroids.exists():
+                centroids = eldr.calibrate(ROOT / "bench" / "data" / "prompts_calib.jsonl")
+            print(f"clusters and smg up in {time.monotonic() - started:.0f} s", flush=True)
+            rng = random.Random(args.seed)
+            for rate in args.rates:
+                for rep in range(args.repeats):
+                    order = list(ROUTES)
+                    rng.shuffle(order)
+                    for route in order:
+                        cluster = stock if route == "stock-smg" else eldr
+                        flush(cluster)
+                        if route.startswith("eldr-router-"):
+                            url = eldr.start_router(policy=route.removeprefix("eldr-router-"), centroids=str(centroids)).url
+                        else:
+                            url = (smg_stock if route == "stock-smg" else smg_eldr).url
+                        m = run_bench(url, dataset, args.num_prompts, rate, args.output_len, args.seed + rep,
+                                      args.concurrency)
+                        row = {"route": route, "repeat": rep, "rate": rate, "decoders": args.decoders,
+                               **{k: m.get(v) for k, v in METRICS.items()}, "completed": m.get("completed"),
+                               "num_prompts": args.num_prompts}
+                        if route.startswith("eldr-router-"):
+                            fb = router_fallbacks(url)
+                            row["fallbacks"] = fb
+                            for k, v in fb.items():
+                                fallbacks.setdefault(route, {})[k] = fallbacks.get(route, {}).get(k, 0) + v
+                            eldr.stop_router()
+                        records.append(row)
+                        print(f"rate {rate:g} rep {rep} {route:>17}: TTFT p50 {row['ttft_p50_ms']:.1f} p99 "
+                              f"{row['ttft_p99_ms']:.1f} ms | TPOT p50 {row['tpot_p50_ms']:.2f} p99 "
+                              f"{row['tpot_p99_ms']:.2f} ms | {row['output_tok_s']:.1f} tok/s | "
+                              f"completed {row['completed']}/{args.num_prompts}", flush=True)
+    finally:
+        for s in smgs:
+            s.stop()
+    summary = summarize(records)
+    for s in summary:
+        if s["metric"] in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_s"):
+            print(f"rate {s['rate']:g} {s['route']:>17} {s['metric']:>12} / stock-smg: {s['ratio_mean']:.3f} "
+                  f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}] {verdict(s)}")
+    print(f"router fallbacks: {fallbacks}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.with_name(args.out.stem + "_summary.json").write_text(json.dumps(
+        {"config": {**config, "smg_flags": SMG_FLAGS, "smg": "1.13.0"}, "paired_ratios": summary,
+         "router_fallbacks": fallbacks, "seconds": round(time.monotonic() - started)}, indent=1) + "\n")
+    plot(records, args.out.with_suffix(".png"))
+    print(f"-> {args.out} (+ _summary.json, .png) in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
