@@ -193,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke mode: 1P+1D clusters, one rate, 8 prompts, one repeat")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ttft_vs_stock.json")
+    ap.add_argument("--merge-with", type=Path, default=None,
+                    help="records of an earlier run (same settings, another --seed) to pool with this one's: its "
+                         "repeats keep their numbers and this run's follow them")
     args = ap.parse_args(argv)
+    earlier = json.loads(args.merge_with.read_text()) if args.merge_with else []
+    first_repeat = 1 + max((r["repeat"] for r in earlier), default=-1)
     if args.quick:
         args.decoders, args.rates, args.num_prompts, args.output_len, args.repeats = 1, [2.0], 8, 8, 1
     work = Path(tempfile.mkdtemp(prefix="eldr-ttft-"))
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clusters and smg up in {time.monotonic() - started:.0f} s", flush=True)
             rng = random.Random(args.seed)
             for rate in args.rates:
-                for rep in range(args.repeats):
+                for rep in range(first_repeat, first_repeat + args.repeats):
                     order = list(ROUTES)
                     rng.shuffle(order)
                     for route in order:
@@ -252,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in smgs:
             s.stop()
+    records = earlier + records
     summary = summarize(records)
     for s in summary:
         if s["metric"] in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_s"):
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.with_name(args.out.stem + "_summary.json").write_text(json.dumps(
         {"config": {**config, "smg_flags": SMG_FLAGS, "smg": "1.13.0"}, "paired_ratios": summary,
-         "router_fallbacks": fallbacks, "seconds": round(time.monotonic() - started)}, indent=1) + "\n")
+         "router_fallbacks": fallbacks, "smg_pids": [s.proc.pid for s in smgs], "seconds": round(time.monotonic() - started)}, indent=1) + "\n")
     plot(records, args.out.with_suffix(".png"))
     print(f"-> {args.out} (+ _summary.json, .png) in {time.monotonic() - started:.0f} s")
     return 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +83,26 @@ def test_router_throughput_quick(tmp_path):
         assert data[phase]["router_cpu_us_per_req"] > 0
     assert set(data["added_at_rate"]) == {"p50_ms", "p99_ms"}
     assert "stand-ins" in data["note"] and "stand-ins" in text
+
+
+def test_ttft_vs_stock_quick(tmp_path):
+    """Two 1P+1D clusters, smg 1.13.0 in front of each and this router in front of the ELDR one;
+    SGLang's client measures all four routes. Checks the records (not their values) and that smg
+    was stopped."""
+    out = tmp_path / "ttft.json"
+    text = run(["bench/ttft_vs_stock.py", "--quick", "--out", str(out)], 900)
+    records = json.loads(out.read_text())
+    assert {r["route"] for r in records} == {"stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq"}
+    for r in records:
+        assert r["completed"] == r["num_prompts"], r
+        assert r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0 and r["tpot_p50_ms"] > 0 and r["output_tok_s"] > 0
+    for r in records:
+        if r["route"].startswith("eldr-router-"):
+            assert "counts-timeout" not in r["fallbacks"] and "counts-lost" not in r["fallbacks"], r
+    summary = json.loads((tmp_path / "ttft_summary.json").read_text())
+    assert {s["route"] for s in summary["paired_ratios"]} == {"eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq"}
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "/ stock-smg" in text
+    for pid in summary["smg_pids"]:  # the benchmark stopped the smg processes it started
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
