@@ -150,7 +150,7 @@ class Forwarder:
                 if not self.pull.poll(max(1, int((next_beat - now) * 1000))):
                     continue
                 kind, rooms, body = self.pull.recv_multipart()
-                name = "counts" if kind == b"counts" else "started"
+                name: Literal["counts", "started"] = "counts" if kind == b"counts" else "started"
                 self.publish(name, body)
                 t = time.monotonic()
                 self.recent[name].extend((t, r) for r in _ROOMS.decode(rooms))
