@@ -123,22 +123,26 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+# Each route against stock PD, and this router's routes against smg on the very same servers (which
+# isolates what deciding after prefill costs from the servers' settings).
+PAIRS = [(route, "stock-smg") for route in ROUTES[1:]] + [
+    (route, "eldr-servers-smg") for route in ROUTES if route.startswith("eldr-router-")]
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Per (rate, route, metric): the paired ratio route / stock-smg over repeats."""
+    """Per (rate, route, baseline, metric): the paired ratio route / baseline over repeats."""
     out = []
     for rate in sorted({r["rate"] for r in records}):
-        base = {r["repeat"]: r for r in records if r["rate"] == rate and r["route"] == "stock-smg"}
-        for route in ROUTES[1:]:
+        for route, vs in PAIRS:
+            base = {r["repeat"]: r for r in records if r["rate"] == rate and r["route"] == vs}
             rows = [r for r in records if r["rate"] == rate and r["route"] == route and r["repeat"] in base]
-            if not rows:
-                continue
             for metric in METRICS:
                 ratios = [r[metric] / base[r["repeat"]][metric] for r in rows
                           if r[metric] and base[r["repeat"]][metric]]
                 if not ratios:
                     continue
                 m, lo, hi = t_interval(ratios)
-                out.append({"rate": rate, "route": route, "metric": metric, "vs": "stock-smg", "n": len(ratios),
+                out.append({"rate": rate, "route": route, "metric": metric, "vs": vs, "n": len(ratios),
                             "ratio_mean": m, "ci95_low": lo, "ci95_high": hi})
     return out
 
@@ -196,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge-with", type=Path, default=None,
                     help="records of an earlier run (same settings, another --seed) to pool with this one's: its "
                          "repeats keep their numbers and this run's follow them")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: recompute the summary and plot from the records already in --out")
     args = ap.parse_args(argv)
+    if args.report_only:
+        report(json.loads(args.out.read_text()), args, {}, [], None)
+        return 0
     earlier = json.loads(args.merge_with.read_text()) if args.merge_with else []
     first_repeat = 1 + max((r["repeat"] for r in earlier), default=-1)
     if args.quick:
@@ -257,22 +266,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in smgs:
             s.stop()
-    records = earlier + records
+    report(earlier + records, args, fallbacks, [s.proc.pid for s in smgs], round(time.monotonic() - started))
+    return 0
+
+
+def report(records: list[dict], args: argparse.Namespace, fallbacks: dict, smg_pids: list[int],
+           seconds: int | None) -> None:
+    """Prints the paired ratios; writes the records, the summary and the plot."""
     summary = summarize(records)
     for s in summary:
         if s["metric"] in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_s"):
-            print(f"rate {s['rate']:g} {s['route']:>17} {s['metric']:>12} / stock-smg: {s['ratio_mean']:.3f} "
+            print(f"rate {s['rate']:g} {s['route']:>17} {s['metric']:>12} / {s['vs']}: {s['ratio_mean']:.3f} "
                   f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}] {verdict(s)}")
+    summary_path = args.out.with_name(args.out.stem + "_summary.json")
+    if args.report_only and summary_path.exists():  # keep what only the run itself knew
+        old = json.loads(summary_path.read_text())
+        fallbacks, smg_pids, seconds = old.get("router_fallbacks", {}), old.get("smg_pids", []), old.get("seconds")
     print(f"router fallbacks: {fallbacks}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_name(args.out.stem + "_summary.json").write_text(json.dumps(
+    summary_path.write_text(json.dumps(
         {"config": {**config, "smg_flags": SMG_FLAGS, "smg": "1.13.0"}, "paired_ratios": summary,
-         "router_fallbacks": fallbacks, "smg_pids": [s.proc.pid for s in smgs], "seconds": round(time.monotonic() - started)}, indent=1) + "\n")
+         "router_fallbacks": fallbacks, "smg_pids": smg_pids, "seconds": seconds}, indent=1) + "\n")
     plot(records, args.out.with_suffix(".png"))
-    print(f"-> {args.out} (+ _summary.json, .png) in {time.monotonic() - started:.0f} s")
-    return 0
+    print(f"-> {args.out} (+ _summary.json, .png)")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,9 @@ class CountsInbox:
     # ------------------------------------------------------------------ waiting rooms
     def expect(self, room: int, endpoint: str) -> asyncio.Future[Outcome]:
         """Registers interest in a room before its request is sent to the prefill publishing on
-        `endpoint` (connected); call `forget` when done."""
+        `endpoint` (subscribed to now if it was not); call `forget` when done."""
+        if endpoint not in self._channels:
+            self.connect(endpoint)
         ch = self._channels[endpoint]
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting[room] = Waiting(ch, time.monotonic(), fut)
