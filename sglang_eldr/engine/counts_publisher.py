@@ -16,7 +16,7 @@ port and each rank reports its own requests. Other attention-TP ranks see the sa
 publish nothing.
 
 The forwarding thread numbers what it publishes (`wire.Header`) and sends a `wire.Heartbeat` every
-50 ms naming the rooms it reported and started in the last second: ZMQ PUB drops messages silently
+50 ms, and after each burst it forwards, naming the rooms it reported and started in the last second: ZMQ PUB drops messages silently
 (a slow or reconnecting subscriber), and this is how the router learns within 100 ms that a report
 it waits for was lost, that a request has started (its counts deadline runs from then, so queueing
 never causes a fallback), and that the publisher is alive at all.
@@ -139,6 +139,13 @@ class Forwarder:
         self.publish("heartbeat", encode_heartbeat(RECENT_S, [r for _, r in self.recent["counts"]],
                                                    [r for _, r in self.recent["started"]]))
 
+    def forward(self, frames: list[bytes]) -> None:
+        kind, rooms, body = frames
+        name: Literal["counts", "started"] = "counts" if kind == b"counts" else "started"
+        self.publish(name, body)
+        t = time.monotonic()
+        self.recent[name].extend((t, r) for r in _ROOMS.decode(rooms))
+
     def run(self) -> None:
         next_beat = time.monotonic()
         try:
@@ -149,11 +156,16 @@ class Forwarder:
                     next_beat = now + HEARTBEAT_S
                 if not self.pull.poll(max(1, int((next_beat - now) * 1000))):
                     continue
-                kind, rooms, body = self.pull.recv_multipart()
-                name: Literal["counts", "started"] = "counts" if kind == b"counts" else "started"
-                self.publish(name, body)
-                t = time.monotonic()
-                self.recent[name].extend((t, r) for r in _ROOMS.decode(rooms))
+                self.forward(self.pull.recv_multipart())
+                for _ in range(255):  # the rest of the burst (bounded, so a steady stream still beats)
+                    if not self.pull.poll(0):
+                        break
+                    self.forward(self.pull.recv_multipart())
+                # A heartbeat right after each burst as well: a report dropped on the way is known lost
+                # then, even when this thread was kept from running on time (a busy scheduler process).
+                now = time.monotonic()
+                self.heartbeat(now)
+                next_beat = now + HEARTBEAT_S
         except zmq.ContextTerminated:
             pass
 

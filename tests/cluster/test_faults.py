@@ -240,8 +240,10 @@ def test_lost_counts_are_caught_within_100ms_and_queueing_never_times_out(cluste
     by_room = {r["room"]: (i, r) for i, r in enumerate(routes)}
     fallbacks = collections.Counter(r["fallback"] for r in routes)
     assert fallbacks["counts-timeout"] == 0, fallbacks
-    late = relay.dropped()  # room -> seconds from the report's due time to the heartbeat naming it
-    assert late and {r["room"] for r in routes if r["fallback"] == "counts-lost"} == set(late) <= set(by_room)
+    # room -> seconds from the report's due time to the heartbeat naming it; only this test's rooms
+    # (SGLang's own health-check generations on the prefill publish too, under room 0).
+    late = {room: t for room, t in relay.dropped().items() if room in by_room}
+    assert late and {r["room"] for r in routes if r["fallback"] == "counts-lost"} == set(late)
     assert fallbacks[None] == N_QUEUED - len(late), fallbacks
     print(f"heartbeats at most {1e3 * gap:.0f} ms apart; {len(late)} reports lost, each "
           f"known lost {1e3 * min(late.values()):.0f}-{1e3 * max(late.values()):.0f} ms after it was due; longest "
