@@ -4,8 +4,8 @@ waiting request's counts: the report, or the reason to route without one.
 A room waits until one of these happens (the request path also stops waiting if the prefill's HTTP
 call ends first):
 * its `CountsReport` arrives: the counts (or the prefill's reason for having none);
-* a heartbeat lists it as reported but no report came: `"counts-lost"` (within one heartbeat,
-  50 ms, of the loss);
+* a heartbeat lists it as reported but no report came: `"counts-lost"` (at the next heartbeat the
+  publisher gets to send: it sends one every 50 ms and after each burst it forwards);
 * `deadline_s` passes after the prefill last ran a chunk of it (a `Started` message; a heartbeat
   naming it stands in for a lost one), or after it was sent while the publisher is silent (no
   message for `deadline_s`, or never heard from): `"counts-timeout"`. A request queued on a live
@@ -112,9 +112,7 @@ class CountsInbox:
     # ------------------------------------------------------------------ waiting rooms
     def expect(self, room: int, endpoint: str) -> asyncio.Future[Outcome]:
         """Registers interest in a room before its request is sent to the prefill publishing on
-        `endpoint` (subscribed to now if it was not); call `forget` when done."""
-        if endpoint not in self._channels:
-            self.connect(endpoint)
+        `endpoint` (which the fleet has subscribed to); call `forget` when done."""
         ch = self._channels[endpoint]
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting[room] = Waiting(ch, time.monotonic(), fut)
@@ -194,13 +192,15 @@ class CountsInbox:
             if not self._settle(body.room, body):
                 self.unmatched += 1
         elif isinstance(body, Started):
-            for room in body.rooms:
+            for room in ch.rooms.intersection(body.rooms):
                 self._started(room, now, again=True)
         elif isinstance(body, Heartbeat):
-            for room in body.started:
+            # A heartbeat names a second's worth of rooms, most of them settled or another router's:
+            # only the rooms waiting here are looked at (a C-level set intersection).
+            for room in ch.rooms.intersection(body.started):
                 self._started(room, now, again=False)
-            for room in body.reported:
-                if room in ch.rooms and self._settle(room, "counts-lost"):
+            for room in ch.rooms.intersection(body.reported):
+                if self._settle(room, "counts-lost"):
                     self.lost += 1
                     logger.warning("counts inbox: the report for room %d from %s was lost", room, ch.endpoint)
 
