@@ -3,8 +3,8 @@
 * A prefill server's publisher sends the load balancer three kinds of message over ZMQ (PUB/SUB),
   each as the frames `[b"eldr-counts", Header, body]`: a `CountsReport` as soon as the prefill
   forward of a PD request ends (the expert counts of its whole prompt, keyed by bootstrap room), a
-  `Started` when its scheduler puts PD requests in a prefill batch, and every 50 ms a `Heartbeat`
-  naming the rooms reported and started in the last second. The header's sequence number is
+  `Started` when its scheduler puts PD requests in a prefill batch, and (every 50 ms and after
+  each burst it forwards) a `Heartbeat` naming the rooms reported and started in the last second. The header's sequence number is
   per sender, so a gap shows a lost message; the heartbeat says which rooms were in it.
 * In HTTP responses (`return_eldr_counts`), `meta_info["eldr_counts"]` holds base64 of
   little-endian int32, row-major `[L, E]`, and `meta_info["eldr_counts_shape"] = [L, E]`, where L

@@ -116,7 +116,8 @@ _ROOMS = msgspec.msgpack.Decoder(list[int])
 
 
 class Forwarder:
-    """The hub's thread: publishes what the ranks push, numbered, and a heartbeat every 50 ms."""
+    """The hub's thread: publishes what the ranks push, numbered, and a heartbeat every 50 ms and
+    after each burst."""
 
     def __init__(self, pull: zmq.Socket, pub: zmq.Socket):
         self.pull, self.pub = pull, pub
