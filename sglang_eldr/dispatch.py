@@ -31,6 +31,7 @@ import numpy as np
 from aiohttp import web
 
 from sglang_eldr.decode_policy import DecodeChooser
+from sglang_eldr.early_stream import SSE_HEADERS, EarlyStream, ask_early, early_eligible, encode_chunk, parse_chunk
 from sglang_eldr.fleet import Fleet, LBConfig, Pool, StatusError, Worker
 from sglang_eldr.jsonio import JSON_HEADERS, dumps_json, json_body_response, loads_json
 from sglang_eldr.metrics import RouterMetrics
@@ -111,14 +112,19 @@ class Dispatcher:
         prefill = self._pick_prefill(body)
         room = secrets.randbits(63)
         want_counts = body.get(COUNTS_FIELD) is True
+        stream = bool(body.get("stream", False))
         pd_body = {k: v for k, v in body.items() if k != COUNTS_FIELD}
         pd_body.update(bootstrap_host=prefill.host, bootstrap_port=prefill.bootstrap_port, bootstrap_room=room)
+        early = None
+        if stream and self.config.early_first_token and early_eligible(path, body):
+            early = EarlyStream(request, chat=path == "/v1/chat/completions")
+            ask_early(pd_body)
         pd_data = dumps_json(pd_body, fast)  # encoded once, for the prefill and the decoder
         counts_future = (self.fleet.inbox.expect(room, prefill.counts_endpoint)
                          if prefill.counts_port is not None else None)
         sent = time.perf_counter()
         self.fleet.prefills.hold(prefill)
-        prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_data))
+        prefill_task = asyncio.create_task(self._call_prefill(prefill, path, pd_data, early))
         self._background.add(prefill_task)
         prefill_task.add_done_callback(self._background.discard)
         try:
@@ -127,13 +133,14 @@ class Dispatcher:
             else:
                 counts, fallback = await self._await_counts(counts_future, prefill_task)
             wait_ms = round((time.perf_counter() - sent) * 1e3, 3)
-            stream = bool(body.get("stream", False))
             extra = counts_meta(counts) if want_counts and counts is not None else {}
             for attempt in range(self.config.decode_attempts):
                 decoder, route = self._route(prefill, counts, fallback, room, wait_ms)
+                if stream:
+                    route["first_token"] = "off" if not self.config.early_first_token else "decoder"
                 try:
                     if stream:
-                        return await self._stream_decode(request, decoder, path, pd_data, route, prefill_task)
+                        return await self._stream_decode(request, decoder, path, pd_data, route, prefill_task, early)
                     return await self._unary_decode(decoder, path, pd_data, route, prefill_task, extra)
                 except DecoderUnreachable as e:
                     # Nothing reached the decoder, and the prefill still holds the KV for this room:
@@ -149,7 +156,9 @@ class Dispatcher:
             raise AssertionError("unreachable")
         except ValueError as e:  # the Rust router refused (e.g. all decoders unhealthy)
             prefill_task.cancel()
-            raise UpstreamError(503, str(e)) from None
+            return await _end_early(early, UpstreamError(503, str(e)))
+        except UpstreamError as e:
+            return await _end_early(early, e)
         finally:
             self.fleet.inbox.forget(room)
             # The prefill response arrives after the KV transfer; let it finish in the background
@@ -213,11 +222,17 @@ class Dispatcher:
             return None, "no-counts"
         raise AssertionError("first_done returned with nothing done")
 
-    async def _call_prefill(self, prefill: Worker, path: str, body: bytes) -> tuple[int, str]:
+    async def _call_prefill(self, prefill: Worker, path: str, body: bytes,
+                            early: EarlyStream | None = None) -> tuple[int, str]:
         try:
             async with self.fleet.session.post(prefill.url + path, data=body, headers=JSON_HEADERS) as resp:
-                text = await resp.text()
-                return resp.status, text
+                if early is None or resp.status != 200:
+                    return resp.status, await resp.text()
+                lines = []
+                async for line in resp.content:
+                    lines.append(line)
+                    await early.from_prefill(line)
+                return resp.status, b"".join(lines).decode("utf-8", errors="replace")
         except asyncio.CancelledError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -271,20 +286,25 @@ class Dispatcher:
         return json_body_response(dumps_json(payload, fast), status=status, headers={"X-ELDR-Route": json.dumps(route)})
 
     async def _stream_decode(self, request: web.Request, decoder: Worker, path: str, body: bytes, route: dict,
-                             prefill_task: asyncio.Task) -> web.StreamResponse:
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                          "X-ELDR-Route": json.dumps(route)})
+                             prefill_task: asyncio.Task, early: EarlyStream | None) -> web.StreamResponse:
+        out = early.out if early is not None else web.StreamResponse(headers=SSE_HEADERS)
+
         async def pump() -> None:
             async with self.fleet.session.post(decoder.url + path, data=body, headers=JSON_HEADERS) as resp:
                 if resp.status != 200:
                     prefill_task.cancel()
                     text = await resp.text()
                     raise UpstreamError(resp.status, f"decode server {decoder.url} failed ({resp.status}): {text[:500]}")
-                await out.prepare(request)
-                async for line in resp.content:
-                    if line.startswith(b"data:") and path == "/generate":
-                        line = inject_stream_receipt(line, route)
-                    await out.write(line)
+                if early is None:
+                    self.metrics.first_token.labels(route["first_token"]).inc()
+                    out.headers["X-ELDR-Route"] = json.dumps(route)
+                    await out.prepare(request)
+                    async for line in resp.content:
+                        if line.startswith(b"data:") and path == "/generate":
+                            line = inject_stream_receipt(line, route)
+                        await out.write(line)
+                    return
+                await self._continue_early(request, early, resp, route)
 
         try:
             await self._watch_prefill(pump(), prefill_task)
@@ -312,6 +332,57 @@ class Dispatcher:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await out.write_eof()
         return out
+
+
+    async def _continue_early(self, request: web.Request, early: EarlyStream, resp: aiohttp.ClientResponse,
+                              route: dict) -> None:
+        """The decoder's stream after what the prefill sent: from its first line on the prefill's chunks
+        stop, its repeats of them are dropped, and its first chunk sent carries the receipt."""
+        out = early.out
+        receipt_sent = started = False
+        skip_blank = False
+        async for line in resp.content:
+            if not started:
+                started = True
+                async with early.lock:
+                    early.take_over()
+                route["first_token"] = early.source
+                self.metrics.first_token.labels(early.source).inc()
+                if not out.prepared:
+                    out.headers["X-ELDR-Route"] = json.dumps(route)
+                    await out.prepare(request)
+            if skip_blank and line.strip() == b"":
+                skip_blank = False
+                continue
+            skip_blank = False
+            if (early.pending or not receipt_sent) and line.startswith(b"data:"):
+                chunk = parse_chunk(line)
+                if chunk is not None:
+                    if early.pending and not early.dedup(chunk, route["room"]):
+                        skip_blank = True
+                        continue
+                    if early.mismatch and route["first_token"] != "mismatch":
+                        route["first_token"] = "mismatch"
+                        self.metrics.first_token.labels("mismatch").inc()
+                    if not receipt_sent:
+                        chunk["eldr_route"] = route
+                        receipt_sent = True
+                    line = encode_chunk(chunk)
+            await out.write(line)
+
+
+async def _end_early(early: EarlyStream | None, e: UpstreamError) -> web.StreamResponse:
+    """Raises `e`, unless the client already has the prefill's first chunks: then the error is the
+    stream's last event (as for a decoder failing mid-stream)."""
+    if early is None or not early.out.prepared:
+        raise e
+    async with early.lock:
+        early.take_over()
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        error = {"error": {"message": e.message, "type": "upstream_error", "code": e.status}}
+        await early.out.write(f"data: {json.dumps(error)}\n\n".encode())
+        await early.out.write_eof()
+    return early.out
 
 
 def stream_error(text: str) -> tuple[int, str] | None:

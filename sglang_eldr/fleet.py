@@ -65,6 +65,7 @@ class LBConfig:
     health_failures: int = 3  # consecutive failed checks that take a worker out
     health_timeout_s: float = 5.0
     allow_unknown_fields: bool = False  # pass fields this SGLang version does not know to the servers
+    early_first_token: bool = True  # streaming OpenAI requests get their first token from the prefill
 
 
 class StatusError(Exception):

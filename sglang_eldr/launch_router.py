@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "request (time queued there does not count; from sending it when its publisher is silent), "
                          "before routing least-loaded with fallback counts-timeout. A report the prefill's heartbeat "
                          "says was sent but never arrived is routed least-loaded at once (counts-lost). Default: 5")
+    ap.add_argument("--early-first-token", action=argparse.BooleanOptionalAction, default=True,
+                    help="streaming OpenAI requests (/v1/chat/completions, /v1/completions): the prefill streams "
+                         "the first token (SGLang's own chunk, sent the moment prefill ends) and the client gets it "
+                         "before the decoder is chosen and the KV moves; the decoder's stream continues without "
+                         "repeating it. Not for /generate, tool calls or echo, nor for a first token that could "
+                         "end the request (stop strings, EOS). The receipt's first_token says where it came "
+                         "from (default: on)")
     ap.add_argument("--request-timeout", type=float, default=600.0,
                     help="seconds without data from an upstream server before the request fails (default: 600)")
     ap.add_argument("--health-interval", type=float, default=2.0,
@@ -152,7 +159,8 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         config=LBConfig(counts_deadline_s=args.counts_deadline, request_timeout_s=args.request_timeout,
                         health_interval_s=args.health_interval, health_failures=args.health_failures,
                         health_timeout_s=args.health_timeout, orphan_grace_s=args.orphan_grace,
-                        max_body_bytes=args.max_body_bytes, allow_unknown_fields=args.allow_unknown_fields),
+                        max_body_bytes=args.max_body_bytes, allow_unknown_fields=args.allow_unknown_fields,
+                        early_first_token=args.early_first_token),
         policy_name=args.policy,
     )
 

@@ -26,6 +26,9 @@ class RouterMetrics:
                                   ["role", "change"], registry=self.registry)
         self.centroid_updates = Counter("eldr_centroid_updates", "POST /centroids by result (loaded, refused)",
                                         ["result"], registry=self.registry)
+        self.first_token = Counter("eldr_first_token", "Streaming requests by where the client's first token came "
+                                   "from (prefill: early; decoder; mismatch: see the log; off)", ["source"],
+                                   registry=self.registry)
         # Label children of the per-request counters, looked up once per label set (`.labels()` takes
         # a lock and builds a key each call). These counters never drop a label set.
         self._requests: dict[tuple[str, int], Counter] = {}

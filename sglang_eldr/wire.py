@@ -24,6 +24,8 @@ COUNTS_TOPIC = b"eldr-counts"
 META_KEY = "eldr_counts"
 META_SHAPE_KEY = "eldr_counts_shape"
 REQUEST_FIELD = "return_eldr_counts"
+# Set by the router in a streaming request's `custom_params`: the prefill streams its first token at once.
+EARLY_FIELD = "eldr_early_first_token"
 
 
 def encode_counts(counts: np.ndarray) -> tuple[str, list[int]]:
@@ -184,7 +186,9 @@ class RouteReceipt(msgspec.Struct):
     """Why a request went where it went; returned in meta_info["eldr_route"]. Every key is always
     present; scores and band are null for the load-only policies and for fallbacks. `room` is the
     bootstrap room (as in the servers' logs); `counts_wait_ms` the time from sending the request to
-    the prefill until its counts (or the reason to go without) were known."""
+    the prefill until its counts (or the reason to go without) were known. `first_token` (streaming
+OpenAI requests): "prefill" when the client's first chunks came from the prefill before the
+decoder was chosen, "decoder" when they did not, "off" when the router does not stream early."""
 
     policy: str
     prefill: str
@@ -195,6 +199,7 @@ class RouteReceipt(msgspec.Struct):
     fallback: str | None = None
     scores: list[float] | None = None
     band: list[int] | None = None
+    first_token: str | None = None
 
 
 class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):

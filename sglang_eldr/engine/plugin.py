@@ -30,6 +30,9 @@ def load() -> None:
         cpu_guards.register()
         pd_cpu_guards.register()
     request_api.register(settings)
+    from sglang_eldr.engine import early_token
+
+    early_token.register()
     from sglang_eldr.engine import info_route
 
     info_route.register()
