@@ -56,10 +56,11 @@ def distinct_per_step(before: list[dict], after: list[dict]) -> float | None:
     return sum(a["distinct_sum"] - b["distinct_sum"] for a, b in zip(after, before)) / steps
 
 
-def run_bench(url: str, dataset: Path, n: int, rate: float, out_len: int, seed: int, concurrency: int) -> dict:
+def run_bench(url: str, dataset: Path, n: int, rate: float, out_len: int, seed: int, concurrency: int,
+              backend: str = "sglang") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as tmp:
         out_file = Path(tmp.name)
-    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", url,
+    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", backend, "--base-url", url,
            "--dataset-name", "custom", "--dataset-path", str(dataset), "--num-prompts", str(n),
            "--request-rate", str(rate), "--max-concurrency", str(concurrency),
            "--sharegpt-output-len", str(out_len), "--seed", str(seed), "--tokenizer", str(MODEL),

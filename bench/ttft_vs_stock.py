@@ -9,7 +9,12 @@ streaming /generate, the held-out prompts) measures four routes in shuffled orde
   SGLang's default decode allocation policy (`early`), behind smg 1.13.0 (SGLang Model Gateway) in
   PD mode with round_robin: it sends each request to a prefill and a decoder at once.
 * `eldr-servers-smg`: this project's servers (capture on, `prefill_complete`) behind the same smg.
-* `eldr-router-eldr`, `eldr-router-jsq`: those servers behind this router, deciding after prefill.
+* `eldr-router-eldr`, `eldr-router-jsq`: those servers behind this router, deciding after prefill
+  (`--no-early-first-token`: the client's first token comes from the decoder, as in stock PD).
+* `eldr-router-eldr-early`: the same with the early first token (the prefill's own first chunk is
+  forwarded before the decoder is chosen). The router does this for the OpenAI endpoints only, so
+  it is measured with `--backend sglang-oai-chat` (streaming /v1/chat/completions; smg refuses the
+  completions client's `best_of: 1` with `stream`), and all routes of that run use that backend.
 
 Before each arm the radix caches of its cluster are flushed, so no arm reuses another's prefixes.
 Reports TTFT/TPOT p50/p99 and output throughput per run, and per route the paired ratio to
@@ -43,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "tiny-qwen3-moe"
 EVAL = ROOT / "bench" / "data" / "prompts_eval.jsonl"
 SMG = ROOT / ".venv" / "smg" / "bin" / "smg"
-ROUTES = ["stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq"]
+ROUTES = ["stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq", "eldr-router-eldr-early"]
+DEFAULT_ROUTES = ROUTES[:4]
 METRICS = {"ttft_p50_ms": "median_ttft_ms", "ttft_p99_ms": "p99_ttft_ms", "tpot_p50_ms": "median_tpot_ms",
            "tpot_p99_ms": "p99_tpot_ms", "output_tok_s": "output_throughput"}
 # smg flags: a plain round-robin PD proxy (no load polling, no overload veto, no retries), so the
@@ -102,12 +108,13 @@ def flush(cluster: Cluster) -> None:
             raise RuntimeError(f"flush_cache on {s.url}: {r.status_code} {r.text[:200]}")
 
 
-def router_fallbacks(url: str) -> dict[str, float]:
+def labelled_counter(url: str, name: str, label: str) -> dict[str, float]:
+    """One of the router's counters by label value (eldr_fallbacks_total by reason, eldr_first_token_total
+    by source)."""
     out = {}
     for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("eldr_fallbacks_total{"):
-            reason = line.split('reason="', 1)[1].split('"', 1)[0]
-            out[reason] = float(line.rsplit(" ", 1)[1])
+        if line.startswith(name + "{"):
+            out[line.split(f'{label}="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -125,24 +132,35 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
 
 # Each route against stock PD, and this router's routes against smg on the very same servers (which
 # isolates what deciding after prefill costs from the servers' settings).
+# The early first token is also compared with the same router without it.
 PAIRS = [(route, "stock-smg") for route in ROUTES[1:]] + [
-    (route, "eldr-servers-smg") for route in ROUTES if route.startswith("eldr-router-")]
+    (route, "eldr-servers-smg") for route in ROUTES if route.startswith("eldr-router-")] + [
+    ("eldr-router-eldr-early", "eldr-router-eldr")]
+
+
+def backend_of(record: dict) -> str:
+    return record.get("backend", "sglang")  # records written before the backend was recorded
+
+
+def groups(records: list[dict]) -> list[tuple[str, float]]:
+    return sorted({(backend_of(r), r["rate"]) for r in records})
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Per (rate, route, baseline, metric): the paired ratio route / baseline over repeats."""
+    """Per (client backend, rate, route, baseline, metric): the paired ratio route / baseline over repeats."""
     out = []
-    for rate in sorted({r["rate"] for r in records}):
+    for backend, rate in groups(records):
+        same = [r for r in records if backend_of(r) == backend and r["rate"] == rate]
         for route, vs in PAIRS:
-            base = {r["repeat"]: r for r in records if r["rate"] == rate and r["route"] == vs}
-            rows = [r for r in records if r["rate"] == rate and r["route"] == route and r["repeat"] in base]
+            base = {r["repeat"]: r for r in same if r["route"] == vs}
+            rows = [r for r in same if r["route"] == route and r["repeat"] in base]
             for metric in METRICS:
                 ratios = [r[metric] / base[r["repeat"]][metric] for r in rows
                           if r[metric] and base[r["repeat"]][metric]]
                 if not ratios:
                     continue
                 m, lo, hi = t_interval(ratios)
-                out.append({"rate": rate, "route": route, "metric": metric, "vs": vs, "n": len(ratios),
+                out.append({"backend": backend, "rate": rate, "route": route, "metric": metric, "vs": vs, "n": len(ratios),
                             "ratio_mean": m, "ci95_low": lo, "ci95_high": hi})
     return out
 
@@ -163,13 +181,13 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = sorted({r["rate"] for r in records})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    cells = groups(records)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, metric, label in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
         width = 0.8 / len(ROUTES)
         for i, route in enumerate(ROUTES):
-            for j, rate in enumerate(rates):
-                rs = [r for r in records if r["route"] == route and r["rate"] == rate]
+            for j, (backend, rate) in enumerate(cells):
+                rs = [r for r in records if r["route"] == route and r["rate"] == rate and backend_of(r) == backend]
                 if not rs:
                     continue
                 p50 = [r[f"{metric}_p50_ms"] for r in rs]
@@ -177,7 +195,7 @@ def plot(records: list[dict], path: Path) -> None:
                 x = j + i * width
                 ax.bar(x, np.mean(p50), width, color=f"C{i}", label=route if j == 0 else None)
                 ax.scatter([x] * len(p99), p99, color="k", marker="_", s=60, zorder=3)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rates))], [f"{r:g} req/s" for r in rates])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], [f"{r:g} req/s\n{b}" for b, r in cells])
         ax.set_ylabel(f"{label} ms (bar: mean p50; ticks: p99 per repeat)")
         ax.set_title(f"{label}, tiny MoE 1P+{records[0]['decoders']}D on CPU")
     axes[0].legend(fontsize=8)
@@ -195,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="smoke mode: 1P+1D clusters, one rate, 8 prompts, one repeat")
+    ap.add_argument("--routes", nargs="+", choices=ROUTES, default=DEFAULT_ROUTES,
+                    help=f"routes to measure (default: {' '.join(DEFAULT_ROUTES)})")
+    ap.add_argument("--backend", choices=("sglang", "sglang-oai-chat"), default="sglang",
+                    help="the client's backend: streaming /generate (sglang) or /v1/chat/completions (sglang-oai-chat; "
+                         "needed for eldr-router-eldr-early) (default: sglang)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke mode: 1P+1D clusters, one rate, 8 prompts, one repeat, every route, sglang-oai-chat")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ttft_vs_stock.json")
     ap.add_argument("--merge-with", type=Path, default=None,
                     help="records of an earlier run (same settings, another --seed) to pool with this one's: its "
@@ -210,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     first_repeat = 1 + max((r["repeat"] for r in earlier), default=-1)
     if args.quick:
         args.decoders, args.rates, args.num_prompts, args.output_len, args.repeats = 1, [2.0], 8, 8, 1
+        args.routes, args.backend = list(ROUTES), "sglang-oai-chat"
+    if "eldr-router-eldr-early" in args.routes and args.backend != "sglang-oai-chat":
+        ap.error("eldr-router-eldr-early needs --backend sglang-oai-chat (the early first token is for OpenAI endpoints)")
     work = Path(tempfile.mkdtemp(prefix="eldr-ttft-"))
     dataset = work / "eval_custom.jsonl"
     custom_dataset(EVAL, dataset)
@@ -238,28 +265,32 @@ def main(argv: list[str] | None = None) -> int:
             rng = random.Random(args.seed)
             for rate in args.rates:
                 for rep in range(first_repeat, first_repeat + args.repeats):
-                    order = list(ROUTES)
+                    order = list(args.routes)
                     rng.shuffle(order)
                     for route in order:
                         cluster = stock if route == "stock-smg" else eldr
                         flush(cluster)
                         if route.startswith("eldr-router-"):
-                            url = eldr.start_router(policy=route.removeprefix("eldr-router-"), centroids=str(centroids)).url
+                            policy = route.removeprefix("eldr-router-").removesuffix("-early")
+                            extra = [] if route.endswith("-early") else ["--no-early-first-token"]
+                            url = eldr.start_router(policy=policy, centroids=str(centroids), extra=extra).url
                         else:
                             url = (smg_stock if route == "stock-smg" else smg_eldr).url
                         m = run_bench(url, dataset, args.num_prompts, rate, args.output_len, args.seed + rep,
-                                      args.concurrency)
-                        row = {"route": route, "repeat": rep, "rate": rate, "decoders": args.decoders,
+                                      args.concurrency, backend=args.backend)
+                        row = {"route": route, "repeat": rep, "rate": rate, "backend": args.backend,
+                               "decoders": args.decoders,
                                **{k: m.get(v) for k, v in METRICS.items()}, "completed": m.get("completed"),
                                "num_prompts": args.num_prompts}
                         if route.startswith("eldr-router-"):
-                            fb = router_fallbacks(url)
+                            fb = labelled_counter(url, "eldr_fallbacks_total", "reason")
                             row["fallbacks"] = fb
+                            row["first_token"] = labelled_counter(url, "eldr_first_token_total", "source")
                             for k, v in fb.items():
                                 fallbacks.setdefault(route, {})[k] = fallbacks.get(route, {}).get(k, 0) + v
                             eldr.stop_router()
                         records.append(row)
-                        print(f"rate {rate:g} rep {rep} {route:>17}: TTFT p50 {row['ttft_p50_ms']:.1f} p99 "
+                        print(f"rate {rate:g} rep {rep} {route:>22}: TTFT p50 {row['ttft_p50_ms']:.1f} p99 "
                               f"{row['ttft_p99_ms']:.1f} ms | TPOT p50 {row['tpot_p50_ms']:.2f} p99 "
                               f"{row['tpot_p99_ms']:.2f} ms | {row['output_tok_s']:.1f} tok/s | "
                               f"completed {row['completed']}/{args.num_prompts}", flush=True)
@@ -276,7 +307,7 @@ def report(records: list[dict], args: argparse.Namespace, fallbacks: dict, smg_p
     summary = summarize(records)
     for s in summary:
         if s["metric"] in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_s"):
-            print(f"rate {s['rate']:g} {s['route']:>17} {s['metric']:>12} / {s['vs']}: {s['ratio_mean']:.3f} "
+            print(f"{s['backend']:>10} rate {s['rate']:g} {s['route']:>22} {s['metric']:>12} / {s['vs']}: {s['ratio_mean']:.3f} "
                   f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}] {verdict(s)}")
     summary_path = args.out.with_name(args.out.stem + "_summary.json")
     if args.report_only and summary_path.exists():  # keep what only the run itself knew

@@ -87,20 +87,26 @@ def test_router_throughput_quick(tmp_path):
 
 def test_ttft_vs_stock_quick(tmp_path):
     """Two 1P+1D clusters, smg 1.13.0 in front of each and this router in front of the ELDR one;
-    SGLang's client measures all four routes. Checks the records (not their values) and that smg
-    was stopped."""
+    SGLang's client (streaming /v1/chat/completions) measures all five routes. Checks the records (not
+    their values), that the early route's clients got their first token from the prefill, and that
+    smg was stopped."""
     out = tmp_path / "ttft.json"
     text = run(["bench/ttft_vs_stock.py", "--quick", "--out", str(out)], 900)
     records = json.loads(out.read_text())
-    assert {r["route"] for r in records} == {"stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq"}
+    assert {r["route"] for r in records} == {"stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq",
+                                             "eldr-router-eldr-early"}
     for r in records:
         assert r["completed"] == r["num_prompts"], r
         assert r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0 and r["tpot_p50_ms"] > 0 and r["output_tok_s"] > 0
     for r in records:
         if r["route"].startswith("eldr-router-"):
             assert "counts-timeout" not in r["fallbacks"] and "counts-lost" not in r["fallbacks"], r
+            early = r["route"].endswith("-early")
+            assert set(r["first_token"]) <= ({"prefill", "decoder"} if early else {"off"}), r
+            assert r["first_token"].get("prefill", 0) >= (r["completed"] / 2 if early else 0), r
     summary = json.loads((tmp_path / "ttft_summary.json").read_text())
-    assert {s["route"] for s in summary["paired_ratios"]} == {"eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq"}
+    assert {s["route"] for s in summary["paired_ratios"]} == {"eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq",
+                                                              "eldr-router-eldr-early"}
     assert out.with_suffix(".png").stat().st_size > 0
     assert "/ stock-smg" in text
     for pid in summary["smg_pids"]:  # the benchmark stopped the smg processes it started
