@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from sglang_eldr import fitting
-from sglang_eldr.router_rs import BaselineRouter, LocalityBandRouter
+from sglang_eldr.router_rs import BaselineRouter, LocalityBandRouter, MarginalCostRouter
 
-POLICIES = ("eldr", "rr", "random", "jsq", "p2c")
+POLICIES = ("eldr", "marginal", "rr", "random", "jsq", "p2c")
 BASELINES = ("rr", "random", "jsq", "p2c")
+COUNTS_POLICIES = ("eldr", "marginal")  # the policies that see the prefill counts
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
     first_token = np.full(n, np.nan)
     finish = np.full(n, np.nan)
     worker_of = np.zeros(n, dtype=np.int64)
+    ticket_of: dict[int, int] = {}
     busy = [False] * workers
     events: list[tuple[float, int, int]] = []  # (time, kind 0=arrival/1=step end, id)
     for j in range(n):
@@ -161,7 +163,10 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
         if kind == 0:
             j = x
             counts = trace.prefill[order[j]] if use_counts else None
-            w = router.acquire(counts)
+            if isinstance(router, MarginalCostRouter):
+                w, ticket_of[j] = router.acquire(counts)
+            else:
+                w = router.acquire(counts)
             worker_of[j] = w
             queues[w].append(j)
             if not busy[w]:
@@ -175,7 +180,7 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
                     first_token[j] = now
                 if progress[j] >= len(trace.decode[order[j]]):
                     finish[j] = now
-                    router.release(w)
+                    router.release(ticket_of[j] if isinstance(router, MarginalCostRouter) else w)
                 else:
                     still.append(j)
             running[w] = still
@@ -189,11 +194,17 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
 
 MAX_IMBALANCE: int | None = 2  # set from --max-imbalance
 IMBALANCE_FRACTION = 0.0  # set from --imbalance-fraction
+MARGINAL_C_SCALE = 1.0  # set from policy_seeds.py --c-scale
 
 
-def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int):
+def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, cost: CostModel):
     if policy in BASELINES:
         return BaselineRouter(policy, workers, seed=seed)
+    if policy == "marginal":
+        L, E = calib.prefill.shape[1:]
+        # The policy is told the cost profile, with its per-expert cost off by MARGINAL_C_SCALE
+        # (1: exact) to see how much it depends on knowing it.
+        return MarginalCostRouter(workers, L, E, calib.decode[0].shape[2], cost.a, cost.b, cost.c * MARGINAL_C_SCALE)
     cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
     return LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,
                               imbalance_fraction=IMBALANCE_FRACTION)
@@ -210,15 +221,15 @@ def capacity_rate(trace: Trace, workers: int, cost: CostModel, max_batch: int) -
 
 
 def run_cell(trace: Trace, calib: Trace, workers: int, tau: float, load: float, cost: CostModel,
-             max_batch: int, n_requests: int, seed: int) -> list[dict]:
+             max_batch: int, n_requests: int, seed: int, policies: tuple[str, ...] = POLICIES) -> list[dict]:
     rng = np.random.default_rng(seed)
     rate = load * capacity_rate(trace, workers, cost, max_batch)
     order = rng.integers(0, len(trace.decode), n_requests)
     arrivals = np.cumsum(rng.exponential(1 / rate, n_requests))
     out = []
-    for policy in POLICIES:
-        router = make_router(policy, workers, calib, tau, seed)
-        res = simulate(trace, order, arrivals, router, workers, cost, max_batch, use_counts=policy == "eldr")
+    for policy in policies:
+        router = make_router(policy, workers, calib, tau, seed, cost)
+        res = simulate(trace, order, arrivals, router, workers, cost, max_batch, use_counts=policy in COUNTS_POLICIES)
         warm = n_requests // 10  # drop warm-up
         t = res.tpot[warm:]
         out.append({"policy": policy, "workers": workers, "tau": tau, "load": load, "rate": round(rate, 3),
@@ -233,18 +244,20 @@ def summarize(rows: list[dict]) -> list[str]:
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["cost"], r["workers"], r["tau"], r["load"]), {})[r["policy"]] = r
-    lines.append(f"{'cost':>5} {'W':>5} {'tau':>5} {'load':>5} | {'eldr p50':>9} {'best base':>10} {'Δp50':>7} | "
-                 f"{'eldr p99':>9} {'best base':>10} {'Δp99':>7} | {'experts eldr/jsq':>16}")
+    lines.append(f"{'cost':>5} {'W':>5} {'tau':>5} {'load':>5} {'policy':>8} | {'p50':>9} {'best base':>10} {'Δp50':>7} | "
+                 f"{'p99':>9} {'best base':>10} {'Δp99':>7} | {'experts vs jsq':>16}")
     for (cost, w, tau, load), cell in sorted(cells.items()):
-        e = cell["eldr"]
         b50 = min(cell[p]["tpot_p50_ms"] for p in BASELINES)
         b99 = min(cell[p]["tpot_p99_ms"] for p in BASELINES)
-        lines.append(
-            f"{cost:>5} {w:>5} {tau:>5} {load:>5} | {e['tpot_p50_ms']:>8.2f}m {b50:>9.2f}m {100 * (e['tpot_p50_ms'] / b50 - 1):>+6.1f}% | "
-            f"{e['tpot_p99_ms']:>8.2f}m {b99:>9.2f}m {100 * (e['tpot_p99_ms'] / b99 - 1):>+6.1f}% | "
-            f"{e['distinct_experts_per_layer_step']:>6.1f}/{cell['jsq']['distinct_experts_per_layer_step']:<6.1f}"
-            f" {100 * (e['distinct_experts_per_layer_step'] / cell['jsq']['distinct_experts_per_layer_step'] - 1):+.0f}%"
-        )
+        jsq = cell["jsq"]["distinct_experts_per_layer_step"]
+        for name in (p for p in COUNTS_POLICIES if p in cell):
+            e = cell[name]
+            lines.append(
+                f"{cost:>5} {w:>5} {tau:>5} {load:>5} {name:>8} | {e['tpot_p50_ms']:>8.2f}m {b50:>9.2f}m "
+                f"{100 * (e['tpot_p50_ms'] / b50 - 1):>+6.1f}% | {e['tpot_p99_ms']:>8.2f}m {b99:>9.2f}m "
+                f"{100 * (e['tpot_p99_ms'] / b99 - 1):>+6.1f}% | {e['distinct_experts_per_layer_step']:>6.1f}/{jsq:<6.1f}"
+                f" {100 * (e['distinct_experts_per_layer_step'] / jsq - 1):+.0f}%"
+            )
     return lines
 
 

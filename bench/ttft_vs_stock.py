@@ -51,7 +51,8 @@ SMG = ROOT / ".venv" / "smg" / "bin" / "smg"
 ROUTES = ["stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq", "eldr-router-eldr-early"]
 DEFAULT_ROUTES = ROUTES[:4]
 METRICS = {"ttft_p50_ms": "median_ttft_ms", "ttft_p99_ms": "p99_ttft_ms", "tpot_p50_ms": "median_tpot_ms",
-           "tpot_p99_ms": "p99_tpot_ms", "output_tok_s": "output_throughput"}
+           "tpot_p99_ms": "p99_tpot_ms", "output_tok_s": "output_throughput", "e2e_p50_ms": "median_e2e_latency_ms",
+           "e2e_p99_ms": "p99_e2e_latency_ms", "itl_p50_ms": "median_itl_ms"}
 # smg flags: a plain round-robin PD proxy (no load polling, no overload veto, no retries), so the
 # comparison is of the protocol, not of smg's admission features.
 SMG_FLAGS = ["--policy", "round_robin", "--disable-tokenizer-autoload", "--disable-load-monitoring",
@@ -156,7 +157,7 @@ def summarize(records: list[dict]) -> list[dict]:
             rows = [r for r in same if r["route"] == route and r["repeat"] in base]
             for metric in METRICS:
                 ratios = [r[metric] / base[r["repeat"]][metric] for r in rows
-                          if r[metric] and base[r["repeat"]][metric]]
+                          if r.get(metric) and base[r["repeat"]].get(metric)]
                 if not ratios:
                     continue
                 m, lo, hi = t_interval(ratios)
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         report(json.loads(args.out.read_text()), args, {}, [], None)
         return 0
+    # SIGTERM ends the run like Ctrl-C: the `finally` below stops smg and the clusters.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     earlier = json.loads(args.merge_with.read_text()) if args.merge_with else []
     first_repeat = 1 + max((r["repeat"] for r in earlier), default=-1)
     if args.quick:
@@ -306,7 +309,7 @@ def report(records: list[dict], args: argparse.Namespace, fallbacks: dict, smg_p
     """Prints the paired ratios; writes the records, the summary and the plot."""
     summary = summarize(records)
     for s in summary:
-        if s["metric"] in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_s"):
+        if s["metric"] in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "output_tok_s", "e2e_p50_ms"):
             print(f"{s['backend']:>10} rate {s['rate']:g} {s['route']:>22} {s['metric']:>12} / {s['vs']}: {s['ratio_mean']:.3f} "
                   f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}] {verdict(s)}")
     summary_path = args.out.with_name(args.out.stem + "_summary.json")

@@ -170,7 +170,8 @@ class EarlyStream:
         choice = _choice(chunk)
         if choice is None:
             return True
-        keep = choice.get("finish_reason") is not None or chunk.get("usage") not in (None, {})
+        # Per-chunk usage (continuous_usage_stats) does not keep a repeat: the prefill's chunk had it.
+        keep = choice.get("finish_reason") is not None
         if self.chat:
             delta = choice.get("delta")
             if isinstance(delta, dict):

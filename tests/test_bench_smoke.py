@@ -34,12 +34,26 @@ def test_simulate_quick(tmp_path):
     text = run(["bench/simulate.py", "--quick", "--out", str(out)], 300)
     data = json.loads(out.read_text())
     policies = {r["policy"] for r in data["rows"]}
-    assert policies == {"eldr", "rr", "random", "jsq", "p2c"}
+    assert policies == {"eldr", "marginal", "rr", "random", "jsq", "p2c"}
     for r in data["rows"]:
         assert r["tpot_p50_ms"] > 0 and r["tpot_p99_ms"] >= r["tpot_p50_ms"]
         assert r["distinct_experts_per_layer_step"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
     assert "Δp50" in text
+
+
+def test_policy_seeds_quick(tmp_path):
+    """Paired per-seed differences with intervals for both counts policies."""
+    out = tmp_path / "seeds.json"
+    text = run(["bench/policy_seeds.py", "--quick", "--out", str(out)], 600)
+    cells = json.loads(out.read_text())["cells"]
+    assert len(cells) == 1
+    summary = cells[0]["summary"]
+    assert {(s["policy"], s["metric"]) for s in summary} == {
+        (p, m) for p in ("eldr", "marginal") for m in ("tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step")}
+    for s in summary:
+        assert s["n"] == 3 and s["ci95_low"] <= s["mean"] <= s["ci95_high"], s
+    assert "vs" in text
 
 
 def test_compare_policies_quick(tmp_path):

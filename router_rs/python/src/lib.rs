@@ -3,7 +3,9 @@
 //! C-contiguous, and the GIL is released while Rust computes.
 use std::borrow::Cow;
 
-use eldr_router::policy::LocalityBand;
+use std::sync::Mutex;
+
+use eldr_router::policy::{LocalityBand, MarginalCost, StepCost};
 use eldr_router::{
     Precision, Receipt, Router as Core, RouterError, SignatureSpec, Signal,
     DEFAULT_BREAKER_FAILURES,
@@ -498,11 +500,121 @@ impl BaselineRouter {
     }
 }
 
+/// The marginal-cost policy (`eldr_router::policy::MarginalCost`): each request goes to the
+/// decoder where it adds the least predicted decode time under the step cost
+/// `a + b·batch + c·distinct (layer, expert) pairs`; its own state (tickets, per-decoder expected
+/// experts), separate from `Router`'s.
+#[pyclass(frozen, module = "sglang_eldr.router_rs")]
+struct MarginalCostRouter {
+    core: Mutex<MarginalCost>,
+}
+
+macro_rules! with_counts {
+    ($py:expr, $counts:expr, |$c:ident| $body:expr) => {{
+        macro_rules! arm {
+            ($a:expr) => {{
+                let (rows, cols) = ($a.shape()[0], $a.shape()[1]);
+                let data = slice($a);
+                let $c = Some((&data[..], rows, cols));
+                $py.detach(|| $body)
+            }};
+        }
+        match $counts {
+            None => {
+                let $c: Option<(&[u8], usize, usize)> = None;
+                $py.detach(|| $body)
+            }
+            Some(Input::I32(a)) => arm!(&a),
+            Some(Input::I64(a)) => arm!(&a),
+            Some(Input::U32(a)) => arm!(&a),
+            Some(Input::U64(a)) => arm!(&a),
+            Some(Input::I16(a)) => arm!(&a),
+            Some(Input::U16(a)) => arm!(&a),
+            Some(Input::I8(a)) => arm!(&a),
+            Some(Input::U8(a)) => arm!(&a),
+            Some(Input::F32(_)) | Some(Input::F64(_)) => Err(RouterError::Invalid {
+                arg: "counts",
+                reason: "the marginal-cost policy needs counts [layers, experts], not a signature".into(),
+            }),
+        }
+    }};
+}
+
+impl MarginalCostRouter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MarginalCost> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl MarginalCostRouter {
+    #[new]
+    #[pyo3(signature = (num_workers, layers, experts, top_k, a, b, c))]
+    fn new(num_workers: usize, layers: usize, experts: usize, top_k: usize, a: f64, b: f64, c: f64) -> PyResult<Self> {
+        let core = MarginalCost::new(num_workers, layers, experts, top_k, StepCost { a, b, c }).map_err(value_error)?;
+        Ok(Self { core: Mutex::new(core) })
+    }
+
+    /// (worker index, ticket); `counts` None places the request by load alone.
+    #[pyo3(signature = (counts=None, healthy=None))]
+    fn acquire(&self, py: Python<'_>, counts: Option<&Bound<'_, PyAny>>, healthy: Option<Vec<bool>>) -> PyResult<(usize, u64)> {
+        let p = self.acquire_with_costs_inner(py, counts, healthy)?;
+        Ok((p.worker, p.ticket))
+    }
+
+    /// As `acquire`, with the evidence: {"worker", "ticket", "costs" (ΔT per decoder, s), "loads"}.
+    #[pyo3(signature = (counts=None, healthy=None))]
+    fn acquire_with_costs<'py>(&self, py: Python<'py>, counts: Option<&Bound<'py, PyAny>>, healthy: Option<Vec<bool>>) -> PyResult<Bound<'py, PyDict>> {
+        let p = self.acquire_with_costs_inner(py, counts, healthy)?;
+        let d = PyDict::new(py);
+        d.set_item("worker", p.worker)?;
+        d.set_item("ticket", p.ticket)?;
+        d.set_item("costs", p.costs)?;
+        d.set_item("loads", p.loads)?;
+        Ok(d)
+    }
+
+    /// Ends the request holding `ticket`; returns its worker index.
+    fn release(&self, ticket: u64) -> PyResult<usize> {
+        self.lock().release(ticket).map_err(value_error)
+    }
+
+    fn loads<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_slice(py, self.lock().loads())
+    }
+
+    /// Expected distinct (layer, expert) pairs per decode step of each decoder's running requests.
+    fn expected_distinct(&self) -> Vec<f64> {
+        self.lock().expected_distinct().to_vec()
+    }
+
+    #[getter]
+    fn num_workers(&self) -> usize {
+        self.lock().workers()
+    }
+
+    fn __repr__(&self) -> String {
+        let r = self.lock();
+        let c = r.cost();
+        format!("MarginalCostRouter(num_workers={}, a={}, b={}, c={})", r.workers(), c.a, c.b, c.c)
+    }
+}
+
+impl MarginalCostRouter {
+    fn acquire_with_costs_inner(&self, py: Python<'_>, counts: Option<&Bound<'_, PyAny>>, healthy: Option<Vec<bool>>) -> PyResult<eldr_router::policy::Placement> {
+        let counts = input(counts)?;
+        let h = healthy.as_deref();
+        let r: Result<_, RouterError> = with_counts!(py, counts, |c| self.lock().acquire(c, h));
+        r.map_err(value_error)
+    }
+}
+
 #[pymodule]
 fn router_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Router>()?;
     m.add_class::<LocalityBandRouter>()?;
     m.add_class::<BaselineRouter>()?;
+    m.add_class::<MarginalCostRouter>()?;
     m.add("BASELINES", eldr_router::policy::BASELINES.to_vec())?;
     m.add("DEFAULT_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES)?;
     Ok(())

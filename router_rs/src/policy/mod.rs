@@ -6,12 +6,14 @@ use crate::model::Scores;
 
 mod eldr;
 mod jsq;
+mod marginal;
 mod p2c;
 mod random;
 mod rr;
 
 pub use eldr::LocalityBand;
 pub use jsq::JoinShortestQueue;
+pub use marginal::{MarginalCost, Placement, StepCost, Q_MAX};
 pub use p2c::PowerOfTwo;
 pub use random::Random;
 pub use rr::RoundRobin;

@@ -1,0 +1,120 @@
+"""Seeds and confidence intervals for the simulator: each counts-using policy against the best
+load-only baseline, paired by seed (same arrivals, same request order, same calibration).
+
+For every cell (cost profile × decoders × load) and every seed, `simulate.run_cell` runs every
+policy on one arrival trace. The best baseline of a cell is the one of rr/random/jsq/p2c with the
+lowest mean over seeds (separately for p50 and p99); per seed, the paired relative difference
+`policy / best − 1` is taken, and its mean is reported with a 95 % Student t-interval. A policy
+"holds" a cell when the interval's upper end is ≤ +1 % (issue 11's criterion) and "wins" it when
+the upper end is below 0.
+
+Traces: bench/results/traces_tiny_moe.npz (the tiny trained model; see simulate.py for its limits:
+every request decodes 32 tokens, no prefill or TTFT in the model). Writes
+bench/results/policy_seeds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import simulate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def interval(xs: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(xs, dtype=float)
+    m = float(a.mean())
+    if len(a) < 2:
+        return m, math.nan, math.nan
+    h = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+    return m, m - h, m + h
+
+
+def cell_summary(runs: list[list[dict]], policies: tuple[str, ...]) -> list[dict]:
+    """runs: per seed, the rows of one cell. Per counts policy and metric, the paired difference."""
+    out = []
+    for metric in ("tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step"):
+        by = {p: [next(r[metric] for r in rows if r["policy"] == p) for rows in runs] for p in policies}
+        if metric.startswith("distinct"):
+            best = "jsq"
+        else:
+            best = min(simulate.BASELINES, key=lambda p: float(np.mean(by[p])))
+        for p in (q for q in simulate.COUNTS_POLICIES if q in policies):
+            diffs = [x / y - 1 for x, y in zip(by[p], by[best])]
+            m, lo, hi = interval(diffs)
+            out.append({"policy": p, "metric": metric, "vs": best, "n": len(diffs), "mean": m,
+                        "ci95_low": lo, "ci95_high": hi, "policy_mean": float(np.mean(by[p])),
+                        "vs_mean": float(np.mean(by[best]))})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", type=Path, default=ROOT / "bench" / "results" / "traces_tiny_moe.npz")
+    ap.add_argument("--workers", type=int, nargs="+", default=[8, 16, 64])
+    ap.add_argument("--load", type=float, nargs="+", default=[0.6, 0.85, 0.95])
+    ap.add_argument("--cost", nargs="+", default=["cpu", "paper"], choices=sorted(simulate.COSTS))
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--requests-per-worker", type=int, default=40)
+    ap.add_argument("--policies", nargs="+", default=list(simulate.POLICIES), choices=simulate.POLICIES)
+    ap.add_argument("--c-scale", type=float, default=1.0,
+                    help="the marginal policy's per-expert cost is the profile's times this (a mis-specified "
+                         "profile; default 1: the profile the simulator runs)")
+    ap.add_argument("--quick", action="store_true", help="smoke mode: W=8, one load, cpu, 3 seeds")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_seeds.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.workers, args.load, args.cost, args.seeds, args.requests_per_worker = [8], [0.85], ["cpu"], 3, 20
+    policies = tuple(args.policies)
+    simulate.MARGINAL_C_SCALE = args.c_scale
+    if not set(simulate.BASELINES) <= set(policies):
+        ap.error("--policies must include every baseline (rr random jsq p2c): the best of them is the reference")
+    full = simulate.load_traces(args.traces)
+    layers, experts = full.prefill.shape[1:]
+    costs = {n: (simulate.COSTS[n]() if n == "cpu" else simulate.COSTS[n](layers, experts)) for n in args.cost}
+    started = time.perf_counter()
+    cells = []
+    for cost in args.cost:
+        for w in args.workers:
+            for load in args.load:
+                runs = []
+                for seed in range(args.seeds):
+                    rng = np.random.default_rng(seed)
+                    perm = rng.permutation(len(full.decode))
+                    half = len(perm) // 2
+                    pick = lambda idx: simulate.Trace(full.domain[idx], full.prefill[idx],  # noqa: E731
+                                                      [full.decode[i] for i in idx], full.experts)
+                    calib, evalset = pick(perm[:half]), pick(perm[half:])
+                    runs.append(simulate.run_cell(evalset, calib, w, args.tau, load, costs[cost], args.max_batch,
+                                                  max(200, args.requests_per_worker * w), seed, policies))
+                summary = cell_summary(runs, policies)
+                cells.append({"cost": cost, "workers": w, "load": load, "summary": summary})
+                for s in summary:
+                    verdict = ("wins" if s["ci95_high"] < 0 else "holds" if s["ci95_high"] <= 0.01 else "REGRESSES"
+                               if s["ci95_low"] > 0.01 else "unresolved")
+                    print(f"{cost:>5} W={w:<4} load {load:<4} {s['policy']:>8} {s['metric']:>32} vs {s['vs']:>6}: "
+                          f"{100 * s['mean']:+6.1f}% [{100 * s['ci95_low']:+6.1f}, {100 * s['ci95_high']:+6.1f}] {verdict}",
+                          flush=True)
+    meta = {"traces": str(args.traces), "seeds": args.seeds, "c_scale": args.c_scale, "tau": args.tau, "max_batch": args.max_batch,
+            "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},
+            "seconds": round(time.perf_counter() - started, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "cells": cells}, indent=1) + "\n")
+    print(f"-> {args.out} in {meta['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
