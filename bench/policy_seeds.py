@@ -1,5 +1,6 @@
-"""Seeds and confidence intervals for the simulator: each counts-using policy against the best
-load-only baseline, paired by seed (same arrivals, same request order, same calibration).
+"""Seeds and confidence intervals for the simulator: each counts-using policy (and the domain
+oracle) against the best load-only baseline, paired by seed (same arrivals, same request order,
+same calibration).
 
 For every cell (cost profile × decoders × load) and every seed, `simulate.run_cell` runs every
 policy on one arrival trace. The best baseline of a cell is the one of rr/random/jsq/p2c with the
@@ -49,12 +50,26 @@ def cell_summary(runs: list[list[dict]], policies: tuple[str, ...]) -> list[dict
             best = "jsq"
         else:
             best = min(simulate.BASELINES, key=lambda p: float(np.mean(by[p])))
-        for p in (q for q in simulate.COUNTS_POLICIES if q in policies):
+        for p in (q for q in simulate.REPORTED if q in policies):
             diffs = [x / y - 1 for x, y in zip(by[p], by[best])]
             m, lo, hi = interval(diffs)
             out.append({"policy": p, "metric": metric, "vs": best, "n": len(diffs), "mean": m,
                         "ci95_low": lo, "ci95_high": hi, "policy_mean": float(np.mean(by[p])),
                         "vs_mean": float(np.mean(by[best]))})
+    return out
+
+
+def as_record(cell: dict, seeds: int) -> list[dict]:
+    """One record per reported policy in issue 11's format: differences in % against the best
+    baseline of the cell, each {"mean", "ci_low", "ci_high"}."""
+    out = []
+    for policy in dict.fromkeys(s["policy"] for s in cell["summary"]):
+        by = {s["metric"]: s for s in cell["summary"] if s["policy"] == policy}
+        pct = lambda s: {"mean": 100 * s["mean"], "ci_low": 100 * s["ci95_low"], "ci_high": 100 * s["ci95_high"]}  # noqa: E731
+        out.append({"profile": cell["cost"], "workers": cell["workers"], "load": cell["load"], "policy": policy,
+                    "seeds": seeds, "delta_p50_pct": pct(by["tpot_p50_ms"]), "delta_p99_pct": pct(by["tpot_p99_ms"]),
+                    "vs_p50": by["tpot_p50_ms"]["vs"], "vs_p99": by["tpot_p99_ms"]["vs"],
+                    "experts_vs_jsq_pct": pct(by["distinct_experts_per_layer_step"])})
     return out
 
 
@@ -107,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{cost:>5} W={w:<4} load {load:<4} {s['policy']:>8} {s['metric']:>32} vs {s['vs']:>6}: "
                           f"{100 * s['mean']:+6.1f}% [{100 * s['ci95_low']:+6.1f}, {100 * s['ci95_high']:+6.1f}] {verdict}",
                           flush=True)
+    records = [as_record(c, args.seeds) for c in cells]
+    records = [r for rs in records for r in rs]
     meta = {"traces": str(args.traces), "seeds": args.seeds, "c_scale": args.c_scale, "tau": args.tau, "max_batch": args.max_batch,
             "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},
             "seconds": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "cells": cells}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"meta": meta, "records": records, "cells": cells}, indent=1) + "\n")
     print(f"-> {args.out} in {meta['seconds']} s")
     return 0
 

@@ -27,9 +27,10 @@ import numpy as np
 from sglang_eldr import fitting
 from sglang_eldr.router_rs import BaselineRouter, LocalityBandRouter, MarginalCostRouter
 
-POLICIES = ("eldr", "marginal", "rr", "random", "jsq", "p2c")
+POLICIES = ("eldr", "marginal", "domain", "rr", "random", "jsq", "p2c")
 BASELINES = ("rr", "random", "jsq", "p2c")
 COUNTS_POLICIES = ("eldr", "marginal")  # the policies that see the prefill counts
+REPORTED = (*COUNTS_POLICIES, "domain")  # compared with the best baseline in the summaries
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,37 @@ def load_traces(path: Path) -> Trace:
     return Trace(z["domain"], z["prefill"], dec, int(z["prefill"].shape[2]))
 
 
+class DomainOracle:
+    """The oracle baseline: decoders split into one pool per domain label, sized to the mix of the
+    trace (largest remainder, at least one decoder each while there are enough), least-loaded
+    within the pool. It knows what no router knows (the true domain of every request); with fewer
+    decoders than domains, pools are shared round-robin."""
+
+    def __init__(self, workers: int, domains: np.ndarray):
+        labels, counts = np.unique(domains, return_counts=True)
+        share = counts / counts.sum() * workers
+        size = np.maximum(np.floor(share).astype(int), 1 if workers >= len(labels) else 0)
+        while size.sum() > workers:
+            size[np.argmax(size - share)] -= 1
+        while size.sum() < workers:
+            size[np.argmax(share - size)] += 1
+        starts = np.concatenate([[0], np.cumsum(size)])
+        self.pools = {int(lab): list(range(starts[i], starts[i + 1])) or [i % workers] for i, lab in enumerate(labels)}
+        self._loads = np.zeros(workers, dtype=np.int64)
+
+    def acquire_domain(self, domain: int) -> int:
+        pool = self.pools[int(domain)]
+        w = min(pool, key=lambda k: (self._loads[k], k))
+        self._loads[w] += 1
+        return w
+
+    def release(self, w: int) -> None:
+        self._loads[w] -= 1
+
+    def loads(self) -> np.ndarray:
+        return self._loads
+
+
 @dataclass
 class Result:
     tpot: np.ndarray
@@ -165,6 +197,8 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
             counts = trace.prefill[order[j]] if use_counts else None
             if isinstance(router, MarginalCostRouter):
                 w, ticket_of[j] = router.acquire(counts)
+            elif isinstance(router, DomainOracle):
+                w = router.acquire_domain(trace.domain[order[j]])
             else:
                 w = router.acquire(counts)
             worker_of[j] = w
@@ -200,6 +234,8 @@ MARGINAL_C_SCALE = 1.0  # set from policy_seeds.py --c-scale
 def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, cost: CostModel):
     if policy in BASELINES:
         return BaselineRouter(policy, workers, seed=seed)
+    if policy == "domain":
+        return DomainOracle(workers, calib.domain)
     if policy == "marginal":
         L, E = calib.prefill.shape[1:]
         # The policy is told the cost profile, with its per-expert cost off by MARGINAL_C_SCALE
@@ -250,7 +286,7 @@ def summarize(rows: list[dict]) -> list[str]:
         b50 = min(cell[p]["tpot_p50_ms"] for p in BASELINES)
         b99 = min(cell[p]["tpot_p99_ms"] for p in BASELINES)
         jsq = cell["jsq"]["distinct_experts_per_layer_step"]
-        for name in (p for p in COUNTS_POLICIES if p in cell):
+        for name in (p for p in REPORTED if p in cell):
             e = cell[name]
             lines.append(
                 f"{cost:>5} {w:>5} {tau:>5} {load:>5} {name:>8} | {e['tpot_p50_ms']:>8.2f}m {b50:>9.2f}m "

@@ -34,7 +34,7 @@ def test_simulate_quick(tmp_path):
     text = run(["bench/simulate.py", "--quick", "--out", str(out)], 300)
     data = json.loads(out.read_text())
     policies = {r["policy"] for r in data["rows"]}
-    assert policies == {"eldr", "marginal", "rr", "random", "jsq", "p2c"}
+    assert policies == {"eldr", "marginal", "domain", "rr", "random", "jsq", "p2c"}
     for r in data["rows"]:
         assert r["tpot_p50_ms"] > 0 and r["tpot_p99_ms"] >= r["tpot_p50_ms"]
         assert r["distinct_experts_per_layer_step"] > 0
@@ -43,16 +43,20 @@ def test_simulate_quick(tmp_path):
 
 
 def test_policy_seeds_quick(tmp_path):
-    """Paired per-seed differences with intervals for both counts policies."""
+    """Paired per-seed differences with intervals for both counts policies and the domain oracle."""
     out = tmp_path / "seeds.json"
     text = run(["bench/policy_seeds.py", "--quick", "--out", str(out)], 600)
     cells = json.loads(out.read_text())["cells"]
     assert len(cells) == 1
     summary = cells[0]["summary"]
     assert {(s["policy"], s["metric"]) for s in summary} == {
-        (p, m) for p in ("eldr", "marginal") for m in ("tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step")}
+        (p, m) for p in ("eldr", "marginal", "domain") for m in ("tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step")}
     for s in summary:
         assert s["n"] == 3 and s["ci95_low"] <= s["mean"] <= s["ci95_high"], s
+    records = json.loads(out.read_text())["records"]
+    assert {r["policy"] for r in records} == {"eldr", "marginal", "domain"}
+    for r in records:
+        assert r["seeds"] == 3 and r["delta_p50_pct"]["ci_low"] <= r["delta_p50_pct"]["mean"] <= r["delta_p50_pct"]["ci_high"]
     assert "vs" in text
 
 
