@@ -18,27 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import simulate  # noqa: E402
+from intervals import t_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def interval(xs: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(xs, dtype=float)
-    m = float(a.mean())
-    if len(a) < 2:
-        return m, math.nan, math.nan
-    h = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
-    return m, m - h, m + h
 
 
 def cell_summary(runs: list[list[dict]], policies: tuple[str, ...]) -> list[dict]:
@@ -52,7 +42,7 @@ def cell_summary(runs: list[list[dict]], policies: tuple[str, ...]) -> list[dict
             best = min(simulate.BASELINES, key=lambda p: float(np.mean(by[p])))
         for p in (q for q in simulate.REPORTED if q in policies):
             diffs = [x / y - 1 for x, y in zip(by[p], by[best])]
-            m, lo, hi = interval(diffs)
+            m, lo, hi = t_interval(diffs)
             out.append({"policy": p, "metric": metric, "vs": best, "n": len(diffs), "mean": m,
                         "ci95_low": lo, "ci95_high": hi, "policy_mean": float(np.mean(by[p])),
                         "vs_mean": float(np.mean(by[best]))})

@@ -41,6 +41,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_policies import custom_dataset, run_bench  # noqa: E402
+from intervals import t_interval  # noqa: E402
 
 from sglang_eldr.launch_cluster import Cluster, free_port  # noqa: E402
 
@@ -117,18 +118,6 @@ def labelled_counter(url: str, name: str, label: str) -> dict[str, float]:
         if line.startswith(name + "{"):
             out[line.split(f'{label}="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
     return out
-
-
-def t_interval(xs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95 % t-interval (Student, n-1 degrees of freedom); the interval is NaN for n < 2."""
-    from scipy import stats
-
-    a = np.asarray(xs, dtype=float)
-    m = float(a.mean())
-    if len(a) < 2:
-        return m, math.nan, math.nan
-    h = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
-    return m, m - h, m + h
 
 
 # Each route against stock PD, and this router's routes against smg on the very same servers (which

@@ -418,12 +418,8 @@ def attach_receipt(payload: object, route: dict, path: str) -> None:
 
 
 def inject_stream_receipt(line: bytes, route: dict) -> bytes:
-    data = line[5:].strip()
-    if not data or data == b"[DONE]":
-        return line
-    try:
-        chunk = json.loads(data)
-    except ValueError:
+    chunk = parse_chunk(line)
+    if chunk is None:
         return line
     attach_receipt(chunk, route, "/generate")
     return b"data: " + json.dumps(chunk).encode() + b"\n"

@@ -1,0 +1,19 @@
+"""Confidence intervals the benchmarks report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t-interval (Student, n-1 degrees of freedom); the interval is NaN for n < 2."""
+    from scipy import stats
+
+    a = np.asarray(xs, dtype=float)
+    m = float(a.mean())
+    if len(a) < 2:
+        return m, math.nan, math.nan
+    h = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+    return m, m - h, m + h
