@@ -12,7 +12,7 @@ streaming /generate, the held-out prompts) measures four routes in shuffled orde
 * `eldr-router-eldr`, `eldr-router-jsq`: those servers behind this router, deciding after prefill
   (`--no-early-first-token`: the client's first token comes from the decoder, as in stock PD).
 * `eldr-router-eldr-early`: the same with the early first token (the prefill's own first chunk is
-  forwarded before the decoder is chosen). The router does this for the OpenAI endpoints only, so
+  forwarded without waiting for the handoff to the decoder). The router does this for the OpenAI endpoints only, so
   it is measured with `--backend sglang-oai-chat` (streaming /v1/chat/completions; smg refuses the
   completions client's `best_of: 1` with `stream`), and all routes of that run use that backend.
 

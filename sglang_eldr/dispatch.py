@@ -296,7 +296,7 @@ class Dispatcher:
                     text = await resp.text()
                     raise UpstreamError(resp.status, f"decode server {decoder.url} failed ({resp.status}): {text[:500]}")
                 if early is None:
-                    self.metrics.first_token.labels(route["first_token"]).inc()
+                    self.metrics.count_first_token(route["first_token"])
                     out.headers["X-ELDR-Route"] = json.dumps(route)
                     await out.prepare(request)
                     async for line in resp.content:
@@ -347,7 +347,7 @@ class Dispatcher:
                 async with early.lock:
                     early.take_over()
                 route["first_token"] = early.source
-                self.metrics.first_token.labels(early.source).inc()
+                self.metrics.count_first_token(early.source)
                 if not out.prepared:
                     out.headers["X-ELDR-Route"] = json.dumps(route)
                     await out.prepare(request)
@@ -363,7 +363,7 @@ class Dispatcher:
                         continue
                     if early.mismatch and route["first_token"] != "mismatch":
                         route["first_token"] = "mismatch"
-                        self.metrics.first_token.labels("mismatch").inc()
+                        self.metrics.count_first_token("mismatch")
                     if not receipt_sent:
                         chunk["eldr_route"] = route
                         receipt_sent = True

@@ -2,8 +2,8 @@
 
 The router asks the prefill server to stream its first token at once (`wire.EARLY_FIELD`, see
 `engine/early_token.py`): SGLang's own serving layer on the prefill then writes the role chunk and
-the first token's chunk (detokenised, with logprobs and usage as asked) while the router is still
-choosing the decoder and the KV has not moved. `EarlyStream` forwards those chunks to the client as
+the first token's chunk (detokenised, with logprobs and usage as asked) without waiting for the
+handoff to the decoder. `EarlyStream` forwards those chunks to the client as
 they arrive and notes what they carried; from the decoder's first line on, the decoder's stream is
 forwarded instead, minus what the client already has (the role, the first token's text and its
 logprob entries). Decoder and prefill run the same SGLang detokeniser from the same prompt tokens,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 from typing import Any
 
@@ -158,7 +159,7 @@ class EarlyStream:
             return have[len(expected):], ""
         if expected.startswith(have):
             return "", expected[len(have):]
-        common = len(_common_prefix(have, expected))
+        common = len(os.path.commonprefix([have, expected]))
         logger.error("room %d: the decoder's %s %r does not continue what the prefill streamed %r", room,
                      field, have[:80], expected[:80])
         self.mismatch = True
@@ -188,15 +189,6 @@ class EarlyStream:
             keep = keep or bool(choice["text"])
         self.logprobs -= _drop_lp(choice, self.chat, self.logprobs)
         return keep or _lp_entries(choice, self.chat) > 0
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
 
 
 def encode_chunk(chunk: dict[str, Any]) -> bytes:

@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "says was sent but never arrived is routed least-loaded at once (counts-lost). Default: 5")
     ap.add_argument("--early-first-token", action=argparse.BooleanOptionalAction, default=True,
                     help="streaming OpenAI requests (/v1/chat/completions, /v1/completions): the prefill streams "
-                         "the first token (SGLang's own chunk, sent the moment prefill ends) and the client gets it "
-                         "before the decoder is chosen and the KV moves; the decoder's stream continues without "
+                         "the first token (SGLang's own chunk, sent the moment its prefill batch is processed) and "
+                         "the client gets it without waiting for the handoff to the decoder (its admission, the KV "
+                         "transfer, its first step); the decoder's stream continues without "
                          "repeating it. Not for /generate, tool calls or echo, nor for a first token that could "
                          "end the request (stop strings, EOS). The receipt's first_token says where it came "
                          "from (default: on)")

@@ -34,6 +34,7 @@ class RouterMetrics:
         self._requests: dict[tuple[str, int], Counter] = {}
         self._fallbacks: dict[str, Counter] = {}
         self._routed: dict[str, Counter] = {}
+        self._first_token: dict[str, Counter] = {}
         self.set_in_flight(dict.fromkeys(decoders, 0))
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -47,6 +48,12 @@ class RouterMetrics:
         child = self._fallbacks.get(reason)
         if child is None:
             child = self._fallbacks[reason] = self.fallbacks.labels(reason)
+        child.inc()
+
+    def count_first_token(self, source: str) -> None:
+        child = self._first_token.get(source)
+        if child is None:
+            child = self._first_token[source] = self.first_token.labels(source)
         child.inc()
 
     def count_routed(self, decoder: str) -> None:

@@ -186,9 +186,10 @@ class RouteReceipt(msgspec.Struct):
     """Why a request went where it went; returned in meta_info["eldr_route"]. Every key is always
     present; scores and band are null for the load-only policies and for fallbacks. `room` is the
     bootstrap room (as in the servers' logs); `counts_wait_ms` the time from sending the request to
-    the prefill until its counts (or the reason to go without) were known. `first_token` (streaming
-OpenAI requests): "prefill" when the client's first chunks came from the prefill before the
-decoder was chosen, "decoder" when they did not, "off" when the router does not stream early."""
+    the prefill until its counts (or the reason to go without) were known. `first_token` (streams):
+    "prefill" when the client's first chunks came from the prefill's own stream, "decoder" when they
+    did not, "mismatch" when the decoder's text did not continue the prefill's (logged), "off" when
+    the router does not stream early."""
 
     policy: str
     prefill: str

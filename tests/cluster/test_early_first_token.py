@@ -1,5 +1,5 @@
 """The early first token on the real cluster: a streaming OpenAI request's first chunks come from the
-prefill before the decoder is chosen, and what the client reads is what stock SGLang PD streams
+prefill's own stream, and what the client reads is what stock SGLang PD streams
 (the same router with --no-early-first-token passes the decoder's own stream through) and what a
 plain SGLang server streams: text byte for byte, multi-byte characters split across tokens
 included, logprobs, finish reason and usage."""
@@ -130,13 +130,14 @@ def test_early_first_token_streams_what_stock_streams(cluster, centroids, refere
     wait_for(lambda: all_idle(stock_router.url), 10, "in-flight counts back to zero")
 
 
-def test_first_chunks_arrive_before_the_decoder_is_chosen(cluster, centroids):
-    """The response starts before there is a route: no receipt header, none in the first chunk."""
+def test_the_response_starts_with_the_prefills_chunk(cluster, centroids):
+    """The response starts with the prefill's chunk: its headers went out before the decoder's stream
+    (no receipt header), the first chunk has no receipt, and the receipt says the prefill's came first."""
     router = cluster.start_router(policy="eldr", centroids=centroids)
     body = {"model": "m", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0, "stream": True}
     with requests.post(router.url + "/v1/completions", json=body, stream=True, timeout=300) as r:
         assert r.status_code == 200
-        assert "X-ELDR-Route" not in r.headers  # the response began before there was a route
+        assert "X-ELDR-Route" not in r.headers  # sent before the decoder's stream began
         lines = r.iter_lines()
         first = next(l for l in lines if l)
         rest = [l for l in lines if l]

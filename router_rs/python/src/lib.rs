@@ -509,37 +509,6 @@ struct MarginalCostRouter {
     core: Mutex<MarginalCost>,
 }
 
-macro_rules! with_counts {
-    ($py:expr, $counts:expr, |$c:ident| $body:expr) => {{
-        macro_rules! arm {
-            ($a:expr) => {{
-                let (rows, cols) = ($a.shape()[0], $a.shape()[1]);
-                let data = slice($a);
-                let $c = Some((&data[..], rows, cols));
-                $py.detach(|| $body)
-            }};
-        }
-        match $counts {
-            None => {
-                let $c: Option<(&[u8], usize, usize)> = None;
-                $py.detach(|| $body)
-            }
-            Some(Input::I32(a)) => arm!(&a),
-            Some(Input::I64(a)) => arm!(&a),
-            Some(Input::U32(a)) => arm!(&a),
-            Some(Input::U64(a)) => arm!(&a),
-            Some(Input::I16(a)) => arm!(&a),
-            Some(Input::U16(a)) => arm!(&a),
-            Some(Input::I8(a)) => arm!(&a),
-            Some(Input::U8(a)) => arm!(&a),
-            Some(Input::F32(_)) | Some(Input::F64(_)) => Err(RouterError::Invalid {
-                arg: "counts",
-                reason: "the marginal-cost policy needs counts [layers, experts], not a signature".into(),
-            }),
-        }
-    }};
-}
-
 impl MarginalCostRouter {
     fn lock(&self) -> std::sync::MutexGuard<'_, MarginalCost> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
@@ -604,8 +573,7 @@ impl MarginalCostRouter {
     fn acquire_with_costs_inner(&self, py: Python<'_>, counts: Option<&Bound<'_, PyAny>>, healthy: Option<Vec<bool>>) -> PyResult<eldr_router::policy::Placement> {
         let counts = input(counts)?;
         let h = healthy.as_deref();
-        let r: Result<_, RouterError> = with_counts!(py, counts, |c| self.lock().acquire(c, h));
-        r.map_err(value_error)
+        with_signal!(py, counts, |sig| self.lock().acquire(sig, h)).map_err(value_error)
     }
 }
 

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Result, RouterError};
+use crate::model::Signal;
 use crate::signature::CountValue;
 
 /// Cap on one pair's per-token probability (a request whose tokens all pick one expert).
@@ -155,11 +156,19 @@ impl MarginalCost {
             .collect())
     }
 
-    /// Chooses a decoder for a request (`None`: no counts) and counts it in flight there.
-    pub fn acquire<T: CountValue>(&mut self, counts: Option<(&[T], usize, usize)>, healthy: Option<&[bool]>) -> Result<Placement> {
-        let q = match counts {
-            Some((data, rows, cols)) => self.frequencies(data, rows, cols)?,
-            None => vec![0.0; self.layers * self.experts],
+    /// Chooses a decoder for a request and counts it in flight there. `Signal::Absent` (no counts)
+    /// places it by load alone (an empty `q` reads as all zeros); a signature is refused, since the
+    /// expected experts need the counts themselves.
+    pub fn acquire<T: CountValue>(&mut self, signal: Signal<T>, healthy: Option<&[bool]>) -> Result<Placement> {
+        let q = match signal {
+            Signal::Counts { data, rows, cols } => self.frequencies(data, rows, cols)?,
+            Signal::Absent => Vec::new(),
+            Signal::Signature(_) => {
+                return Err(RouterError::Invalid {
+                    arg: "counts",
+                    reason: "the marginal-cost policy needs counts [layers, experts], not a signature".into(),
+                })
+            }
         };
         let costs = self.costs(&q, healthy)?;
         let worker = (0..self.workers())
@@ -189,17 +198,14 @@ impl MarginalCost {
         let keep = &mut self.keep[worker * pairs..(worker + 1) * pairs];
         for (k, x) in keep.iter_mut().zip(q) {
             if *x > 0.0 {
-                if add {
-                    *k *= 1.0 - x;
-                } else {
-                    *k = (*k / (1.0 - x)).min(1.0);
-                }
+                *k = if add { *k * (1.0 - x) } else { (*k / (1.0 - x)).min(1.0) };
             }
         }
         self.loads[worker] += if add { 1 } else { -1 };
         if self.loads[worker] == 0 {
             keep.fill(1.0); // no drift survives an idle decoder
         }
+        // Summed afresh (not moved by the change): the measured figures in RESULTS §5b are this sum's.
         self.distinct[worker] = keep.iter().map(|k| 1.0 - k).sum();
     }
 }
@@ -207,6 +213,10 @@ impl MarginalCost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counts<T: CountValue>(c: &[T; 8]) -> Signal<'_, T> {
+        Signal::Counts { data: &c[..], rows: 2, cols: 4 }
+    }
 
     fn router(workers: usize, cost: StepCost) -> MarginalCost {
         MarginalCost::new(workers, 2, 4, 1, cost).unwrap()
@@ -217,12 +227,12 @@ mod tests {
         let mut r = router(2, StepCost { a: 0.0, b: 0.0, c: 1.0 });
         let x: [u32; 8] = [4, 0, 0, 0, 4, 0, 0, 0];
         let y: [u32; 8] = [0, 0, 0, 4, 0, 0, 0, 4];
-        let first = r.acquire(Some((&x[..], 2, 4)), None).unwrap();
+        let first = r.acquire(counts(&x), None).unwrap();
         assert_eq!(first.worker, 0);
         // y on the busy decoder would add 2 new pairs and slow one request; on the idle one 2 pairs.
-        assert_eq!(r.acquire(Some((&y[..], 2, 4)), None).unwrap().worker, 1);
+        assert_eq!(r.acquire(counts(&y), None).unwrap().worker, 1);
         // another x: no new pairs on decoder 0 (q capped at 0.95, so 0.05·0.95 each), 2 on decoder 1
-        let again = r.acquire(Some((&x[..], 2, 4)), None).unwrap();
+        let again = r.acquire(counts(&x), None).unwrap();
         assert_eq!(again.worker, 0);
         assert!(again.costs[0] < again.costs[1]);
     }
@@ -230,7 +240,7 @@ mod tests {
     #[test]
     fn per_request_cost_balances_load() {
         let mut r = router(3, StepCost { a: 1.0, b: 1.0, c: 0.0 });
-        let picks: Vec<usize> = (0..6).map(|_| r.acquire::<u32>(None, None).unwrap().worker).collect();
+        let picks: Vec<usize> = (0..6).map(|_| r.acquire(Signal::<u32>::Absent, None).unwrap().worker).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
     }
 
@@ -238,8 +248,8 @@ mod tests {
     fn release_restores_the_state_and_refuses_twice() {
         let mut r = router(2, StepCost { a: 0.1, b: 0.1, c: 1.0 });
         let x: [i32; 8] = [3, 1, 0, 0, 0, 2, 2, 0];
-        let p = r.acquire(Some((&x[..], 2, 4)), None).unwrap();
-        let q = r.acquire(Some((&x[..], 2, 4)), None).unwrap();
+        let p = r.acquire(counts(&x), None).unwrap();
+        let q = r.acquire(counts(&x), None).unwrap();
         assert!(r.expected_distinct()[p.worker] > 0.0);
         assert_eq!(r.release(p.ticket).unwrap(), p.worker);
         assert_eq!(r.release(q.ticket).unwrap(), q.worker);
@@ -251,18 +261,20 @@ mod tests {
     #[test]
     fn unhealthy_is_skipped_and_all_unhealthy_refused() {
         let mut r = router(2, StepCost { a: 1.0, b: 1.0, c: 1.0 });
-        assert_eq!(r.acquire::<u8>(None, Some(&[false, true])).unwrap().worker, 1);
-        assert_eq!(r.acquire::<u8>(None, Some(&[false, false])), Err(RouterError::AllUnhealthy(2)));
-        assert!(matches!(r.acquire::<u8>(None, Some(&[true])), Err(RouterError::Shape { .. })));
+        assert_eq!(r.acquire(Signal::<u8>::Absent, Some(&[false, true])).unwrap().worker, 1);
+        assert_eq!(r.acquire(Signal::<u8>::Absent, Some(&[false, false])), Err(RouterError::AllUnhealthy(2)));
+        assert!(matches!(r.acquire(Signal::<u8>::Absent, Some(&[true])), Err(RouterError::Shape { .. })));
     }
 
     #[test]
     fn bad_input_is_a_typed_error() {
         let mut r = router(2, StepCost { a: 1.0, b: 1.0, c: 1.0 });
         let neg: [i32; 8] = [1, -1, 0, 0, 0, 0, 0, 0];
-        assert!(matches!(r.acquire(Some((&neg[..], 2, 4)), None), Err(RouterError::Negative { index: 1, .. })));
+        assert!(matches!(r.acquire(counts(&neg), None), Err(RouterError::Negative { index: 1, .. })));
         let short: [i32; 4] = [1, 0, 0, 0];
-        assert!(matches!(r.acquire(Some((&short[..], 1, 4)), None), Err(RouterError::Shape { .. })));
+        assert!(matches!(r.acquire(Signal::Counts { data: &short[..], rows: 1, cols: 4 }, None), Err(RouterError::Shape { .. })));
+        let sig = [1.0f32; 8];
+        assert!(matches!(r.acquire(Signal::<u8>::Signature(&sig), None), Err(RouterError::Invalid { arg: "counts", .. })));
         assert!(MarginalCost::new(2, 2, 4, 1, StepCost { a: f64::NAN, b: 0.0, c: 0.0 }).is_err());
         assert!(MarginalCost::new(2, 2, 4, 5, StepCost { a: 0.0, b: 0.0, c: 0.0 }).is_err());
         assert_eq!(r.loads(), &[0, 0]);
