@@ -1,89 +1,249 @@
-"""Measures how a CPU decode step's MoE time grows with the number of distinct experts the batch
-activates, on this machine, with the tiny model's expert shape and SGLang's native CPU MoE path
-(a loop over the active experts: gather tokens, gate/up, SiLU, down, scatter-add).
+"""Measures real SGLang decode steps: forward time against (batch tokens, distinct (layer, expert)
+pairs), for the shipped tiny model and its inflated twin (bench/inflated_twin.py), and fits the
+named cost profiles the simulator uses: step = a + b·tokens + c·distinct_pairs.
 
-Fits per-layer time = a + b·tokens + c·distinct by least squares and writes
-bench/results/step_cost.json; bench/simulate.py's "cpu" profile uses these coefficients.
+Method. One `python -m sglang_eldr.launch_server` at a time, pinned to one core with one thread
+(the client runs on the other), writes one line per decode step (SGLANG_ELDR_STEP_TRACE_FILE:
+batch size, distinct pairs from SGLang's routed-experts capturer, wall time of ModelRunner.forward).
+A *point* is a batch size with a prompt mix: `one` (all prompts from one domain: few distinct
+experts) or `mixed` (one domain per prompt: many). Each point runs `--runs` times, all runs of a
+model in one shuffled order, each a batch of concurrent greedy requests decoding `--decode-tokens`
+tokens; only steps where the whole batch decodes count. The fit is least squares over all steps;
+its interval is a bootstrap over runs. The per-pair slope is set beside what memory bandwidth
+predicts (expert bytes / measured single-thread read bandwidth).
+
+Idle check: the 1-minute load average is read before each model (waiting up to a minute for it to
+fall below --max-load) and CPU steal is read over the run; both are recorded, and a busy machine is
+flagged in the output and on stdout, never silently accepted.
+
+    python bench/measure_step_cost.py                     # both models, writes bench/results/step_cost.json
+    python bench/measure_step_cost.py --quick --out /tmp/s.json   # small model, 2 points (make test)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from inflated_twin import DST as INFLATED_DIR, SRC as SMALL_DIR, inflate  # noqa: E402
+
+MODELS = {"cpu-small": SMALL_DIR, "cpu-inflated": INFLATED_DIR}
+PROMPTS = ROOT / "bench" / "data" / "prompts_eval.jsonl"
+
+
+def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Single-thread streaming read bandwidth (best of `repeats` sums over a buffer far beyond L3)."""
+    import torch
+
+    torch.set_num_threads(1)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)  # (a bf16 sum is compute-bound here)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def cpu_steal_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies from /proc/stat (0, 0 where there is none)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def wait_idle(max_load: float, timeout_s: float = 60.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    load = os.getloadavg()[0]
+    while load > max_load and time.monotonic() < deadline:
+        time.sleep(2.0)
+        load = os.getloadavg()[0]
+    return load
+
+
+def start_server(model: Path, trace: Path, stats: Path, host: str, core: int, log: Path):
+    from sglang_eldr.server_process import ServerProcess, free_port
+
+    port = free_port(host)
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "SGLANG_CPU_OMP_THREADS_BIND": str(core), "SGLANG_ELDR_STEP_STATS_FILE": str(stats),
+                "SGLANG_ELDR_STEP_TRACE_FILE": str(trace)})
+    cmd = [sys.executable, "-m", "sglang_eldr.launch_server", "--model-path", str(model), "--host", host,
+           "--port", str(port), "--eldr-capture", "--max-running-requests", "64"]
+    server = ServerProcess(role="plain", port=port, log=log, host=host, cmd=cmd, env=env)
+    server.start()
+    server.wait_ready(600.0, "/model_info")
+    return server
+
+
+def run_batch(url: str, prompts: list[list[int]], decode_tokens: int) -> None:
+    import requests
+
+    errors: list[str] = []
+
+    def one(ids: list[int]) -> None:
+        r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
+            "max_new_tokens": decode_tokens, "temperature": 0.0, "ignore_eos": True}}, timeout=600)
+        if r.status_code != 200:
+            errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"generate failed: {errors[0]}")
+
+
+def fit(steps: list[dict]) -> tuple[np.ndarray, float]:
+    x = np.array([[1.0, s["tokens"], s["distinct_pairs"]] for s in steps])
+    y = np.array([s["forward_s"] for s in steps])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    pred = x @ coef
+    r2 = 1 - ((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)
+    return coef, float(r2)
+
+
+def bootstrap_ci(runs: list[list[dict]], n: int = 1000, seed: int = 0) -> np.ndarray:
+    """95 % intervals of (a, b, c), resampling whole runs."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        pick = rng.integers(0, len(runs), len(runs))
+        steps = [s for i in pick for s in runs[i]]
+        if len({s["tokens"] for s in steps}) < 2:
+            continue
+        draws.append(fit(steps)[0])
+    return np.percentile(np.array(draws), [2.5, 97.5], axis=0)
+
+
+def measure_model(name: str, model: Path, args, prompts: dict[str, list[list[int]]], workdir: Path) -> dict:
+    cfg = json.loads((model / "config.json").read_text())
+    expert_bytes = 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 2
+    trace, stats = workdir / f"{name}-steps.jsonl", workdir / f"{name}-stats.json"
+    trace.unlink(missing_ok=True)
+    server = start_server(model, trace, stats, args.host, args.server_core, workdir / f"{name}.log")
+    try:
+        run_batch(server.url, [prompts["python"][0]], 4)  # warm the decode path
+        load = wait_idle(args.max_load)
+        rng = random.Random(args.seed)
+        domains = sorted(prompts)
+        plan = [(b, mix, r) for b in args.batches for mix in args.mixes for r in range(args.runs)]
+        rng.shuffle(plan)
+        steal0 = cpu_steal_ticks()
+        runs: dict[tuple[int, str], list[list[dict]]] = {}
+        for b, mix, r in plan:
+            if mix == "one":
+                d = rng.choice(domains)
+                batch = rng.sample(prompts[d], b)
+            else:
+                order = rng.sample(domains, len(domains))
+                batch = [rng.choice(prompts[order[i % len(order)]]) for i in range(b)]
+            start = trace.stat().st_size if trace.exists() else 0
+            run_batch(server.url, batch, args.decode_tokens)
+            time.sleep(0.2)  # the trace line of the last step is written after the response
+            with trace.open() as f:
+                f.seek(start)
+                lines = [json.loads(l) for l in f if l.strip()]
+            full = [s for s in lines if s["tokens"] == b]
+            runs.setdefault((b, mix), []).append(full)
+        steal1 = cpu_steal_ticks()
+    finally:
+        server.stop()
+    all_runs = [run for rs in runs.values() for run in rs]
+    steps = [s for run in all_runs for s in run]
+    coef, r2 = fit(steps)
+    ci = bootstrap_ci(all_runs)
+    steal_pct = 100.0 * (steal1[0] - steal0[0]) / max(steal1[1] - steal0[1], 1)
+    points = []
+    for (b, mix), rs in sorted(runs.items()):
+        ss = [s for run in rs for s in run]
+        points.append({"tokens": b, "mix": mix, "runs": len(rs), "steps": len(ss),
+                       "distinct_pairs_mean": float(np.mean([s["distinct_pairs"] for s in ss])),
+                       "forward_ms_median": 1e3 * float(np.median([s["forward_s"] for s in ss])),
+                       "forward_ms_p90": 1e3 * float(np.percentile([s["forward_s"] for s in ss], 90))})
+    return {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
+            "moe_intermediate_size": cfg["moe_intermediate_size"], "expert_bytes": expert_bytes,
+            "a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]),
+            "ci95": {"a": ci[:, 0].tolist(), "b": ci[:, 1].tolist(), "c": ci[:, 2].tolist()},
+            "r2": r2, "steps": len(steps), "load_before": load, "steal_pct": steal_pct,
+            "idle": load <= args.max_load and steal_pct < 5.0, "points": points,
+            "source": f"bench/measure_step_cost.py: real SGLang decode steps of {model.name}, 1 core"}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="models/tiny-qwen3-moe")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/step_cost.json"))
+    ap.add_argument("--profiles", nargs="+", choices=sorted(MODELS), default=sorted(MODELS),
+                    help="which models to measure (default: both)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--mixes", nargs="+", choices=("one", "mixed"), default=["one", "mixed"])
+    ap.add_argument("--runs", type=int, default=3, help="runs per point (default: %(default)s)")
+    ap.add_argument("--decode-tokens", type=int, default=40, help="tokens each request decodes")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="prompts are cut to this many tokens")
+    ap.add_argument("--host", default="127.0.0.1", help="the address the measured server listens on")
+    ap.add_argument("--server-core", type=int, default=1, help="the core the server is pinned to")
+    ap.add_argument("--max-load", type=float, default=1.0,
+                    help="1-minute load average above which the machine counts as busy (flagged)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="small model, batches 1 and 4, one mix, 1 run")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step_cost.json")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.profiles, args.batches, args.mixes, args.runs, args.decode_tokens = ["cpu-small"], [1, 4], ["mixed"], 1, 12
 
-    import torch
-    import torch.nn.functional as F
+    from transformers import AutoTokenizer
 
-    torch.set_num_threads(1)
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    hidden, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
-    experts, top_k = cfg.get("num_experts") or cfg["num_local_experts"], cfg["num_experts_per_tok"]
-    layers = cfg["num_hidden_layers"]
-    g = torch.Generator().manual_seed(0)
-    w13 = torch.randn(experts, 2 * inter, hidden, generator=g, dtype=torch.bfloat16) * 0.02
-    w2 = torch.randn(experts, hidden, inter, generator=g, dtype=torch.bfloat16) * 0.02
+    if "cpu-inflated" in args.profiles:
+        inflate()
+    tok = AutoTokenizer.from_pretrained(str(SMALL_DIR))
+    prompts: dict[str, list[list[int]]] = {}
+    for line in PROMPTS.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            prompts.setdefault(row["domain"], []).append(tok(row["text"])["input_ids"][: args.prompt_tokens])
+    need = max(args.batches)
+    if any(len(v) < need for v in prompts.values()):
+        raise SystemExit(f"{PROMPTS}: every domain needs ≥ {need} prompts for batch {need}")
 
-    def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in torch.unique(ids).tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            h = x[tok] @ w13[e].t()
-            gate, up = h.chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ w2[e].t()
-            out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
-        return out
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for tokens in (1, 4, 8, 16, 32):
-        for distinct in sorted({min(experts, d) for d in (top_k, 8, 16, 24, 32, 48, 64) if d >= top_k}):
-            if distinct > tokens * top_k:
-                continue
-            pool = rng.choice(experts, distinct, replace=False)
-            ids = np.stack([rng.choice(pool, top_k, replace=False) for _ in range(tokens)])
-            ids[:, 0] = np.resize(pool, tokens)  # every pooled expert is used at least once
-            ids = torch.tensor(ids)
-            x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
-            w = torch.full((tokens, top_k), 1.0 / top_k)
-            for _ in range(3):
-                moe(x, ids, w)
-            ts = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                moe(x, ids, w)
-                ts.append(time.perf_counter() - t)
-            rows.append((tokens, len(torch.unique(ids)), float(np.median(ts))))
-    a_mat = np.array([[1.0, t, d] for t, d, _ in rows])
-    y = np.array([s for _, _, s in rows])
-    (a, b, c), *_ = np.linalg.lstsq(a_mat, y, rcond=None)
-    pred = a_mat @ np.array([a, b, c])
-    r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-    per16, per64 = a + b * 16 + c * min(16, experts), a + b * 16 + c * min(64, experts)
-    result = {
-        "machine": "this CPU, 1 thread, torch " + torch.__version__,
-        "expert_shape": {"hidden": hidden, "moe_intermediate": inter, "experts": experts, "top_k": top_k, "layers": layers},
-        "per_layer_fit_seconds": {"a": a, "b_per_token": b, "c_per_distinct_expert": c, "r2": r2},
-        "step_fit_seconds": {"a": a * layers, "b_per_token": b * layers, "c_per_distinct_layer_expert": c},
-        "ratio_16_tokens_64_vs_16_experts": per64 / per16,
-        "samples": [{"tokens": t, "distinct": d, "seconds": s} for t, d, s in rows],
-    }
+    bandwidth = read_bandwidth_gb_s(0.25 if args.quick else 1.0)
+    workdir = ROOT / "target" / "step_cost"  # server logs and step traces (not committed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    profiles = {}
+    for name in args.profiles:
+        p = measure_model(name, MODELS[name], args, prompts, workdir)
+        p["c_from_bandwidth"] = p["expert_bytes"] / (bandwidth * 1e9)
+        profiles[name] = p
+        flag = "" if p["idle"] else f"  BUSY MACHINE (load {p['load_before']:.2f}, steal {p['steal_pct']:.1f} %)"
+        print(f"{name}: step = {p['a'] * 1e3:.2f} ms + {p['b'] * 1e3:.3f} ms/token + {p['c'] * 1e6:.1f} µs/pair "
+              f"[{p['ci95']['c'][0] * 1e6:.1f}, {p['ci95']['c'][1] * 1e6:.1f}] (R² {p['r2']:.3f}, {p['steps']} steps)"
+              f"; bandwidth predicts {p['c_from_bandwidth'] * 1e6:.1f} µs/pair{flag}")
+    result: dict = {"bandwidth_read_gb_s_1_thread": bandwidth, "profiles": profiles,
+                    "paper": "assumed, not measured: the ELDR paper's MI300X ratio, defined in bench/simulate.py"}
+    if {"cpu-small", "cpu-inflated"} <= profiles.keys():
+        s, i = profiles["cpu-small"], profiles["cpu-inflated"]
+        extra = i["expert_bytes"] - s["expert_bytes"]
+        result["inflation"] = {"slope_delta_s": i["c"] - s["c"], "bytes_delta": extra,
+                               "implied_gb_s": extra / max(i["c"] - s["c"], 1e-12) / 1e9,
+                               "bandwidth_gb_s": bandwidth}
+        print(f"inflation adds {(i['c'] - s['c']) * 1e6:.1f} µs per pair for {extra / 2**20:.1f} MiB more per expert: "
+              f"{result['inflation']['implied_gb_s']:.1f} GB/s implied vs {bandwidth:.1f} GB/s measured read bandwidth")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"per MoE layer: {a * 1e6:.1f} µs + {b * 1e6:.2f} µs/token + {c * 1e6:.2f} µs/distinct expert (R² {r2:.3f})")
-    print(f"16 tokens: 64 vs 16 distinct experts -> ×{per64 / per16:.2f} MoE-layer time; -> {args.out}")
+    print(f"-> {args.out}")
     return 0
 
 

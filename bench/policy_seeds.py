@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", type=Path, default=ROOT / "bench" / "results" / "traces_tiny_moe.npz")
     ap.add_argument("--workers", type=int, nargs="+", default=[8, 16, 64])
     ap.add_argument("--load", type=float, nargs="+", default=[0.6, 0.85, 0.95])
-    ap.add_argument("--cost", nargs="+", default=["cpu", "paper"], choices=sorted(simulate.COSTS))
+    ap.add_argument("--cost", nargs="+", default=["cpu-inflated", "paper"], choices=simulate.COSTS)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--max-batch", type=int, default=16)
@@ -81,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_seeds.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.workers, args.load, args.cost, args.seeds, args.requests_per_worker = [8], [0.85], ["cpu"], 3, 20
+        args.workers, args.load, args.cost, args.seeds, args.requests_per_worker = [8], [0.85], ["cpu-small"], 3, 20
     policies = tuple(args.policies)
     simulate.MARGINAL_C_SCALE = args.c_scale
     if not set(simulate.BASELINES) <= set(policies):
         ap.error("--policies must include every baseline (rr random jsq p2c): the best of them is the reference")
     full = simulate.load_traces(args.traces)
     layers, experts = full.prefill.shape[1:]
-    costs = {n: (simulate.COSTS[n]() if n == "cpu" else simulate.COSTS[n](layers, experts)) for n in args.cost}
+    costs = {n: simulate.cost_model(n, layers, experts) for n in args.cost}
     started = time.perf_counter()
     cells = []
     for cost in args.cost:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s in summary:
                     verdict = ("wins" if s["ci95_high"] < 0 else "holds" if s["ci95_high"] <= 0.01 else "REGRESSES"
                                if s["ci95_low"] > 0.01 else "unresolved")
-                    print(f"{cost:>5} W={w:<4} load {load:<4} {s['policy']:>8} {s['metric']:>32} vs {s['vs']:>6}: "
+                    print(f"{cost:>12} W={w:<4} load {load:<4} {s['policy']:>8} {s['metric']:>32} vs {s['vs']:>6}: "
                           f"{100 * s['mean']:+6.1f}% [{100 * s['ci95_low']:+6.1f}, {100 * s['ci95_high']:+6.1f}] {verdict}",
                           flush=True)
     records = [as_record(c, args.seeds) for c in cells]

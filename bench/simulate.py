@@ -43,30 +43,38 @@ class CostModel:
 
 
 STEP_COST = Path(__file__).resolve().parent / "results" / "step_cost.json"
+MEASURED = ("cpu-small", "cpu-inflated")  # real SGLang decode steps, bench/measure_step_cost.py
 
 
-def cpu_cost() -> CostModel:
-    """Fitted by bench/measure_step_cost.py on this machine (MoE layers of the tiny model)."""
+def measured_cost(name: str) -> CostModel:
+    """A profile fitted by bench/measure_step_cost.py to real SGLang decode steps on this machine."""
     if not STEP_COST.exists():
         raise SystemExit(f"{STEP_COST} is missing: run bench/measure_step_cost.py first")
-    fit = json.loads(STEP_COST.read_text())["step_fit_seconds"]
-    return CostModel("cpu", a=fit["a"], b=max(fit["b_per_token"], 0.0), c=fit["c_per_distinct_layer_expert"],
-                     source=f"{STEP_COST.name}: fitted on this CPU")
+    profiles = json.loads(STEP_COST.read_text()).get("profiles", {})
+    if name not in profiles:
+        raise SystemExit(f"{STEP_COST} has no profile {name!r} (has {sorted(profiles)}): "
+                         f"run bench/measure_step_cost.py --profiles {name}")
+    p = profiles[name]
+    return CostModel(name, a=max(p["a"], 0.0), b=max(p["b"], 0.0), c=p["c"], source=p["source"])
 
 
 def paper_cost(layers: int = 4, experts: int = 64) -> CostModel:
-    """The ELDR paper's MI300X ratio: a MoE layer costs x4.7 more at 128 than at 16 active experts
-    (of 128). Scaled to the trace geometry: per-layer MoE time m(d) = m0 + m1·d with
-    m(E)/m(E/8) = 4.7, and MoE ≈ 60 % of a step at 1/8 of the experts active."""
+    """Assumed, not measured: the ELDR paper's MI300X ratio, a MoE layer costs x4.7 more at 128
+    than at 16 active experts (of 128). Scaled to the trace geometry: per-layer MoE time
+    m(d) = m0 + m1·d with m(E)/m(E/8) = 4.7, and MoE ≈ 60 % of a step at 1/8 of the experts active."""
     m1_over_m0 = 3.7 / (experts - 4.7 * experts / 8)
     m0 = 1e-4  # seconds; only ratios matter for the comparison
     m1 = m1_over_m0 * m0
     moe_small = layers * (m0 + m1 * experts / 8)
     return CostModel("paper", a=layers * m0 + moe_small * 0.4 / 0.6, b=0.0, c=m1,
-                     source="ELDR paper, MI300X: MoE layer x4.7 from 16 to 128 active experts")
+                     source="assumed: ELDR paper, MI300X, MoE layer x4.7 from 16 to 128 active experts")
 
 
-COSTS = {"cpu": cpu_cost, "paper": paper_cost}
+COSTS = (*MEASURED, "paper")
+
+
+def cost_model(name: str, layers: int, experts: int) -> CostModel:
+    return paper_cost(layers, experts) if name == "paper" else measured_cost(name)
 
 
 @dataclass
@@ -196,7 +204,8 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
             j = x
             counts = trace.prefill[order[j]] if use_counts else None
             if isinstance(router, MarginalCostRouter):
-                w, ticket_of[j] = router.acquire(counts)
+                receipt = router.acquire_with_receipt(counts)
+                w, ticket_of[j] = receipt["worker"], receipt["ticket"] or 0
             elif isinstance(router, DomainOracle):
                 w = router.acquire_domain(trace.domain[order[j]])
             else:
@@ -214,7 +223,10 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
                     first_token[j] = now
                 if progress[j] >= len(trace.decode[order[j]]):
                     finish[j] = now
-                    router.release(ticket_of[j] if isinstance(router, MarginalCostRouter) else w)
+                    if isinstance(router, MarginalCostRouter):
+                        router.release(w, ticket_of.pop(j))  # ids are the indices: no membership changes here
+                    else:
+                        router.release(w)
                 else:
                     still.append(j)
             running[w] = still
@@ -240,7 +252,8 @@ def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, 
         L, E = calib.prefill.shape[1:]
         # The policy is told the cost profile, with its per-expert cost off by MARGINAL_C_SCALE
         # (1: exact) to see how much it depends on knowing it.
-        return MarginalCostRouter(workers, L, E, calib.decode[0].shape[2], cost.a, cost.b, cost.c * MARGINAL_C_SCALE)
+        return MarginalCostRouter(cost.a, cost.b, cost.c * MARGINAL_C_SCALE, num_workers=workers, layers=L, experts=E,
+                                  top_k=calib.decode[0].shape[2])
     cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
     return LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,
                               imbalance_fraction=IMBALANCE_FRACTION)
@@ -280,7 +293,7 @@ def summarize(rows: list[dict]) -> list[str]:
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((r["cost"], r["workers"], r["tau"], r["load"]), {})[r["policy"]] = r
-    lines.append(f"{'cost':>5} {'W':>5} {'tau':>5} {'load':>5} {'policy':>8} | {'p50':>9} {'best base':>10} {'Δp50':>7} | "
+    lines.append(f"{'cost':>12} {'W':>5} {'tau':>5} {'load':>5} {'policy':>8} | {'p50':>9} {'best base':>10} {'Δp50':>7} | "
                  f"{'p99':>9} {'best base':>10} {'Δp99':>7} | {'experts vs jsq':>16}")
     for (cost, w, tau, load), cell in sorted(cells.items()):
         b50 = min(cell[p]["tpot_p50_ms"] for p in BASELINES)
@@ -289,7 +302,7 @@ def summarize(rows: list[dict]) -> list[str]:
         for name in (p for p in REPORTED if p in cell):
             e = cell[name]
             lines.append(
-                f"{cost:>5} {w:>5} {tau:>5} {load:>5} {name:>8} | {e['tpot_p50_ms']:>8.2f}m {b50:>9.2f}m "
+                f"{cost:>12} {w:>5} {tau:>5} {load:>5} {name:>8} | {e['tpot_p50_ms']:>8.2f}m {b50:>9.2f}m "
                 f"{100 * (e['tpot_p50_ms'] / b50 - 1):>+6.1f}% | {e['tpot_p99_ms']:>8.2f}m {b99:>9.2f}m "
                 f"{100 * (e['tpot_p99_ms'] / b99 - 1):>+6.1f}% | {e['distinct_experts_per_layer_step']:>6.1f}/{jsq:<6.1f}"
                 f" {100 * (e['distinct_experts_per_layer_step'] / jsq - 1):+.0f}%"
@@ -330,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[8, 16, 24, 64, 256, 1024])
     ap.add_argument("--tau", type=float, nargs="+", default=[0.0, 0.1, 0.3])
     ap.add_argument("--load", type=float, nargs="+", default=[0.6, 0.85], help="offered load vs capacity")
-    ap.add_argument("--cost", nargs="+", default=["cpu", "paper"], choices=sorted(COSTS))
+    ap.add_argument("--cost", nargs="+", default=["cpu-inflated", "paper"], choices=COSTS)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--requests-per-worker", type=int, default=40)
     ap.add_argument("--max-imbalance", type=int, default=2,
@@ -345,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     MAX_IMBALANCE = None if args.max_imbalance < 0 else args.max_imbalance
     IMBALANCE_FRACTION = args.imbalance_fraction
     if args.quick:
-        args.workers, args.tau, args.load, args.cost, args.requests_per_worker = [8, 16], [0.1], [0.85], ["cpu"], 20
+        args.workers, args.tau, args.load, args.cost, args.requests_per_worker = [8, 16], [0.1], [0.85], ["cpu-small"], 20
     if args.traces is None and not args.synthetic:
         default = Path("bench/results/traces_tiny_moe.npz")
         if default.exists():
@@ -366,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows: list[dict] = []
     layers, experts = full.prefill.shape[1:]
-    costs = {name: (COSTS[name]() if name == "cpu" else COSTS[name](layers, experts)) for name in args.cost}
+    costs = {name: cost_model(name, layers, experts) for name in args.cost}
     for cost in args.cost:
         for w in args.workers:
             for tau in args.tau:

@@ -1,6 +1,7 @@
 """The marginal-cost policy (Rust, through the real extension) against a NumPy reference that
 recomputes every decoder's expected experts from the requests it holds: the same costs and the same
-choices over random sequences of acquires and releases, and clear errors that leave the state as it was."""
+choices over random sequences of acquires, releases, health changes and membership changes, and
+clear errors that leave the state as it was."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_eldr.router_rs import MarginalCostRouter
+from sglang_eldr.router_rs import BaselineRouter, MarginalCostRouter
 
 Q_MAX = 0.95
 
@@ -45,67 +46,115 @@ class Reference:
 def test_matches_the_reference(workers, layers, experts, data, a, b, c):
     top_k = data.draw(st.integers(1, experts))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    router = MarginalCostRouter(workers, layers, experts, top_k, a, b, c)
+    router = MarginalCostRouter(a, b, c, num_workers=workers, layers=layers, experts=experts, top_k=top_k)
     ref = Reference(workers, top_k, a, b, c, layers * experts)
-    where: dict[int, int] = {}
-    for _ in range(data.draw(st.integers(1, 25))):
-        if where and rng.random() < 0.35:
+    members = list(router.ids())  # ref.held[k] is members[k]
+    where: dict[int, int] = {}  # ticket -> member id
+    added = 0
+    for _ in range(data.draw(st.integers(1, 30))):
+        roll = rng.random()
+        if where and roll < 0.3:
             ticket = int(rng.choice(list(where)))
-            assert router.release(ticket) == where[ticket]
-            del ref.held[where.pop(ticket)][ticket]
+            wid = where.pop(ticket)
+            assert router.release(wid, ticket) == (wid in members)
+            if wid in members:
+                del ref.held[members.index(wid)][ticket]
             continue
-        healthy = [bool(h) for h in rng.random(workers) < 0.85]
+        if roll < 0.38 and len(members) > 1:  # a member leaves; its requests release nothing
+            k = int(rng.integers(len(members)))
+            router.remove(members[k])
+            members.pop(k)
+            ref.held.pop(k)
+            continue
+        if roll < 0.44:
+            added += 1
+            members.append(router.add(f"new-{added}"))
+            ref.held.append({})
+            continue
+        healthy = [bool(h) for h in rng.random(len(members)) < 0.85]
+        for wid, h in zip(members, healthy):
+            router.set_healthy(wid, h)
         if not any(healthy):
             with pytest.raises(ValueError, match="unhealthy"):
-                router.acquire(None, healthy)
+                router.acquire_with_receipt(None)
             continue
         counts = None if rng.random() < 0.15 else rng.integers(0, 30, (layers, experts)).astype(np.int32)
         q = np.zeros(layers * experts) if counts is None else frequencies(counts, top_k)
         want = ref.costs(q, healthy)
         loads = [len(h) for h in ref.held]
-        got = router.acquire_with_costs(counts, healthy)
+        got = router.acquire_with_receipt(counts)
         np.testing.assert_allclose(got["costs"], want, rtol=1e-9, atol=1e-12)
         assert got["loads"] == loads
         w = got["worker"]
-        assert healthy[w]
+        assert healthy[w] and got["id"] == members[w]
         # The minimum, ties (within rounding) to fewer in flight, then the lower index.
-        best = min(want[k] for k in range(workers) if healthy[k])
-        tied = [k for k in range(workers) if healthy[k] and want[k] <= best + 1e-9 * max(1.0, abs(best))]
+        best = min(want[k] for k in range(len(members)) if healthy[k])
+        tied = [k for k in range(len(members)) if healthy[k] and want[k] <= best + 1e-9 * max(1.0, abs(best))]
         assert w in tied
         if all(abs(want[k] - best) == 0 for k in tied):
             assert w == min(tied, key=lambda k: (loads[k], k))
-        where[got["ticket"]] = w
+        where[got["ticket"]] = got["id"]
         ref.held[w][got["ticket"]] = q
         assert list(router.loads()) == [len(h) for h in ref.held]
-    for ticket in list(where):
-        router.release(ticket)
-    assert list(router.loads()) == [0] * workers
-    assert router.expected_distinct() == [0.0] * workers
+    for ticket, wid in list(where.items()):
+        router.release(wid, ticket)
+    assert list(router.loads()) == [0] * len(members)
+    assert router.expected_distinct() == [0.0] * len(members)
 
 
 def test_bad_input_is_refused_and_changes_nothing():
-    router = MarginalCostRouter(2, 2, 4, 2, 1.0, 0.1, 0.01)
+    router = MarginalCostRouter(1.0, 0.1, 0.01, num_workers=2, layers=2, experts=4, top_k=2)
     ok = np.ones((2, 4), dtype=np.int64)
-    _, ticket = router.acquire(ok)
+    first = router.acquire_with_receipt(ok)
+    wid, ticket = first["id"], first["ticket"]
     with pytest.raises(ValueError, match=r"counts: expected shape \[2, 4\]"):
-        router.acquire(np.ones((3, 4), dtype=np.int32))
+        router.acquire_with_receipt(np.ones((3, 4), dtype=np.int32))
     with pytest.raises(ValueError, match="negative"):
-        router.acquire(np.array([[1, -1, 0, 0], [0, 0, 0, 0]], dtype=np.int32))
+        router.acquire_with_receipt(np.array([[1, -1, 0, 0], [0, 0, 0, 0]], dtype=np.int32))
     with pytest.raises(ValueError, match="not a signature"):
-        router.acquire(np.ones(8, dtype=np.float32))
-    with pytest.raises(ValueError, match="healthy"):
-        router.acquire(ok, [True])
+        router.acquire_with_receipt(np.ones(8, dtype=np.float32))
+    with pytest.raises(ValueError, match="releases by ticket"):
+        router.acquire(ok)
+    with pytest.raises(ValueError, match="ticket"):
+        router.release(wid)
     with pytest.raises(ValueError, match="not in flight"):
-        router.release(ticket + 100)
-    assert list(router.loads()) == [1, 0]
-    assert router.release(ticket) == 0
+        router.release(wid, ticket + 100)
+    other = router.ids()[1]
+    with pytest.raises(ValueError, match="issued for worker"):
+        router.release(other, ticket)
+    assert list(router.loads()) == [1, 0]  # nothing of it happened
+    assert router.release(wid, ticket) is True
     with pytest.raises(ValueError, match="not in flight"):
-        router.release(ticket)
-    for bad in ((0, 2, 4, 1), (2, 2, 4, 5), (2, 0, 4, 1)):
+        router.release(wid, ticket)
+    for bad in ({"num_workers": 0, "layers": 2, "experts": 4, "top_k": 1},
+                {"num_workers": 2, "layers": 2, "experts": 4, "top_k": 5},
+                {"num_workers": 2, "layers": 0, "experts": 4, "top_k": 1},
+                {"num_workers": 2, "layers": 2}):
         with pytest.raises(ValueError):
-            MarginalCostRouter(*bad, 1.0, 1.0, 1.0)
+            MarginalCostRouter(1.0, 1.0, 1.0, **bad)
     with pytest.raises(ValueError, match="cost.b"):
-        MarginalCostRouter(2, 2, 4, 1, 1.0, -1.0, 1.0)
+        MarginalCostRouter(1.0, -1.0, 1.0, num_workers=2)
+
+
+def test_geometry_can_come_later():
+    """Before the geometry is known (the load balancer learns it from the first counts report) a
+    request is placed by load; counts are refused until then; the geometry is set once."""
+    router = MarginalCostRouter(num_workers=2)
+    assert router.geometry is None and router.policy == "marginal" and router.step_cost == (0.0, 0.0, 1.0)
+    before = router.acquire_with_receipt(None)
+    with pytest.raises(ValueError, match="no model geometry"):
+        router.acquire_with_receipt(np.ones((2, 4), dtype=np.int32))
+    router.set_geometry(2, 4, 1)
+    router.set_geometry(2, 4, 1)
+    with pytest.raises(ValueError, match="already"):
+        router.set_geometry(2, 4, 2)
+    after = router.acquire_with_receipt(np.ones((2, 4), dtype=np.int32))
+    assert after["worker"] != before["worker"]
+    router.release(before["id"], before["ticket"])
+    router.release(after["id"], after["ticket"])
+    assert list(router.loads()) == [0, 0] and router.expected_distinct() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="only the marginal"):
+        BaselineRouter("jsq", 2).set_geometry(2, 4, 1)
 
 
 def test_locality_wins_only_when_it_pays():
@@ -113,8 +162,9 @@ def test_locality_wins_only_when_it_pays():
     experts free the policy spreads by load alone."""
     x = np.array([[8, 0, 0, 0], [8, 0, 0, 0]], dtype=np.int32)
     y = np.array([[0, 0, 0, 8], [0, 0, 0, 8]], dtype=np.int32)
-    costly = MarginalCostRouter(2, 2, 4, 1, 0.0, 0.01, 1.0)
-    placed = [costly.acquire(r)[0] for r in (x, y, x, y, x, y)]
+    geometry = {"num_workers": 2, "layers": 2, "experts": 4, "top_k": 1}
+    costly = MarginalCostRouter(0.0, 0.01, 1.0, **geometry)
+    placed = [costly.acquire_with_receipt(r)["worker"] for r in (x, y, x, y, x, y)]
     assert placed[0::2] == [placed[0]] * 3 and placed[1::2] == [placed[1]] * 3 and placed[0] != placed[1]
-    free = MarginalCostRouter(2, 2, 4, 1, 1.0, 1.0, 0.0)
-    assert [free.acquire(r)[0] for r in (x, x, x, x)] == [0, 1, 0, 1]
+    free = MarginalCostRouter(1.0, 1.0, 0.0, **geometry)
+    assert [free.acquire_with_receipt(r)["worker"] for r in (x, x, x, x)] == [0, 1, 0, 1]

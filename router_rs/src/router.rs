@@ -1,5 +1,6 @@
 //! The stateful router: the decoder set (membership, loads, health, breaker), one policy, and
-//! (for the eldr policy) a locality model with one centroid per member. One lock guards it all,
+//! (for the eldr policy) a locality model with one centroid per member, or (for the marginal
+//! policy) the expected experts of each member's running requests. One lock guards it all,
 //! so a decision, a release, a membership change or a centroid swap never sees another half done.
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -10,7 +11,7 @@ use crate::error::{Result, RouterError};
 use crate::fleet::{Fleet, WorkerId};
 use crate::kernel::quant::Precision;
 use crate::model::{LocalityModel, ScoreBuf, Signal};
-use crate::policy::{self, FleetView, LocalityBand, Policy};
+use crate::policy::{self, ExpertGeometry, FleetView, LocalityBand, MarginalCost, Policy, StepCost};
 use crate::signature::{CountValue, SignatureSpec};
 
 /// Consecutive failures that take a member out unless told otherwise.
@@ -38,6 +39,10 @@ pub struct Receipt {
     pub band: Vec<usize>,
     /// In-flight counts just before this request was added.
     pub loads: Vec<i64>,
+    /// Marginal policy only: the ticket its release hands back, and the predicted step-time
+    /// increase `ΔT` (seconds) on every member.
+    pub ticket: Option<u64>,
+    pub costs: Option<Vec<f64>>,
 }
 
 /// A member as the router sees it.
@@ -50,9 +55,16 @@ pub struct Member {
     pub failures: u32,
 }
 
+/// How a member is chosen: a stateless-per-request policy, or the marginal-cost policy, which
+/// keeps each running request's expected experts until its ticket is released.
+enum Decider {
+    Policy(Box<dyn Policy>),
+    Marginal(MarginalCost),
+}
+
 struct State {
     fleet: Fleet,
-    policy: Box<dyn Policy>,
+    decider: Decider,
     /// eldr only, once centroids are loaded: row k is member k.
     model: Option<Arc<LocalityModel>>,
     /// Centroid rows of removed members, by key, in the current model's space.
@@ -77,7 +89,7 @@ impl Router {
         }
         let state = State {
             fleet: Fleet::new(keys, breaker_failures)?,
-            policy: policy::by_name(name, seed)?,
+            decider: Decider::Policy(policy::by_name(name, seed)?),
             model: None,
             retained: HashMap::new(),
         };
@@ -102,11 +114,58 @@ impl Router {
         }
         let state = State {
             fleet: Fleet::new(keys, breaker_failures)?,
-            policy: Box::new(band),
+            decider: Decider::Policy(Box::new(band)),
             model: None,
             retained: HashMap::new(),
         };
         Ok(Self { state: Mutex::new(state), band: Some(band), precision })
+    }
+
+    /// The marginal-cost policy over members `keys` with step cost `cost`. Without `geometry`,
+    /// requests are placed by load alone until [`set_geometry`](Self::set_geometry).
+    pub fn marginal<S: AsRef<str>>(keys: &[S], cost: StepCost, geometry: Option<ExpertGeometry>, breaker_failures: u32) -> Result<Self> {
+        if keys.is_empty() {
+            return Err(RouterError::NoWorkers);
+        }
+        let state = State {
+            fleet: Fleet::new(keys, breaker_failures)?,
+            decider: Decider::Marginal(MarginalCost::new(keys.len(), cost, geometry)?),
+            model: None,
+            retained: HashMap::new(),
+        };
+        Ok(Self { state: Mutex::new(state), band: None, precision: Precision::Auto })
+    }
+
+    /// Marginal policy: fixes the model geometry its frequencies need (once).
+    pub fn set_geometry(&self, geometry: ExpertGeometry) -> Result<()> {
+        match &mut self.lock().decider {
+            Decider::Marginal(m) => m.set_geometry(geometry),
+            Decider::Policy(_) => Err(RouterError::Invalid { arg: "geometry", reason: "only the marginal policy takes one".into() }),
+        }
+    }
+
+    /// Marginal policy: the geometry (None until set, and for other policies).
+    pub fn geometry(&self) -> Option<ExpertGeometry> {
+        match &self.lock().decider {
+            Decider::Marginal(m) => m.geometry(),
+            Decider::Policy(_) => None,
+        }
+    }
+
+    /// Marginal policy: the step cost it predicts with.
+    pub fn step_cost(&self) -> Option<StepCost> {
+        match &self.lock().decider {
+            Decider::Marginal(m) => Some(m.cost()),
+            Decider::Policy(_) => None,
+        }
+    }
+
+    /// Marginal policy: expected distinct (layer, expert) pairs per step on each member.
+    pub fn expected_distinct(&self) -> Option<Vec<f64>> {
+        match &self.lock().decider {
+            Decider::Marginal(m) => Some(m.expected_distinct().to_vec()),
+            Decider::Policy(_) => None,
+        }
     }
 
     /// An eldr router with one member per centroid row, keyed "0", "1", ….
@@ -127,7 +186,10 @@ impl Router {
         self.lock().fleet.len()
     }
     pub fn policy(&self) -> &'static str {
-        self.lock().policy.name()
+        match &self.lock().decider {
+            Decider::Policy(p) => p.name(),
+            Decider::Marginal(_) => "marginal",
+        }
     }
     pub fn tau(&self) -> Option<f64> {
         self.band.map(|b| b.tau())
@@ -201,10 +263,14 @@ impl Router {
         Self::decide(Some(&model), signal, |s, band| band_policy.choose(&fleet, s, band))
     }
 
-    /// Chooses a member and counts the request as in flight on it; returns its id.
+    /// Chooses a member and counts the request as in flight on it; returns its id. (The marginal
+    /// policy releases by ticket, so it needs [`acquire_with_receipt`](Self::acquire_with_receipt).)
     pub fn acquire<T: CountValue>(&self, signal: Signal<T>) -> Result<WorkerId> {
         let mut st = self.lock();
-        let State { fleet, policy, model, .. } = &mut *st;
+        let State { fleet, decider, model, .. } = &mut *st;
+        let Decider::Policy(policy) = decider else {
+            return Err(RouterError::Invalid { arg: "acquire", reason: "the marginal policy releases by ticket: use acquire_with_receipt".into() });
+        };
         let index = Self::decide(model.as_deref(), signal, |s, band| policy.choose(&fleet.view(), s, band))?;
         Ok(fleet.acquire_at(index))
     }
@@ -212,15 +278,27 @@ impl Router {
     /// As [`acquire`](Self::acquire), also returning why the member was chosen.
     pub fn acquire_with_receipt<T: CountValue>(&self, signal: Signal<T>) -> Result<Receipt> {
         let mut st = self.lock();
-        let State { fleet, policy, model, .. } = &mut *st;
-        let (worker, scores, band) = Self::decide(model.as_deref(), signal, |s, band| {
-            let mut s = s;
-            let worker = policy.choose(&fleet.view(), s.as_deref_mut(), band)?;
-            Ok((worker, s.map(|s| s.all_exact()), band.clone()))
-        })?;
-        let loads = fleet.loads().to_vec();
-        let id = fleet.acquire_at(worker);
-        Ok(Receipt { worker, id, scores, band, loads })
+        let State { fleet, decider, model, .. } = &mut *st;
+        match decider {
+            Decider::Policy(policy) => {
+                let (worker, scores, band) = Self::decide(model.as_deref(), signal, |s, band| {
+                    let mut s = s;
+                    let worker = policy.choose(&fleet.view(), s.as_deref_mut(), band)?;
+                    Ok((worker, s.map(|s| s.all_exact()), band.clone()))
+                })?;
+                let loads = fleet.loads().to_vec();
+                let id = fleet.acquire_at(worker);
+                Ok(Receipt { worker, id, scores, band, loads, ticket: None, costs: None })
+            }
+            Decider::Marginal(m) => {
+                let q = m.frequencies(signal)?;
+                let (worker, costs) = m.choose(&q, &fleet.view())?;
+                let loads = fleet.loads().to_vec();
+                let id = fleet.acquire_at(worker);
+                let ticket = m.admit(worker, id, q);
+                Ok(Receipt { worker, id, scores: None, band: Vec::new(), loads, ticket: Some(ticket), costs: Some(costs) })
+            }
+        }
     }
 
     /// Counts a request in flight on member `id`, chosen outside the policy (the prefill pool's
@@ -233,9 +311,38 @@ impl Router {
     }
 
     /// Ends one in-flight request on member `id`; `Ok(false)` when it was removed meanwhile
-    /// (then only its retired count drops). Refuses (never wraps) below zero.
+    /// (then only its retired count drops). Refuses (never wraps) below zero. The marginal policy
+    /// releases by [`release_ticket`](Self::release_ticket) instead.
     pub fn release(&self, id: WorkerId) -> Result<bool> {
-        self.lock().fleet.release(id)
+        let mut st = self.lock();
+        if matches!(st.decider, Decider::Marginal(_)) {
+            return Err(RouterError::Invalid { arg: "ticket", reason: "the marginal policy releases by the ticket of its receipt".into() });
+        }
+        st.fleet.release(id)
+    }
+
+    /// Marginal policy: ends the request holding `ticket`, placed on member `id` (its expected
+    /// experts lose it); returns whether `id` is still a member. A ticket of another member is
+    /// refused and stays in flight.
+    pub fn release_ticket(&self, id: WorkerId, ticket: u64) -> Result<bool> {
+        let mut st = self.lock();
+        let State { fleet, decider, .. } = &mut *st;
+        let Decider::Marginal(m) = decider else {
+            return Err(RouterError::Invalid { arg: "ticket", reason: "only the marginal policy issues tickets".into() });
+        };
+        match m.owner(ticket) {
+            Some(owner) if owner != id => {
+                return Err(RouterError::Invalid { arg: "ticket", reason: format!("{ticket} was issued for worker {owner}, not {id}") })
+            }
+            _ => {}
+        }
+        let (id, q) = m.retire(ticket)?;
+        let member = fleet.release(id)?;
+        if member {
+            let index = fleet.position(id)?;
+            m.unapply(index, &q, fleet.loads()[index] == 0);
+        }
+        Ok(member)
     }
 
     /// Requests in flight on member (or removed member) `id`.
@@ -281,7 +388,7 @@ impl Router {
     /// the mean direction of the others (until a refit places it).
     pub fn add(&self, key: &str, healthy: bool) -> Result<WorkerId> {
         let mut st = self.lock();
-        let State { fleet, model, retained, .. } = &mut *st;
+        let State { fleet, model, retained, decider } = &mut *st;
         if fleet.position_of_key(key).is_some() {
             return Err(RouterError::DuplicateKey(key.to_string()));
         }
@@ -293,6 +400,9 @@ impl Router {
             None => None,
         };
         let id = fleet.add(key, healthy)?;
+        if let Decider::Marginal(m) = decider {
+            m.push_member();
+        }
         if next.is_some() {
             retained.remove(key);
             *model = next;
@@ -304,13 +414,16 @@ impl Router {
     /// Its centroid row is kept under its key in case it comes back. Returns its old index.
     pub fn remove(&self, id: WorkerId) -> Result<usize> {
         let mut st = self.lock();
-        let State { fleet, model, retained, .. } = &mut *st;
+        let State { fleet, model, retained, decider } = &mut *st;
         let index = fleet.position(id)?;
         let next = match model.as_deref() {
             Some(m) if fleet.len() > 1 => Some((m.centroids().row(index).to_vec(), Arc::new(m.with_centroids(m.centroids().without(index))?))),
             _ => None,
         };
         let (_, key) = fleet.remove(id)?;
+        if let Decider::Marginal(m) = decider {
+            m.remove_member(index);
+        }
         if let Some((row, m)) = next {
             retained.insert(key, row);
             *model = Some(m);

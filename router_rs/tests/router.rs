@@ -243,3 +243,50 @@ fn certified_decisions_equal_exact_decisions() {
         }
     }
 }
+
+fn marginal() -> Router {
+    use eldr_router::policy::{ExpertGeometry, StepCost};
+    let geometry = ExpertGeometry::new(2, 3, 1).unwrap();
+    Router::marginal(&["a", "b"], StepCost { a: 0.0, b: 0.0, c: 1.0 }, Some(geometry), 3).unwrap()
+}
+
+#[test]
+fn marginal_keeps_kinds_apart_and_releases_by_ticket() {
+    let r = marginal();
+    assert_eq!(r.policy(), "marginal");
+    let x = r.acquire_with_receipt(sig(&counts_for(0))).unwrap();
+    let y = r.acquire_with_receipt(sig(&counts_for(2))).unwrap();
+    let x2 = r.acquire_with_receipt(sig(&counts_for(0))).unwrap();
+    assert_ne!(x.id, y.id);
+    assert_eq!(x2.id, x.id);
+    assert_eq!(x2.costs.as_ref().unwrap().len(), 2);
+    assert!(matches!(r.acquire(sig(&counts_for(0))), Err(RouterError::Invalid { arg: "acquire", .. })));
+    assert!(matches!(r.release(x.id), Err(RouterError::Invalid { arg: "ticket", .. })));
+    assert!(matches!(r.release_ticket(y.id, x.ticket.unwrap()), Err(RouterError::Invalid { arg: "ticket", .. })));
+    for rc in [&x, &y, &x2] {
+        assert!(r.release_ticket(rc.id, rc.ticket.unwrap()).unwrap());
+    }
+    assert_eq!(r.loads(), vec![0, 0]);
+    assert_eq!(r.expected_distinct().unwrap(), vec![0.0, 0.0]);
+}
+
+#[test]
+fn marginal_membership_changes_keep_the_other_rows() {
+    let r = marginal();
+    let x = r.acquire_with_receipt(sig(&counts_for(1))).unwrap();
+    let before = r.expected_distinct().unwrap()[x.worker];
+    assert!(before > 0.0);
+    let c = r.add("c", true).unwrap();
+    assert_eq!(r.expected_distinct().unwrap().len(), 3);
+    let other = r.ids().into_iter().find(|id| *id != x.id && *id != c).unwrap();
+    r.remove(other).unwrap();
+    let rows = r.expected_distinct().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[r.ids().iter().position(|id| *id == x.id).unwrap()], before);
+    // A request on a removed member still releases (its retired count drops), and says so.
+    let y = r.acquire_with_receipt(sig(&counts_for(2))).unwrap();
+    r.remove(y.id).unwrap();
+    assert!(!r.release_ticket(y.id, y.ticket.unwrap()).unwrap());
+    assert!(r.release_ticket(x.id, x.ticket.unwrap()).unwrap());
+    assert_eq!(r.loads(), vec![0; r.workers()]);
+}

@@ -45,7 +45,7 @@ def load() -> None:
         if settings.step_stats_file:
             from sglang_eldr.engine import step_stats
 
-            step_stats.register(settings.step_stats_file)
+            step_stats.register(settings.step_stats_file, settings.step_trace_file)
     logger.info("ELDR plugin loaded: capture=%s counts=%s cpu_guards=%s", settings.capture,
                 f"{settings.counts_host or '(--host)'}:{settings.counts_port}" if settings.counts_port is not None else "off",
                 settings.cpu_guards)

@@ -19,6 +19,7 @@ ENV_COUNTS_PORT = "SGLANG_ELDR_COUNTS_PORT"
 ENV_COUNTS_HOST = "SGLANG_ELDR_COUNTS_HOST"
 ENV_COUNTS_PORT_FILE = "SGLANG_ELDR_COUNTS_PORT_FILE"
 ENV_STEP_STATS_FILE = "SGLANG_ELDR_STEP_STATS_FILE"
+ENV_STEP_TRACE_FILE = "SGLANG_ELDR_STEP_TRACE_FILE"
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -38,6 +39,7 @@ class EldrSettings:
     counts_host: str | None = None  # the address the counts publisher binds; None: the server's --host
     counts_port_file: str | None = None  # port 0: the OS picks the port; the publisher writes it here
     step_stats_file: str | None = None  # decode: distinct experts per step, for benchmarks
+    step_trace_file: str | None = None  # decode: one JSON line per step (tokens, pairs, forward time)
 
     @classmethod
     def from_env(cls) -> "EldrSettings":
@@ -51,4 +53,5 @@ class EldrSettings:
             counts_host=os.environ.get(ENV_COUNTS_HOST) or None,
             counts_port_file=os.environ.get(ENV_COUNTS_PORT_FILE) or None,
             step_stats_file=os.environ.get(ENV_STEP_STATS_FILE) or None,
+            step_trace_file=os.environ.get(ENV_STEP_TRACE_FILE) or None,
         )

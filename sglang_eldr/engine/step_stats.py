@@ -6,6 +6,11 @@ accumulates, per decode step, the number of distinct experts per MoE layer. Tota
 a JSON file (at most twice a second) that benchmarks read before and after a run. It costs one host
 sync per decode step and needs capture on the decoder (`--eldr-capture`), so it is only on when
 `SGLANG_ELDR_STEP_STATS_FILE` is set (bench/compare_policies.py does that).
+
+With `SGLANG_ELDR_STEP_TRACE_FILE` also set, every decode step appends one JSON line
+`{"tokens", "distinct_pairs", "forward_s"}`: the batch size, the distinct (layer, expert) pairs it
+activated and the wall time of `ModelRunner.forward` (a BEFORE hook takes the start; on a GPU both
+ends synchronise the device). bench/measure_step_cost.py fits its cost profiles to these lines.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ T_FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 
 
 class _Stats:
-    def __init__(self, path: str):
+    def __init__(self, path: str, trace_path: str | None = None):
         self.path = path
+        self.trace = open(trace_path, "a", buffering=1) if trace_path else None
+        self.started = 0.0
         self.steps = 0
         self.distinct_sum = 0.0
         self.tokens_sum = 0
@@ -50,9 +57,24 @@ class _Stats:
 _STATS: _Stats | None = None
 
 
+def _sync(model_runner) -> None:
+    if str(getattr(model_runner, "device", "cpu")).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def forward_before(model_runner, forward_batch, *args, **kwargs):
+    if _STATS is not None and _STATS.trace is not None:
+        _sync(model_runner)
+        _STATS.started = time.perf_counter()
+    return None
+
+
 def forward_after(result, model_runner, forward_batch, *args, **kwargs):
     from sglang.srt.state_capturer.routed_experts import get_global_experts_capturer
 
+    if _STATS is not None and _STATS.trace is not None:
+        _sync(model_runner)
+        elapsed = time.perf_counter() - _STATS.started
     capturer = get_global_experts_capturer()
     mode = getattr(forward_batch, "forward_mode", None)
     if _STATS is None or capturer is None or mode is None or not mode.is_decode():
@@ -72,13 +94,19 @@ def forward_after(result, model_runner, forward_batch, *args, **kwargs):
     layers = ids.shape[1]
     seen = torch.zeros((layers, _STATS.num_experts), dtype=torch.bool, device=ids.device)
     seen.scatter_(1, ids.permute(1, 0, 2).reshape(layers, -1), True)
-    _STATS.add(float(seen.sum(dim=1).float().mean()), n)
+    per_layer = seen.sum(dim=1)
+    _STATS.add(float(per_layer.float().mean()), n)
+    if _STATS.trace is not None:
+        _STATS.trace.write(json.dumps({"tokens": n, "distinct_pairs": int(per_layer.sum()),
+                                       "forward_s": elapsed}) + "\n")
     return None
 
 
-def register(path: str) -> None:
+def register(path: str, trace_path: str | None = None) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     global _STATS
-    _STATS = _Stats(path)
+    _STATS = _Stats(path, trace_path)
+    if trace_path:
+        HookRegistry.register(T_FORWARD, forward_before, HookType.BEFORE)
     HookRegistry.register(T_FORWARD, forward_after, HookType.AFTER)

@@ -3,9 +3,8 @@
 //! C-contiguous, and the GIL is released while Rust computes.
 use std::borrow::Cow;
 
-use std::sync::Mutex;
 
-use eldr_router::policy::{LocalityBand, MarginalCost, StepCost};
+use eldr_router::policy::{ExpertGeometry, LocalityBand, StepCost};
 use eldr_router::{
     Precision, Receipt, Router as Core, RouterError, SignatureSpec, Signal,
     DEFAULT_BREAKER_FAILURES,
@@ -151,6 +150,8 @@ fn receipt_dict<'py>(py: Python<'py>, r: Receipt, policy: &str) -> PyResult<Boun
     d.set_item("scores", r.scores)?;
     d.set_item("band", r.band)?;
     d.set_item("loads", r.loads)?;
+    d.set_item("ticket", r.ticket)?;
+    d.set_item("costs", r.costs)?;
     Ok(d)
 }
 
@@ -300,9 +301,38 @@ impl Router {
     }
 
     /// Ends one in-flight request on member `worker_id`; False when that member was removed
-    /// meanwhile (then only its retired count drops).
-    fn release(&self, worker_id: u64) -> PyResult<bool> {
-        self.core.release(worker_id).map_err(value_error)
+    /// meanwhile (then only its retired count drops). The marginal policy needs the receipt's
+    /// `ticket` as well.
+    #[pyo3(signature = (worker_id, ticket=None))]
+    fn release(&self, worker_id: u64, ticket: Option<u64>) -> PyResult<bool> {
+        match ticket {
+            None => self.core.release(worker_id).map_err(value_error),
+            Some(t) => self.core.release_ticket(worker_id, t).map_err(value_error),
+        }
+    }
+
+    /// Marginal policy: fixes the MoE shape (layers, experts, top_k) its frequencies need (once).
+    fn set_geometry(&self, layers: usize, experts: usize, top_k: usize) -> PyResult<()> {
+        let g = ExpertGeometry::new(layers, experts, top_k).map_err(value_error)?;
+        self.core.set_geometry(g).map_err(value_error)
+    }
+
+    /// Marginal policy: (layers, experts, top_k), None until set (and for other policies).
+    #[getter]
+    fn geometry(&self) -> Option<(usize, usize, usize)> {
+        self.core.geometry().map(|g| (g.layers, g.experts, g.top_k))
+    }
+
+    /// Marginal policy: the step cost (a, b, c) it predicts with (None for other policies).
+    #[getter]
+    fn step_cost(&self) -> Option<(f64, f64, f64)> {
+        self.core.step_cost().map(|c| (c.a, c.b, c.c))
+    }
+
+    /// Marginal policy: expected distinct (layer, expert) pairs per decode step of each member's
+    /// running requests (None for other policies).
+    fn expected_distinct(&self) -> Option<Vec<f64>> {
+        self.core.expected_distinct()
     }
 
     /// Counts a request in flight on member `worker_id`, chosen outside the policy.
@@ -502,78 +532,27 @@ impl BaselineRouter {
 
 /// The marginal-cost policy (`eldr_router::policy::MarginalCost`): each request goes to the
 /// decoder where it adds the least predicted decode time under the step cost
-/// `a + b·batch + c·distinct (layer, expert) pairs`; its own state (tickets, per-decoder expected
-/// experts), separate from `Router`'s.
-#[pyclass(frozen, module = "sglang_eldr.router_rs")]
-struct MarginalCostRouter {
-    core: Mutex<MarginalCost>,
-}
-
-impl MarginalCostRouter {
-    fn lock(&self) -> std::sync::MutexGuard<'_, MarginalCost> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+/// `a + b·batch + c·distinct (layer, expert) pairs`. Members as for the other routers; the MoE
+/// shape now (layers, experts, top_k) or later (`set_geometry`); release with the receipt's ticket.
+#[pyclass(frozen, extends = Router, module = "sglang_eldr.router_rs")]
+struct MarginalCostRouter;
 
 #[pymethods]
 impl MarginalCostRouter {
     #[new]
-    #[pyo3(signature = (num_workers, layers, experts, top_k, a, b, c))]
-    fn new(num_workers: usize, layers: usize, experts: usize, top_k: usize, a: f64, b: f64, c: f64) -> PyResult<Self> {
-        let core = MarginalCost::new(num_workers, layers, experts, top_k, StepCost { a, b, c }).map_err(value_error)?;
-        Ok(Self { core: Mutex::new(core) })
-    }
-
-    /// (worker index, ticket); `counts` None places the request by load alone.
-    #[pyo3(signature = (counts=None, healthy=None))]
-    fn acquire(&self, py: Python<'_>, counts: Option<&Bound<'_, PyAny>>, healthy: Option<Vec<bool>>) -> PyResult<(usize, u64)> {
-        let p = self.acquire_with_costs_inner(py, counts, healthy)?;
-        Ok((p.worker, p.ticket))
-    }
-
-    /// As `acquire`, with the evidence: {"worker", "ticket", "costs" (ΔT per decoder, s), "loads"}.
-    #[pyo3(signature = (counts=None, healthy=None))]
-    fn acquire_with_costs<'py>(&self, py: Python<'py>, counts: Option<&Bound<'py, PyAny>>, healthy: Option<Vec<bool>>) -> PyResult<Bound<'py, PyDict>> {
-        let p = self.acquire_with_costs_inner(py, counts, healthy)?;
-        let d = PyDict::new(py);
-        d.set_item("worker", p.worker)?;
-        d.set_item("ticket", p.ticket)?;
-        d.set_item("costs", p.costs)?;
-        d.set_item("loads", p.loads)?;
-        Ok(d)
-    }
-
-    /// Ends the request holding `ticket`; returns its worker index.
-    fn release(&self, ticket: u64) -> PyResult<usize> {
-        self.lock().release(ticket).map_err(value_error)
-    }
-
-    fn loads<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
-        PyArray1::from_slice(py, self.lock().loads())
-    }
-
-    /// Expected distinct (layer, expert) pairs per decode step of each decoder's running requests.
-    fn expected_distinct(&self) -> Vec<f64> {
-        self.lock().expected_distinct().to_vec()
-    }
-
-    #[getter]
-    fn num_workers(&self) -> usize {
-        self.lock().workers()
-    }
-
-    fn __repr__(&self) -> String {
-        let r = self.lock();
-        let c = r.cost();
-        format!("MarginalCostRouter(num_workers={}, a={}, b={}, c={})", r.workers(), c.a, c.b, c.c)
-    }
-}
-
-impl MarginalCostRouter {
-    fn acquire_with_costs_inner(&self, py: Python<'_>, counts: Option<&Bound<'_, PyAny>>, healthy: Option<Vec<bool>>) -> PyResult<eldr_router::policy::Placement> {
-        let counts = input(counts)?;
-        let h = healthy.as_deref();
-        with_signal!(py, counts, |sig| self.lock().acquire(sig, h)).map_err(value_error)
+    #[pyo3(signature = (a=0.0, b=0.0, c=1.0, num_workers=None, keys=None, layers=None, experts=None, top_k=None,
+                        breaker_failures=DEFAULT_BREAKER_FAILURES))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(a: f64, b: f64, c: f64, num_workers: Option<usize>, keys: Option<Vec<String>>, layers: Option<usize>,
+           experts: Option<usize>, top_k: Option<usize>, breaker_failures: u32) -> PyResult<PyClassInitializer<Self>> {
+        let keys = keys_for(keys, num_workers, "MarginalCostRouter")?;
+        let geometry = match (layers, experts, top_k) {
+            (Some(l), Some(e), Some(k)) => Some(ExpertGeometry::new(l, e, k).map_err(value_error)?),
+            (None, None, None) => None,
+            _ => return Err(PyValueError::new_err("MarginalCostRouter: give layers, experts and top_k together, or none")),
+        };
+        let core = Core::marginal(&keys, StepCost { a, b, c }, geometry, breaker_failures).map_err(value_error)?;
+        Ok(PyClassInitializer::from(Router { core }).add_subclass(MarginalCostRouter))
     }
 }
 

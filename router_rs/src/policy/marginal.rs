@@ -18,11 +18,15 @@
 //!
 //! State per decoder: `Π_r (1 − q_r)` per pair (multiplied in on acquire, divided out on release;
 //! `q` is capped at [`Q_MAX`] so the division stays well conditioned) and `D`, recomputed from it.
-//! Each acquire returns a ticket that its release hands back.
+//! Each admitted request gets a ticket that its release hands back. Loads, health and membership
+//! are the [`Router`](crate::router::Router)'s (its `Fleet`); this holds only the expected experts,
+//! one row per member in member order.
 use std::collections::HashMap;
 
 use crate::error::{Result, RouterError};
+use crate::fleet::WorkerId;
 use crate::model::Signal;
+use crate::policy::FleetView;
 use crate::signature::CountValue;
 
 /// Cap on one pair's per-token probability (a request whose tokens all pick one expert).
@@ -47,72 +51,109 @@ impl StepCost {
     }
 }
 
-/// One decision: the chosen decoder, the request's ticket, and `ΔT` for every decoder (seconds;
-/// infinite for unhealthy ones).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Placement {
-    pub worker: usize,
-    pub ticket: u64,
-    pub costs: Vec<f64>,
-    pub loads: Vec<i64>,
+/// The MoE shape the per-request frequencies need: counts are `[layers, experts]` and every
+/// token picks `top_k` experts per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertGeometry {
+    pub layers: usize,
+    pub experts: usize,
+    pub top_k: usize,
 }
 
-pub struct MarginalCost {
-    layers: usize,
-    experts: usize,
-    top_k: usize,
-    cost: StepCost,
-    keep: Vec<f64>,     // [workers, layers·experts]: Π_r (1 − q_r)
-    distinct: Vec<f64>, // [workers]: Σ (1 − keep)
-    loads: Vec<i64>,
-    tickets: HashMap<u64, (usize, Vec<f64>)>,
-    next_ticket: u64,
-}
-
-impl MarginalCost {
-    pub fn new(workers: usize, layers: usize, experts: usize, top_k: usize, cost: StepCost) -> Result<Self> {
-        if workers == 0 {
-            return Err(RouterError::NoWorkers);
-        }
+impl ExpertGeometry {
+    pub fn new(layers: usize, experts: usize, top_k: usize) -> Result<Self> {
         if layers == 0 || experts == 0 || top_k == 0 || top_k > experts {
             return Err(RouterError::Invalid {
                 arg: "geometry",
                 reason: format!("need layers, experts >= 1 and 1 <= top_k <= experts, got ({layers}, {experts}, top_k {top_k})"),
             });
         }
-        Ok(Self {
-            layers,
-            experts,
-            top_k,
-            cost: cost.check()?,
-            keep: vec![1.0; workers * layers * experts],
-            distinct: vec![0.0; workers],
-            loads: vec![0; workers],
-            tickets: HashMap::new(),
-            next_ticket: 1,
-        })
+        Ok(Self { layers, experts, top_k })
     }
 
-    pub fn workers(&self) -> usize {
-        self.loads.len()
+    fn pairs(self) -> usize {
+        self.layers * self.experts
     }
-    pub fn loads(&self) -> &[i64] {
-        &self.loads
+}
+
+pub struct MarginalCost {
+    cost: StepCost,
+    geometry: Option<ExpertGeometry>,
+    keep: Vec<f64>,     // [members, pairs]: Π_r (1 − q_r); empty until the geometry is known
+    distinct: Vec<f64>, // [members]: Σ (1 − keep)
+    tickets: HashMap<u64, (WorkerId, Vec<f64>)>,
+    next_ticket: u64,
+}
+
+impl MarginalCost {
+    /// For `members` decoders; without a geometry requests are placed by load alone until
+    /// [`set_geometry`](Self::set_geometry).
+    pub fn new(members: usize, cost: StepCost, geometry: Option<ExpertGeometry>) -> Result<Self> {
+        let mut m = Self {
+            cost: cost.check()?,
+            geometry: None,
+            keep: Vec::new(),
+            distinct: vec![0.0; members],
+            tickets: HashMap::new(),
+            next_ticket: 1,
+        };
+        if let Some(g) = geometry {
+            m.set_geometry(g)?;
+        }
+        Ok(m)
     }
-    /// Expected distinct (layer, expert) pairs per step of each decoder's running requests.
-    pub fn expected_distinct(&self) -> &[f64] {
-        &self.distinct
-    }
+
     pub fn cost(&self) -> StepCost {
         self.cost
     }
+    pub fn geometry(&self) -> Option<ExpertGeometry> {
+        self.geometry
+    }
+    /// Expected distinct (layer, expert) pairs per step of each member's running requests.
+    pub fn expected_distinct(&self) -> &[f64] {
+        &self.distinct
+    }
 
-    /// `q` of one request from its prefill counts `[layers, experts]` (row-major).
-    pub fn frequencies<T: CountValue>(&self, counts: &[T], rows: usize, cols: usize) -> Result<Vec<f64>> {
-        if (rows, cols) != (self.layers, self.experts) {
+    /// Fixes the geometry (once; the same one again is a no-op). Requests admitted before had no
+    /// frequencies, so nothing is lost.
+    pub fn set_geometry(&mut self, g: ExpertGeometry) -> Result<()> {
+        let g = ExpertGeometry::new(g.layers, g.experts, g.top_k)?;
+        match self.geometry {
+            Some(old) if old == g => Ok(()),
+            Some(old) => Err(RouterError::Invalid {
+                arg: "geometry",
+                reason: format!("already ({}, {}, top_k {}), got ({}, {}, top_k {})", old.layers, old.experts, old.top_k,
+                                g.layers, g.experts, g.top_k),
+            }),
+            None => {
+                self.keep = vec![1.0; self.distinct.len() * g.pairs()];
+                self.geometry = Some(g);
+                Ok(())
+            }
+        }
+    }
+
+    /// `q` of one request: from counts `[layers, experts]`, empty (load alone) without counts.
+    /// A signature is refused, since the expected experts need the counts themselves.
+    pub fn frequencies<T: CountValue>(&self, signal: Signal<T>) -> Result<Vec<f64>> {
+        let (counts, rows, cols) = match signal {
+            Signal::Counts { data, rows, cols } => (data, rows, cols),
+            Signal::Absent => return Ok(Vec::new()),
+            Signal::Signature(_) => {
+                return Err(RouterError::Invalid {
+                    arg: "counts",
+                    reason: "the marginal-cost policy needs counts [layers, experts], not a signature".into(),
+                })
+            }
+        };
+        let g = self.geometry.ok_or(RouterError::Invalid {
+            arg: "counts",
+            reason: "the marginal-cost policy has no model geometry yet (set_geometry)".into(),
+        })?;
+        if (rows, cols) != (g.layers, g.experts) || counts.len() != rows * cols {
             return Err(RouterError::Shape {
                 arg: "counts",
-                expected: format!("[{}, {}]", self.layers, self.experts),
+                expected: format!("[{}, {}]", g.layers, g.experts),
                 got: format!("[{rows}, {cols}]"),
             });
         }
@@ -123,7 +164,7 @@ impl MarginalCost {
         for (row, out) in counts.chunks_exact(cols).zip(q.chunks_exact_mut(cols)) {
             let total: f64 = row.iter().map(|c| c.as_f64()).sum();
             if total > 0.0 {
-                let scale = self.top_k as f64 / total;
+                let scale = g.top_k as f64 / total;
                 for (o, c) in out.iter_mut().zip(row) {
                     *o = (c.as_f64() * scale).min(Q_MAX);
                 }
@@ -132,81 +173,90 @@ impl MarginalCost {
         Ok(q)
     }
 
-    /// `ΔT` of placing a request with frequencies `q` on each decoder (unhealthy: infinite).
-    pub fn costs(&self, q: &[f64], healthy: Option<&[bool]>) -> Result<Vec<f64>> {
-        let w = self.workers();
-        if let Some(h) = healthy {
-            if h.len() != w {
-                return Err(RouterError::Shape { arg: "healthy", expected: format!("[{w}]"), got: format!("[{}]", h.len()) });
-            }
-        }
-        let pairs = self.layers * self.experts;
+    /// `ΔT` of placing a request with frequencies `q` on each member (unhealthy: infinite).
+    pub fn costs(&self, q: &[f64], fleet: &FleetView) -> Vec<f64> {
+        let pairs = self.geometry.map_or(0, |g| g.pairs());
         let StepCost { a, b, c } = self.cost;
-        Ok((0..w)
+        (0..fleet.workers())
             .map(|d| {
-                if healthy.is_some_and(|h| !h[d]) {
+                if !fleet.healthy[d] {
                     return f64::INFINITY;
                 }
-                let keep = &self.keep[d * pairs..(d + 1) * pairs];
-                let new: f64 = q.iter().zip(keep).map(|(x, k)| x * k).sum();
-                let n = self.loads[d] as f64;
+                let new: f64 = if q.is_empty() { 0.0 } else { q.iter().zip(&self.keep[d * pairs..(d + 1) * pairs]).map(|(x, k)| x * k).sum() };
+                let n = fleet.loads[d] as f64;
                 let step = a + b * n + c * self.distinct[d];
                 (step + b + c * new) + n * (b + c * new)
             })
-            .collect())
+            .collect()
     }
 
-    /// Chooses a decoder for a request and counts it in flight there. `Signal::Absent` (no counts)
-    /// places it by load alone (an empty `q` reads as all zeros); a signature is refused, since the
-    /// expected experts need the counts themselves.
-    pub fn acquire<T: CountValue>(&mut self, signal: Signal<T>, healthy: Option<&[bool]>) -> Result<Placement> {
-        let q = match signal {
-            Signal::Counts { data, rows, cols } => self.frequencies(data, rows, cols)?,
-            Signal::Absent => Vec::new(),
-            Signal::Signature(_) => {
-                return Err(RouterError::Invalid {
-                    arg: "counts",
-                    reason: "the marginal-cost policy needs counts [layers, experts], not a signature".into(),
-                })
-            }
-        };
-        let costs = self.costs(&q, healthy)?;
-        let worker = (0..self.workers())
+    /// The member with the smallest `ΔT` (ties: fewer in flight, then the lower index) and every
+    /// member's `ΔT`.
+    pub fn choose(&self, q: &[f64], fleet: &FleetView) -> Result<(usize, Vec<f64>)> {
+        let costs = self.costs(q, fleet);
+        let worker = (0..fleet.workers())
             .filter(|&d| costs[d].is_finite())
-            .min_by(|&x, &y| costs[x].total_cmp(&costs[y]).then(self.loads[x].cmp(&self.loads[y])).then(x.cmp(&y)))
-            .ok_or(RouterError::AllUnhealthy(self.workers()))?;
-        let loads = self.loads.clone();
-        self.apply(worker, &q, true);
+            .min_by(|&x, &y| costs[x].total_cmp(&costs[y]).then(fleet.loads[x].cmp(&fleet.loads[y])).then(x.cmp(&y)))
+            .ok_or(RouterError::AllUnhealthy(fleet.workers()))?;
+        Ok((worker, costs))
+    }
+
+    /// Counts `q` on member `index` (id `id`); returns the request's ticket.
+    pub fn admit(&mut self, index: usize, id: WorkerId, q: Vec<f64>) -> u64 {
+        self.apply(index, &q, true, false);
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.tickets.insert(ticket, (worker, q));
-        Ok(Placement { worker, ticket, costs, loads })
+        self.tickets.insert(ticket, (id, q));
+        ticket
     }
 
-    /// Ends the request holding `ticket`; returns the decoder it ran on.
-    pub fn release(&mut self, ticket: u64) -> Result<usize> {
-        let (worker, q) = self.tickets.remove(&ticket).ok_or(RouterError::Invalid {
+    /// The member a ticket in flight was placed on.
+    pub fn owner(&self, ticket: u64) -> Option<WorkerId> {
+        self.tickets.get(&ticket).map(|(id, _)| *id)
+    }
+
+    /// Takes the ticket back: the member it was placed on and its frequencies.
+    pub fn retire(&mut self, ticket: u64) -> Result<(WorkerId, Vec<f64>)> {
+        self.tickets.remove(&ticket).ok_or(RouterError::Invalid {
             arg: "ticket",
             reason: format!("{ticket} is not in flight (released twice, or never issued)"),
-        })?;
-        self.apply(worker, &q, false);
-        Ok(worker)
+        })
     }
 
-    fn apply(&mut self, worker: usize, q: &[f64], add: bool) {
-        let pairs = self.layers * self.experts;
-        let keep = &mut self.keep[worker * pairs..(worker + 1) * pairs];
-        for (k, x) in keep.iter_mut().zip(q) {
-            if *x > 0.0 {
-                *k = if add { *k * (1.0 - x) } else { (*k / (1.0 - x)).min(1.0) };
+    /// Removes a retired request's `q` from member `index`; `idle` when it has nothing in flight
+    /// now (its row is reset, so no rounding drift survives an idle decoder).
+    pub fn unapply(&mut self, index: usize, q: &[f64], idle: bool) {
+        self.apply(index, q, false, idle);
+    }
+
+    /// A member was added at the end.
+    pub fn push_member(&mut self) {
+        let pairs = self.geometry.map_or(0, |g| g.pairs());
+        self.keep.extend(std::iter::repeat(1.0).take(pairs));
+        self.distinct.push(0.0);
+    }
+
+    /// Member `index` was removed (later ones shift down); its tickets release nothing here.
+    pub fn remove_member(&mut self, index: usize) {
+        let pairs = self.geometry.map_or(0, |g| g.pairs());
+        self.keep.drain(index * pairs..(index + 1) * pairs);
+        self.distinct.remove(index);
+    }
+
+    fn apply(&mut self, index: usize, q: &[f64], add: bool, idle: bool) {
+        let pairs = self.geometry.map_or(0, |g| g.pairs());
+        let keep = &mut self.keep[index * pairs..(index + 1) * pairs];
+        if idle {
+            keep.fill(1.0);
+        } else if !q.is_empty() {
+            for (k, x) in keep.iter_mut().zip(q) {
+                if *x > 0.0 {
+                    *k = if add { *k * (1.0 - x) } else { (*k / (1.0 - x)).min(1.0) };
+                }
             }
         }
-        self.loads[worker] += if add { 1 } else { -1 };
-        if self.loads[worker] == 0 {
-            keep.fill(1.0); // no drift survives an idle decoder
-        }
         // Summed afresh (not moved by the change): the measured figures in RESULTS §5b are this sum's.
-        self.distinct[worker] = keep.iter().map(|k| 1.0 - k).sum();
+        self.distinct[index] = keep.iter().map(|k| 1.0 - k).sum();
     }
 }
 
@@ -214,69 +264,116 @@ impl MarginalCost {
 mod tests {
     use super::*;
 
+    /// The policy with loads and health kept here, as the router's fleet keeps them.
+    struct Bench {
+        m: MarginalCost,
+        loads: Vec<i64>,
+        healthy: Vec<bool>,
+    }
+
+    impl Bench {
+        fn new(workers: usize, cost: StepCost) -> Self {
+            let m = MarginalCost::new(workers, cost, Some(ExpertGeometry::new(2, 4, 1).unwrap())).unwrap();
+            Self { m, loads: vec![0; workers], healthy: vec![true; workers] }
+        }
+
+        fn acquire<T: CountValue>(&mut self, signal: Signal<T>) -> Result<(usize, u64, Vec<f64>)> {
+            let q = self.m.frequencies(signal)?;
+            let (w, costs) = self.m.choose(&q, &FleetView { loads: &self.loads, healthy: &self.healthy })?;
+            self.loads[w] += 1;
+            Ok((w, self.m.admit(w, w as u64, q), costs))
+        }
+
+        fn release(&mut self, ticket: u64) -> Result<usize> {
+            let (id, q) = self.m.retire(ticket)?;
+            let w = id as usize;
+            self.loads[w] -= 1;
+            self.m.unapply(w, &q, self.loads[w] == 0);
+            Ok(w)
+        }
+    }
+
     fn counts<T: CountValue>(c: &[T; 8]) -> Signal<'_, T> {
         Signal::Counts { data: &c[..], rows: 2, cols: 4 }
     }
 
-    fn router(workers: usize, cost: StepCost) -> MarginalCost {
-        MarginalCost::new(workers, 2, 4, 1, cost).unwrap()
-    }
-
     #[test]
     fn same_experts_go_together_when_experts_cost() {
-        let mut r = router(2, StepCost { a: 0.0, b: 0.0, c: 1.0 });
+        let mut r = Bench::new(2, StepCost { a: 0.0, b: 0.0, c: 1.0 });
         let x: [u32; 8] = [4, 0, 0, 0, 4, 0, 0, 0];
         let y: [u32; 8] = [0, 0, 0, 4, 0, 0, 0, 4];
-        let first = r.acquire(counts(&x), None).unwrap();
-        assert_eq!(first.worker, 0);
+        assert_eq!(r.acquire(counts(&x)).unwrap().0, 0);
         // y on the busy decoder would add 2 new pairs and slow one request; on the idle one 2 pairs.
-        assert_eq!(r.acquire(counts(&y), None).unwrap().worker, 1);
+        assert_eq!(r.acquire(counts(&y)).unwrap().0, 1);
         // another x: no new pairs on decoder 0 (q capped at 0.95, so 0.05·0.95 each), 2 on decoder 1
-        let again = r.acquire(counts(&x), None).unwrap();
-        assert_eq!(again.worker, 0);
-        assert!(again.costs[0] < again.costs[1]);
+        let (w, _, costs) = r.acquire(counts(&x)).unwrap();
+        assert_eq!(w, 0);
+        assert!(costs[0] < costs[1]);
     }
 
     #[test]
     fn per_request_cost_balances_load() {
-        let mut r = router(3, StepCost { a: 1.0, b: 1.0, c: 0.0 });
-        let picks: Vec<usize> = (0..6).map(|_| r.acquire(Signal::<u32>::Absent, None).unwrap().worker).collect();
+        let mut r = Bench::new(3, StepCost { a: 1.0, b: 1.0, c: 0.0 });
+        let picks: Vec<usize> = (0..6).map(|_| r.acquire(Signal::<u32>::Absent).unwrap().0).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn release_restores_the_state_and_refuses_twice() {
-        let mut r = router(2, StepCost { a: 0.1, b: 0.1, c: 1.0 });
+        let mut r = Bench::new(2, StepCost { a: 0.1, b: 0.1, c: 1.0 });
         let x: [i32; 8] = [3, 1, 0, 0, 0, 2, 2, 0];
-        let p = r.acquire(counts(&x), None).unwrap();
-        let q = r.acquire(counts(&x), None).unwrap();
-        assert!(r.expected_distinct()[p.worker] > 0.0);
-        assert_eq!(r.release(p.ticket).unwrap(), p.worker);
-        assert_eq!(r.release(q.ticket).unwrap(), q.worker);
-        assert_eq!(r.loads(), &[0, 0]);
-        assert_eq!(r.expected_distinct(), &[0.0, 0.0]);
-        assert!(matches!(r.release(p.ticket), Err(RouterError::Invalid { arg: "ticket", .. })));
+        let (p, pt, _) = r.acquire(counts(&x)).unwrap();
+        let (q, qt, _) = r.acquire(counts(&x)).unwrap();
+        assert!(r.m.expected_distinct()[p] > 0.0);
+        assert_eq!(r.release(pt).unwrap(), p);
+        assert_eq!(r.release(qt).unwrap(), q);
+        assert_eq!(r.loads, [0, 0]);
+        assert_eq!(r.m.expected_distinct(), &[0.0, 0.0]);
+        assert!(matches!(r.release(pt), Err(RouterError::Invalid { arg: "ticket", .. })));
     }
 
     #[test]
     fn unhealthy_is_skipped_and_all_unhealthy_refused() {
-        let mut r = router(2, StepCost { a: 1.0, b: 1.0, c: 1.0 });
-        assert_eq!(r.acquire(Signal::<u8>::Absent, Some(&[false, true])).unwrap().worker, 1);
-        assert_eq!(r.acquire(Signal::<u8>::Absent, Some(&[false, false])), Err(RouterError::AllUnhealthy(2)));
-        assert!(matches!(r.acquire(Signal::<u8>::Absent, Some(&[true])), Err(RouterError::Shape { .. })));
+        let mut r = Bench::new(2, StepCost { a: 1.0, b: 1.0, c: 1.0 });
+        r.healthy = vec![false, true];
+        assert_eq!(r.acquire(Signal::<u8>::Absent).unwrap().0, 1);
+        r.healthy = vec![false, false];
+        assert_eq!(r.acquire(Signal::<u8>::Absent), Err(RouterError::AllUnhealthy(2)));
     }
 
     #[test]
-    fn bad_input_is_a_typed_error() {
-        let mut r = router(2, StepCost { a: 1.0, b: 1.0, c: 1.0 });
+    fn members_come_and_go_with_their_rows() {
+        let mut r = Bench::new(2, StepCost { a: 0.0, b: 0.0, c: 1.0 });
+        let x: [u32; 8] = [4, 0, 0, 0, 4, 0, 0, 0];
+        r.acquire(counts(&x)).unwrap();
+        r.m.push_member();
+        r.loads.push(0);
+        r.healthy.push(true);
+        assert_eq!(r.m.expected_distinct().len(), 3);
+        r.m.remove_member(0);
+        r.loads.remove(0);
+        r.healthy.remove(0);
+        assert_eq!(r.m.expected_distinct(), &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn geometry_is_set_once_and_bad_input_is_a_typed_error() {
+        let cost = StepCost { a: 1.0, b: 1.0, c: 1.0 };
+        let mut m = MarginalCost::new(2, cost, None).unwrap();
+        let x: [u32; 8] = [1, 0, 0, 0, 0, 0, 0, 1];
+        assert!(matches!(m.frequencies(counts(&x)), Err(RouterError::Invalid { arg: "counts", .. })));
+        assert_eq!(m.frequencies(Signal::<u32>::Absent).unwrap(), Vec::<f64>::new());
+        m.set_geometry(ExpertGeometry { layers: 2, experts: 4, top_k: 1 }).unwrap();
+        m.set_geometry(ExpertGeometry { layers: 2, experts: 4, top_k: 1 }).unwrap();
+        assert!(m.set_geometry(ExpertGeometry { layers: 2, experts: 4, top_k: 2 }).is_err());
+        assert_eq!(m.frequencies(counts(&x)).unwrap()[0], 0.95);
         let neg: [i32; 8] = [1, -1, 0, 0, 0, 0, 0, 0];
-        assert!(matches!(r.acquire(counts(&neg), None), Err(RouterError::Negative { index: 1, .. })));
+        assert!(matches!(m.frequencies(counts(&neg)), Err(RouterError::Negative { index: 1, .. })));
         let short: [i32; 4] = [1, 0, 0, 0];
-        assert!(matches!(r.acquire(Signal::Counts { data: &short[..], rows: 1, cols: 4 }, None), Err(RouterError::Shape { .. })));
+        assert!(matches!(m.frequencies(Signal::Counts { data: &short[..], rows: 1, cols: 4 }), Err(RouterError::Shape { .. })));
         let sig = [1.0f32; 8];
-        assert!(matches!(r.acquire(Signal::<u8>::Signature(&sig), None), Err(RouterError::Invalid { arg: "counts", .. })));
-        assert!(MarginalCost::new(2, 2, 4, 1, StepCost { a: f64::NAN, b: 0.0, c: 0.0 }).is_err());
-        assert!(MarginalCost::new(2, 2, 4, 5, StepCost { a: 0.0, b: 0.0, c: 0.0 }).is_err());
-        assert_eq!(r.loads(), &[0, 0]);
+        assert!(matches!(m.frequencies(Signal::<u8>::Signature(&sig)), Err(RouterError::Invalid { arg: "counts", .. })));
+        assert!(MarginalCost::new(2, StepCost { a: f64::NAN, b: 0.0, c: 0.0 }, None).is_err());
+        assert!(ExpertGeometry::new(2, 4, 5).is_err());
     }
 }
