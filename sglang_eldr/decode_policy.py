@@ -12,13 +12,19 @@ import numpy as np
 
 from sglang_eldr.centroids import CentroidFileError, CentroidSet
 from sglang_eldr.refit import Refitter
-from sglang_eldr.router_rs import BASELINES, DEFAULT_BREAKER_FAILURES, BaselineRouter, LocalityBandRouter, Router
+from sglang_eldr.router_rs import (BASELINES, DEFAULT_BREAKER_FAILURES, BaselineRouter, LocalityBandRouter,
+                                   MarginalCostRouter, Router)
 
 if TYPE_CHECKING:
     from sglang_eldr.router_rs import Receipt
 
 # `eldr-static` is `eldr` with the online refit off (`--refit off`), kept as an accepted name.
-DECODE_POLICIES = ("eldr", "eldr-static", *BASELINES)
+# `marginal` needs no centroids: it predicts each decoder's step-time increase from the prefill
+# counts of the requests it runs.
+DECODE_POLICIES = ("eldr", "eldr-static", "marginal", *BASELINES)
+# a + b·batch + c·distinct (layer, expert) pairs. With b = 0 the choice is the same for every c > 0:
+# the fewest new expert reads, weighted by the requests that would wait for them.
+DEFAULT_STEP_COST = (0.0, 0.0, 1.0)
 NO_CENTROIDS_ROUTING = "least-loaded (no centroids)"
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ class DecodeChooser:
         breaker_failures: int = DEFAULT_BREAKER_FAILURES,
         imbalance_fraction: float = 0.0,
         refit_every: int | None = None,
+        step_cost: tuple[float, float, float] = DEFAULT_STEP_COST,
     ):
         """`decoders`: the decoders' keys (their URLs), in order."""
         if policy not in DECODE_POLICIES:
@@ -51,7 +58,9 @@ class DecodeChooser:
         self.online_refit = policy == "eldr" and online_refit is not False
         self.seed = seed
         self.router: Router
-        if self.locality:
+        if policy == "marginal":
+            self.router = MarginalCostRouter(*step_cost, keys=list(decoders), breaker_failures=breaker_failures)
+        elif self.locality:
             self.router = LocalityBandRouter(None, tau, keys=list(decoders), max_imbalance=max_imbalance,
                                              imbalance_fraction=imbalance_fraction, breaker_failures=breaker_failures)
         else:
@@ -65,7 +74,7 @@ class DecodeChooser:
         # refits move them). An eldr policy without one routes least-loaded.
         self.centroid_set: CentroidSet | None = None
         self._counts_shape: tuple[int, int] | None = None  # of the counts seen before centroids arrived
-        if self.locality and centroid_set is not None:
+        if centroid_set is not None:  # refused (CentroidFileError) for a policy that takes none
             self.load_centroids(centroid_set)
 
     @property
@@ -80,6 +89,8 @@ class DecodeChooser:
     @property
     def routing(self) -> str:
         """What decisions are based on now: "locality", "least-loaded (no centroids)" or "load-only"."""
+        if self.policy == "marginal":
+            return "expected experts"
         if not self.locality:
             return "load-only"
         return "locality" if self.has_centroids else NO_CENTROIDS_ROUTING
@@ -92,8 +103,14 @@ class DecodeChooser:
     def membership_refits(self) -> int:
         return self.refitter.membership_refits if self.refitter is not None else 0
 
-    def choose(self, counts: np.ndarray | None) -> Receipt:
-        """Acquires a decoder; returns the Rust receipt {worker, id, policy, scores, band, loads}."""
+    def choose(self, counts: np.ndarray | None, prompt_tokens: int | None = None) -> Receipt:
+        """Acquires a decoder; returns the Rust receipt {worker, id, policy, scores, band, loads,
+        ticket, costs}. `prompt_tokens` (the counts report's) lets the marginal policy learn the
+        model's top-k from its first counts."""
+        if self.policy == "marginal":
+            if counts is not None and self.router.geometry is None:
+                self._learn_geometry(counts, prompt_tokens)
+            return self.router.acquire_with_receipt(counts)
         if not self.has_centroids:
             if counts is not None:
                 self._counts_shape = (int(counts.shape[0]), int(counts.shape[1]))
@@ -102,6 +119,21 @@ class DecodeChooser:
         if counts is not None and self.refitter is not None:
             self.refitter.observe(counts)
         return receipt
+
+    def _learn_geometry(self, counts: np.ndarray, prompt_tokens: int | None) -> None:
+        """Every prompt token picks top-k experts per layer, so a layer's counts sum to
+        tokens × top-k. ValueError (the request goes least-loaded as bad-counts) when they do not."""
+        if counts.ndim != 2 or not prompt_tokens or prompt_tokens <= 0:
+            raise ValueError(f"marginal: cannot learn top-k from counts of shape {list(counts.shape)} "
+                             f"over {prompt_tokens} prompt tokens")
+        per_layer = counts.sum(axis=1)
+        top_k = int(per_layer[0]) // prompt_tokens
+        if top_k < 1 or not (per_layer == top_k * prompt_tokens).all():
+            raise ValueError(f"marginal: counts per layer {per_layer.tolist()} are not one multiple of the "
+                             f"{prompt_tokens} prompt tokens")
+        self.router.set_geometry(int(counts.shape[0]), int(counts.shape[1]), top_k)
+        logger.info("marginal: model geometry %d layers x %d experts, top-%d (from the first counts)",
+                    counts.shape[0], counts.shape[1], top_k)
 
     # ------------------------------------------------------------------ centroids
     def check_centroids(self, cs: CentroidSet) -> None:

@@ -128,14 +128,15 @@ class Dispatcher:
         self._background.add(prefill_task)
         prefill_task.add_done_callback(self._background.discard)
         try:
+            tokens = None
             if counts_future is None:  # it advertised no counts endpoint (yet): nothing to wait for
                 counts, fallback = None, "no-counts-endpoint"
             else:
-                counts, fallback = await self._await_counts(counts_future, prefill_task)
+                counts, fallback, tokens = await self._await_counts(counts_future, prefill_task)
             wait_ms = round((time.perf_counter() - sent) * 1e3, 3)
             extra = counts_meta(counts) if want_counts and counts is not None else {}
             for attempt in range(self.config.decode_attempts):
-                decoder, route = self._route(prefill, counts, fallback, room, wait_ms)
+                decoder, route, ticket = self._route(prefill, counts, tokens, fallback, room, wait_ms)
                 if stream:
                     route["first_token"] = "off" if not self.config.early_first_token else "decoder"
                 try:
@@ -152,7 +153,7 @@ class Dispatcher:
                         prefill_task.cancel()
                         raise UpstreamError(502, f"no reachable decoder for this request (last: {decoder.url}: {e})") from None
                 finally:
-                    self.fleet.decoders.release(decoder)
+                    self.fleet.decoders.release(decoder, ticket)
             raise AssertionError("unreachable")
         except ValueError as e:  # the Rust router refused (e.g. all decoders unhealthy)
             prefill_task.cancel()
@@ -166,12 +167,13 @@ class Dispatcher:
             prefill_task.add_done_callback(functools.partial(_release, self.fleet.prefills, prefill))
             self.metrics.request_seconds.observe(time.perf_counter() - started)
 
-    def _route(self, prefill: Worker, counts: np.ndarray | None, fallback: str | None, room: int,
-               wait_ms: float) -> tuple[Worker, dict]:
-        """One Rust-router decision (counts the request in flight) and its receipt."""
+    def _route(self, prefill: Worker, counts: np.ndarray | None, prompt_tokens: int | None, fallback: str | None,
+               room: int, wait_ms: float) -> tuple[Worker, dict, int | None]:
+        """One Rust-router decision (counts the request in flight), its receipt, and the ticket its
+        release hands back (marginal policy; None for the others)."""
         route_started = time.perf_counter()
         try:
-            receipt = self.decode.choose(counts)
+            receipt = self.decode.choose(counts, prompt_tokens)
         except ValueError as e:
             if counts is None:
                 raise
@@ -191,26 +193,26 @@ class Dispatcher:
         route = RouteReceipt(
             policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
             room=room, counts_wait_ms=wait_ms, fallback=fallback, scores=receipt["scores"] if locality else None,
-            band=receipt["band"] if locality else None,
+            band=receipt["band"] if locality else None, costs=receipt["costs"],
         )
-        return decoder, msgspec.to_builtins(route)
+        return decoder, msgspec.to_builtins(route), receipt["ticket"]
 
     async def _await_counts(self, counts_future: asyncio.Future, prefill_task: asyncio.Task):
-        """(counts, fallback reason); the inbox owns the deadline and the loss detection."""
+        """(counts, fallback reason, prompt tokens); the inbox owns the deadline and the loss detection."""
         await first_done((counts_future, prefill_task))
         if counts_future.done():
             report = counts_future.result()
             if isinstance(report, str):
                 logger.info("routing without counts: %s", report)
-                return None, report
+                return None, report, None
             if report.unavailable is not None:
                 logger.info("prefill has no counts for room %d: %s", report.room, report.unavailable)
-                return None, "counts-unavailable"
+                return None, "counts-unavailable", None
             try:
-                return report.array(), None
+                return report.array(), None, report.prompt_tokens
             except ValueError as e:
                 logger.warning("malformed counts report: %s", e)
-                return None, "bad-counts"
+                return None, "bad-counts", None
         if prefill_task.done():
             status, text = prefill_task.result()
             if status != 200:
@@ -219,7 +221,7 @@ class Dispatcher:
             if error is not None:  # SGLang reports a refused streaming request inside a 200 stream
                 raise UpstreamError(*error)
             # Prefill answered without publishing counts (capture off on that server).
-            return None, "no-counts"
+            return None, "no-counts", None
         raise AssertionError("first_done returned with nothing done")
 
     async def _call_prefill(self, prefill: Worker, path: str, body: bytes,

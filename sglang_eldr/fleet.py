@@ -139,9 +139,10 @@ class Pool:
         """Counts a request on a worker chosen outside the router's policy."""
         self.router.hold(worker.id)
 
-    def release(self, worker: Worker) -> None:
-        """Ends one request on `worker`; after its removal only its own retired count drops."""
-        self.router.release(worker.id)
+    def release(self, worker: Worker, ticket: int | None = None) -> None:
+        """Ends one request on `worker` (with its receipt's ticket under the marginal policy);
+        after its removal only its own retired count drops."""
+        self.router.release(worker.id, ticket)
 
     def report(self, worker: Worker, ok: bool) -> None:
         """One circuit-breaker observation; logs a change of health."""

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from urllib.parse import urlparse
 
 from aiohttp import web
 
 from sglang_eldr import centroids as centroid_file
-from sglang_eldr.decode_policy import DECODE_POLICIES, DecodeChooser
+from sglang_eldr.decode_policy import DECODE_POLICIES, DEFAULT_STEP_COST, DecodeChooser
 from sglang_eldr.fleet import LBConfig, Worker
 from sglang_eldr.load_balancer import LoadBalancer
 from sglang_eldr.paths import local_path
@@ -61,6 +62,16 @@ def parse_prefill(spec: list[str]) -> Worker:
     return Worker(url=url, role="prefill", bootstrap_port=bootstrap, counts_port=counts_port, counts_host=counts_host)
 
 
+def step_cost(text: str) -> tuple[float, float, float]:
+    try:
+        a, b, c = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three numbers A,B,C (seconds), e.g. 0.007,0.0008,0.0015") from None
+    if min(a, b, c) < 0 or not all(math.isfinite(x) for x in (a, b, c)) or (b == 0 and c == 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: A, B, C must be finite and >= 0, and B or C > 0")
+    return a, b, c
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m sglang_eldr.launch_router", description=__doc__,
@@ -72,8 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "repeat for several prefill servers")
     ap.add_argument("--decode", action="append", required=True, metavar="URL", help="decode server URL; repeat")
     ap.add_argument("--policy", choices=DECODE_POLICIES, default="eldr",
-                    help="decode policy: eldr (locality band, online refit), eldr-static (no refit), "
-                         "or a load-only baseline (default: eldr)")
+                    help="decode policy: eldr (locality band, online refit), eldr-static (no refit), marginal "
+                         "(the decoder where the request adds the least predicted step time, from the prefill "
+                         "counts of the requests each decoder runs; no centroids), or a load-only baseline "
+                         "(default: eldr)")
+    ap.add_argument("--step-cost", type=step_cost, default=DEFAULT_STEP_COST, metavar="A,B,C",
+                    help="marginal: the decode step time it predicts, A + B x requests in the batch + C x distinct "
+                         "(layer, expert) pairs read, in seconds (bench/measure_step_cost.py measures them). Only "
+                         "the ratio B/C matters; with B = 0 the choice is the fewest new expert reads weighted by "
+                         "the requests that wait for them (default: 0,0,1)")
     ap.add_argument("--prefill-policy", choices=PREFILL_POLICIES, default="prefix-hash",
                     help="prefill choice: prefix-hash with a load gate (cache affinity) or rr (default: prefix-hash)")
     ap.add_argument("--prefill-load-gate", type=int, default=4,
@@ -152,7 +170,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         refit_interval_s=args.refit_interval, refit_min_samples=args.refit_min_samples,
         max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
         imbalance_fraction=args.imbalance_fraction, refit_every=args.refit_every,
-        online_refit=None if args.refit is None else args.refit == "online",
+        online_refit=None if args.refit is None else args.refit == "online", step_cost=args.step_cost,
     )
     return LoadBalancer(
         prefills=prefills, decoders=decoders, decode=chooser,

@@ -109,6 +109,12 @@ class LoadBalancer:
 
     async def handle_workers(self, request: web.Request) -> web.Response:
         rows = [self._row(w) for w in self.fleet.workers]
+        expected = self.decode.router.expected_distinct()  # marginal: per decoder, in member order
+        if expected is not None:
+            by_url = {w.url: e for w, e in zip(self.decoders.workers, expected)}
+            for row in rows:
+                if row["role"] == "decode" and row["url"] in by_url:
+                    row["expected_distinct_pairs"] = round(by_url[row["url"]], 3)
         return web.json_response({"policy": self.policy_name, "routing": self.decode.routing, "workers": rows,
                                   "centroids": self.decode.num_decoders if self.decode.has_centroids else None,
                                   "centroid_file": self._centroid_summary(),

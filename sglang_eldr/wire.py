@@ -189,7 +189,8 @@ class RouteReceipt(msgspec.Struct):
     the prefill until its counts (or the reason to go without) were known. `first_token` (streams):
     "prefill" when the client's first chunks came from the prefill's own stream, "decoder" when they
     did not, "mismatch" when the decoder's text did not continue the prefill's (logged), "off" when
-    the router does not stream early."""
+    the router does not stream early. `costs` (marginal policy): the predicted step-time increase,
+    in seconds, of placing the request on each decoder (member order, as `loads`)."""
 
     policy: str
     prefill: str
@@ -201,6 +202,7 @@ class RouteReceipt(msgspec.Struct):
     scores: list[float] | None = None
     band: list[int] | None = None
     first_token: str | None = None
+    costs: list[float] | None = None
 
 
 class WorkerSpec(msgspec.Struct, forbid_unknown_fields=True):

@@ -77,3 +77,18 @@ def test_refit_off_is_eldr_static():
     r = launch("--decode", "http://127.0.0.1:10", "--decode", "http://127.0.0.1:11", "--centroids", str(SHIPPED),
                "--policy", "eldr-static", "--refit", "online")
     assert r.returncode == 2 and "eldr-static is eldr" in r.stderr
+
+
+def test_policies_without_centroids_refuse_a_centroid_file_and_bad_step_costs():
+    two = ["--decode", "http://127.0.0.1:10", "--decode", "http://127.0.0.1:11"]
+    for policy in ("marginal", "jsq"):
+        r = launch(*two, "--policy", policy, "--centroids", str(SHIPPED))
+        assert r.returncode == 2 and "takes no centroids" in r.stderr, r.stderr
+    for bad in ("1,2", "a,b,c", "-1,0,1", "0,0,0", "nan,0,1"):
+        r = launch(*two, "--policy", "marginal", "--step-cost", bad)
+        assert r.returncode == 2 and "--step-cost" in r.stderr, (bad, r.stderr)
+    args = launch_router.build_parser().parse_args(
+        ["--prefill", "http://127.0.0.1:9", *two, "--policy", "marginal", "--step-cost", "0.007,0.0008,0.0015"])
+    lb = launch_router.build_balancer(args)
+    assert lb.decode.routing == "expected experts"
+    assert lb.decode.router.step_cost == (0.007, 0.0008, 0.0015) and lb.decode.router.geometry is None

@@ -57,6 +57,11 @@ def check_receipt(route: dict, policy: str, decoders: list[str], prefill: str) -
         assert scores[chosen] == max(scores[k] for k in tied)
     elif policy == "jsq":
         assert route["loads"][chosen] == min(route["loads"])
+    elif policy == "marginal":
+        # it learnt the geometry from the first counts and chose the least predicted slow-down
+        assert route.get("fallback") is None and route.get("scores") is None, route
+        costs = route["costs"]
+        assert len(costs) == len(decoders) and costs[chosen] == min(costs), route
     else:
         assert route.get("scores") is None
 
@@ -73,6 +78,8 @@ def test_outputs_identical_to_a_single_server_for_every_policy(cluster, centroid
         assert res["output_ids"] == ref["output_ids"], (policy, p["domain"])
         check_receipt(res["meta_info"]["eldr_route"], policy, decoders, cluster.prefills[0].url)
     assert decode_in_flight(router.url) == [0, 0]
+    if policy == "marginal":  # every request's expected experts left with it
+        assert [w["expected_distinct_pairs"] for w in decode_rows(router.url)] == [0.0, 0.0]
 
 
 def test_domains_concentrate_on_their_decoder(cluster, centroids):
