@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--requests-per-worker", type=int, default=40)
     ap.add_argument("--policies", nargs="+", default=list(simulate.POLICIES), choices=simulate.POLICIES)
+    ap.add_argument("--marginal-told", type=lambda t: tuple(float(x) for x in t.split(",")), default=None,
+                    metavar="A,B,C", help="the marginal policy predicts with this step cost instead of the simulated "
+                                          "profile (e.g. 0,0,1: the router's --step-cost default)")
     ap.add_argument("--c-scale", type=float, default=1.0,
                     help="the marginal policy's per-expert cost is the profile's times this (a mis-specified "
                          "profile; default 1: the profile the simulator runs)")
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers, args.load, args.cost, args.seeds, args.requests_per_worker = [8], [0.85], ["cpu-small"], 3, 20
     policies = tuple(args.policies)
     simulate.MARGINAL_C_SCALE = args.c_scale
+    simulate.MARGINAL_TOLD = args.marginal_told
     if not set(simulate.BASELINES) <= set(policies):
         ap.error("--policies must include every baseline (rr random jsq p2c): the best of them is the reference")
     full = simulate.load_traces(args.traces)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
     records = [as_record(c, args.seeds) for c in cells]
     records = [r for rs in records for r in rs]
-    meta = {"traces": str(args.traces), "seeds": args.seeds, "c_scale": args.c_scale, "tau": args.tau, "max_batch": args.max_batch,
+    meta = {"traces": str(args.traces), "seeds": args.seeds, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
             "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},
             "seconds": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -241,6 +241,7 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
 MAX_IMBALANCE: int | None = 2  # set from --max-imbalance
 IMBALANCE_FRACTION = 0.0  # set from --imbalance-fraction
 MARGINAL_C_SCALE = 1.0  # set from policy_seeds.py --c-scale
+MARGINAL_TOLD: tuple[float, float, float] | None = None  # policy_seeds.py --marginal-told: a fixed (a, b, c)
 
 
 def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, cost: CostModel):
@@ -252,7 +253,8 @@ def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, 
         L, E = calib.prefill.shape[1:]
         # The policy is told the cost profile, with its per-expert cost off by MARGINAL_C_SCALE
         # (1: exact) to see how much it depends on knowing it.
-        return MarginalCostRouter(cost.a, cost.b, cost.c * MARGINAL_C_SCALE, num_workers=workers, layers=L, experts=E,
+        a, b, c = MARGINAL_TOLD or (cost.a, cost.b, cost.c * MARGINAL_C_SCALE)
+        return MarginalCostRouter(a, b, c, num_workers=workers, layers=L, experts=E,
                                   top_k=calib.decode[0].shape[2])
     cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
     return LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # `marginal` needs no centroids: it predicts each decoder's step-time increase from the prefill
 # counts of the requests it runs.
 DECODE_POLICIES = ("eldr", "eldr-static", "marginal", *BASELINES)
+DEFAULT_DECODE_POLICY = "marginal"  # the figures: bench/RESULTS.md §5b
 # a + b·batch + c·distinct (layer, expert) pairs. With b = 0 the choice is the same for every c > 0:
 # the fewest new expert reads, weighted by the requests that would wait for them.
 DEFAULT_STEP_COST = (0.0, 0.0, 1.0)

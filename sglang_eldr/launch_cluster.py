@@ -12,6 +12,7 @@ this process may use.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from sglang_eldr.decode_policy import DECODE_POLICIES
+from sglang_eldr.decode_policy import DECODE_POLICIES, DEFAULT_DECODE_POLICY
 from sglang_eldr.paths import local_path, model_path
 from sglang_eldr.server_process import ServerProcess, free_port, pd_env, wait_all
 
@@ -36,7 +37,7 @@ class Cluster:
     model_path: str
     num_prefill: int = 1
     num_decode: int = 2
-    policy: str = "eldr"
+    policy: str = DEFAULT_DECODE_POLICY
     centroids: str | None = None
     tau: float = 0.1
     router_port: int = 0
@@ -89,7 +90,28 @@ class Cluster:
         env = pd_env(core, host=s.host)
         if self.step_stats and s.role == "decode":
             env["SGLANG_ELDR_STEP_STATS_FILE"] = str(self.log_dir / f"step-stats-{s.port}.json")
+            env["SGLANG_ELDR_STEP_TRACE_FILE"] = str(self._step_trace(s))
         return env
+
+    def _step_trace(self, s: Server) -> Path:
+        return self.log_dir / f"step-trace-{s.port}.jsonl"
+
+    def step_marks(self) -> list[int]:
+        """Per decoder, where its step trace ends now (a cluster with step_stats)."""
+        return [self._step_trace(d).stat().st_size if self._step_trace(d).exists() else 0 for d in self.decoders]
+
+    def steps_since(self, marks: list[int]) -> list[list[dict]]:
+        """Per decoder, its decode steps since `marks`: {"tokens", "distinct_pairs", "forward_s"}."""
+        out: list[list[dict]] = []
+        for d, mark in zip(self.decoders, marks):
+            path = self._step_trace(d)
+            if not path.exists():
+                out.append([])
+                continue
+            with path.open() as f:
+                f.seek(mark)
+                out.append([json.loads(line) for line in f if line.endswith("\n")])
+        return out
 
     def kill(self, s: Server) -> None:
         """SIGKILL a server's whole process group (fault injection)."""
@@ -214,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model directory (e.g. models/tiny-qwen3-moe) or hub id")
     ap.add_argument("--num-prefill", type=int, default=1, help="prefill servers (default: 1)")
     ap.add_argument("--num-decode", type=int, default=2, help="decode servers (default: 2)")
-    ap.add_argument("--policy", choices=DECODE_POLICIES, default="eldr", help="decode policy (default: eldr)")
+    ap.add_argument("--policy", choices=DECODE_POLICIES, default=DEFAULT_DECODE_POLICY,
+                    help=f"decode policy (default: {DEFAULT_DECODE_POLICY})")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--centroids", type=local_path, help="centroid file for the eldr policies")
     src.add_argument("--calibrate", metavar="PROMPTS_JSONL", type=local_path,

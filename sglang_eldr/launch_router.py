@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from sglang_eldr import centroids as centroid_file
-from sglang_eldr.decode_policy import DECODE_POLICIES, DEFAULT_STEP_COST, DecodeChooser
+from sglang_eldr.decode_policy import DECODE_POLICIES, DEFAULT_DECODE_POLICY, DEFAULT_STEP_COST, DecodeChooser
 from sglang_eldr.fleet import LBConfig, Worker
 from sglang_eldr.load_balancer import LoadBalancer
 from sglang_eldr.paths import local_path
@@ -82,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(PORT or HOST:PORT; default: what the prefill advertises at GET /eldr/info); "
                          "repeat for several prefill servers")
     ap.add_argument("--decode", action="append", required=True, metavar="URL", help="decode server URL; repeat")
-    ap.add_argument("--policy", choices=DECODE_POLICIES, default="eldr",
+    ap.add_argument("--policy", choices=DECODE_POLICIES, default=DEFAULT_DECODE_POLICY,
                     help="decode policy: eldr (locality band, online refit), eldr-static (no refit), marginal "
                          "(the decoder where the request adds the least predicted step time, from the prefill "
                          "counts of the requests each decoder runs; no centroids), or a load-only baseline "
-                         "(default: eldr)")
+                         f"(default: {DEFAULT_DECODE_POLICY})")
     ap.add_argument("--step-cost", type=step_cost, default=DEFAULT_STEP_COST, metavar="A,B,C",
                     help="marginal: the decode step time it predicts, A + B x requests in the batch + C x distinct "
                          "(layer, expert) pairs read, in seconds (bench/measure_step_cost.py measures them). Only "

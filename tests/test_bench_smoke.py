@@ -130,3 +130,17 @@ def test_ttft_vs_stock_quick(tmp_path):
     for pid in summary["smg_pids"]:  # the benchmark stopped the smg processes it started
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_measure_step_cost_quick(tmp_path):
+    """Real SGLang decode steps of the tiny model: a fitted profile with an interval, the points it
+    came from, and the idle check's evidence."""
+    out = tmp_path / "step_cost.json"
+    text = run(["bench/measure_step_cost.py", "--quick", "--out", str(out)], 600)
+    data = json.loads(out.read_text())
+    p = data["profiles"]["cpu-small"]
+    assert p["steps"] >= 10 and {pt["tokens"] for pt in p["points"]} == {1, 4}
+    assert all(pt["steps"] > 0 and pt["forward_ms_median"] > 0 for pt in p["points"])
+    assert len(p["ci95"]["c"]) == 2 and p["expert_bytes"] == 3 * 128 * 64 * 2
+    assert isinstance(p["idle"], bool) and p["load_before"] >= 0 and data["bandwidth_read_gb_s_1_thread"] > 0
+    assert "µs/pair" in text

@@ -41,7 +41,7 @@ def cluster(tmp_path_factory):
     # A relative model path, as users type it: the servers run in the log directory, so this
     # exercises the Cluster's path resolution for real.
     with contextlib.chdir(ROOT):
-        c = Cluster(model_path=str(MODEL.relative_to(ROOT)), num_prefill=1, num_decode=2, max_total_tokens=8192,
+        c = Cluster(model_path=str(MODEL.relative_to(ROOT)), num_prefill=1, num_decode=2, max_total_tokens=8192, policy="eldr",
                     host=HOST, log_dir=tmp_path_factory.mktemp("cluster"))
     with c:
         yield c

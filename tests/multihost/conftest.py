@@ -19,7 +19,7 @@ def spread_cluster(tmp_path_factory):
     why = _missing()
     if why:
         pytest.fail(why)
-    c = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, max_total_tokens=8192,
+    c = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=2, max_total_tokens=8192, policy="eldr",
                 hosts=[PREFILL, DECODE_1, DECODE_2], router_host=ROUTER, log_dir=tmp_path_factory.mktemp("spread"))
     with c:
         port = free_port(PLAIN)

@@ -117,7 +117,7 @@ def two_hosts():
 @pytest.fixture(scope="package")
 def netns_cluster(two_hosts, tmp_path_factory):
     """Started and used from a thread inside host B (see `in_netns`)."""
-    c = NetnsCluster(model_path=str(MODEL), num_prefill=1, num_decode=2, max_total_tokens=8192,
+    c = NetnsCluster(model_path=str(MODEL), num_prefill=1, num_decode=2, max_total_tokens=8192, policy="eldr",
                      hosts=[HOST_A, HOST_B, HOST_B], router_host=HOST_B, log_dir=tmp_path_factory.mktemp("netns"))
     c.hosts_ns = two_hosts
     b = two_hosts.ns[HOST_B]
