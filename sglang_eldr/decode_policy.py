@@ -52,6 +52,8 @@ class DecodeChooser:
         """`decoders`: the decoders' keys (their URLs), in order."""
         if policy not in DECODE_POLICIES:
             raise ValueError(f"policy: unknown {policy!r} (expected one of {', '.join(DECODE_POLICIES)})")
+        if online_refit is not None and not policy.startswith("eldr"):
+            raise ValueError(f"--refit is for the eldr policy (it refits centroids); {policy} has none")
         if policy == "eldr-static" and online_refit:
             raise ValueError("policy eldr-static is eldr with the online refit off; use --policy eldr --refit online")
         self.policy = policy

@@ -33,9 +33,10 @@ def test_corrupt_centroid_file_refuses_to_start(tmp_path, damage, message):
 
 
 def test_mismatched_or_missing_centroids_refuse_to_start(tmp_path):
-    r = launch(*sum((["--decode", f"http://127.0.0.1:{p}"] for p in (10, 11, 12)), []), "--centroids", str(SHIPPED))
+    r = launch(*sum((["--decode", f"http://127.0.0.1:{p}"] for p in (10, 11, 12)), []), "--policy", "eldr",
+               "--centroids", str(SHIPPED))
     assert r.returncode == 2 and "2 centroids but 3 decoders" in r.stderr, r.stderr
-    r = launch("--decode", "http://127.0.0.1:10", "--centroids", str(tmp_path / "missing.eldr"))
+    r = launch("--decode", "http://127.0.0.1:10", "--policy", "eldr", "--centroids", str(tmp_path / "missing.eldr"))
     assert r.returncode == 2 and "cannot read" in r.stderr, r.stderr
 
 
@@ -64,8 +65,8 @@ def test_prefill_spec_counts_endpoint_forms():
 def test_refit_off_is_eldr_static():
     base = ["--prefill", "http://127.0.0.2:9", "--decode", "http://127.0.0.2:10", "--decode", "http://127.0.0.2:11",
             "--centroids", str(SHIPPED)]
-    online = launch_router.build_balancer(launch_router.build_parser().parse_args(base))
-    off = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--refit", "off"]))
+    online = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--policy", "eldr"]))
+    off = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--policy", "eldr", "--refit", "off"]))
     static = launch_router.build_balancer(launch_router.build_parser().parse_args(base + ["--policy", "eldr-static"]))
     assert online.decode.refitter is not None and online.decode.refitter.periodic and online.decode.online_refit
     # Without the periodic refit, membership changes still refit.
@@ -87,6 +88,8 @@ def test_policies_without_centroids_refuse_a_centroid_file_and_bad_step_costs():
     for bad in ("1,2", "a,b,c", "-1,0,1", "0,0,0", "nan,0,1"):
         r = launch(*two, "--policy", "marginal", "--step-cost", bad)
         assert r.returncode == 2 and "--step-cost" in r.stderr, (bad, r.stderr)
+    r = launch(*two, "--policy", "marginal", "--refit", "off")
+    assert r.returncode == 2 and "--refit is for the eldr policy" in r.stderr, r.stderr
     args = launch_router.build_parser().parse_args(
         ["--prefill", "http://127.0.0.1:9", *two, "--policy", "marginal", "--step-cost", "0.007,0.0008,0.0015"])
     lb = launch_router.build_balancer(args)

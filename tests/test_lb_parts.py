@@ -258,3 +258,27 @@ def test_the_online_refit_fires_by_request_count():
     refitter.close()
     with pytest.raises(ValueError, match="refit every"):
         DecodeChooser("eldr", keys(2), cs, refit_every=0)
+
+
+def test_marginal_learns_top_k_from_the_first_counts_report():
+    chooser = DecodeChooser("marginal", keys(2))
+    assert chooser.routing == "expected experts" and chooser.router.geometry is None
+    counts = np.zeros((4, 8), dtype=np.int32)
+    counts[:, :3] = 10  # 10 prompt tokens, top-3 per layer
+    bad = counts.copy()
+    bad[2, 0] += 1  # layer 2 counts one pick too many
+    with pytest.raises(ValueError, match="not one multiple"):
+        chooser.choose(bad, 10)
+    with pytest.raises(ValueError, match="cannot learn top-k"):
+        chooser.choose(counts, 0)
+    assert chooser.router.geometry is None  # nothing learnt from bad reports
+    first = chooser.choose(counts, 10)
+    assert chooser.router.geometry == (4, 8, 3) and first["ticket"] is not None
+    other = counts[:, ::-1].copy()  # disjoint experts: on the busy decoder both requests would wait for them
+    second = chooser.choose(other, 10)
+    assert second["worker"] != first["worker"] and len(second["costs"]) == 2
+    for r in (first, second):
+        chooser.router.release(r["id"], r["ticket"])
+    assert list(chooser.router.loads()) == [0, 0] and chooser.router.expected_distinct() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="--refit is for the eldr policy"):
+        DecodeChooser("marginal", keys(2), online_refit=False)
