@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--marginal-told", type=lambda t: tuple(float(x) for x in t.split(",")), default=None,
                     metavar="A,B,C", help="the marginal policy predicts with this step cost instead of the simulated "
                                           "profile (e.g. 0,0,1: the router's --step-cost default)")
+    simulate.add_model_options(ap)
     ap.add_argument("--c-scale", type=float, default=1.0,
                     help="the marginal policy's per-expert cost is the profile's times this (a mis-specified "
                          "profile; default 1: the profile the simulator runs)")
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     policies = tuple(args.policies)
     simulate.MARGINAL_C_SCALE = args.c_scale
     simulate.MARGINAL_TOLD = args.marginal_told
+    simulate.configure(args)
     if not set(simulate.BASELINES) <= set(policies):
         ap.error("--policies must include every baseline (rr random jsq p2c): the best of them is the reference")
     full = simulate.load_traces(args.traces)
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = []
     for cost in args.cost:
         for w in args.workers:
+            capacity = simulate.capacity_rate(full, w, costs[cost], args.max_batch)
             for load in args.load:
                 runs = []
                 for seed in range(args.seeds):
@@ -107,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                                                       [full.decode[i] for i in idx], full.experts)
                     calib, evalset = pick(perm[:half]), pick(perm[half:])
                     runs.append(simulate.run_cell(evalset, calib, w, args.tau, load, costs[cost], args.max_batch,
-                                                  max(200, args.requests_per_worker * w), seed, policies))
+                                                  max(200, args.requests_per_worker * w), seed, policies, capacity))
                 summary = cell_summary(runs, policies)
-                cells.append({"cost": cost, "workers": w, "load": load, "summary": summary})
+                cells.append({"cost": cost, "workers": w, "load": load, "capacity_rps": capacity,
+                              "refits": float(np.mean([r["refits"] for run in runs for r in run if r["policy"] == "eldr"] or [0])),
+                              "summary": summary})
                 for s in summary:
                     verdict = ("wins" if s["ci95_high"] < 0 else "holds" if s["ci95_high"] <= 0.01 else "REGRESSES"
                                if s["ci95_low"] > 0.01 else "unresolved")
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [as_record(c, args.seeds) for c in cells]
     records = [r for rs in records for r in rs]
     meta = {"traces": str(args.traces), "seeds": args.seeds, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
+            "lengths": simulate.LENGTHS, "refit": simulate.REFIT.__dict__ if simulate.REFIT else None,
             "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},
             "seconds": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

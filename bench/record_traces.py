@@ -1,6 +1,7 @@
 """Records simulator traces from the tiny trained MoE: for each prompt, its prefill expert counts
 [L, E] and the top-k expert ids of every greedy decode step [T, L, k] (transformers, float32,
-top-k from the router logits — the same selection SGLang makes).
+top-k from the router logits — the same selection SGLang makes), up to --decode-tokens, ending
+early where the model emits its EOS token.
 
     python bench/record_traces.py --model models/tiny-qwen3-moe --out bench/results/traces_tiny_moe.npz
 """
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/tiny-qwen3-moe")
     ap.add_argument("--prompts", nargs="+", default=["bench/data/prompts_calib.jsonl", "bench/data/prompts_eval.jsonl"])
-    ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0, help="at most this many prompts (0 = all)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/traces_tiny_moe.npz"))
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     top_k = int(model.config.num_experts_per_tok)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     rows = [json.loads(l) for p in args.prompts for l in Path(p).read_text().splitlines() if l.strip()]
     if args.limit:
         rows = rows[: args.limit]
@@ -43,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     pre, dec, dom = [], [], []
     t0 = time.time()
     for i, r in enumerate(rows):
-        c, d, _, _ = trace(model, tok, r["text"], args.decode_tokens, top_k, args.max_prompt)
+        c, d, _, gen = trace(model, tok, r["text"], args.decode_tokens, top_k, args.max_prompt)
+        # gen[t] is fed at decode step t; a request that emits EOS at gen[t] ran steps 0..t-1.
+        end = next((t for t, g in enumerate(gen) if g in eos_ids), len(gen))
         pre.append(c.astype(np.int32))
-        dec.append(d)
+        dec.append(d[: max(end, 1)])
         dom.append(domains.index(r["domain"]))
         if (i + 1) % 50 == 0:
             print(f"traced {i + 1}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
@@ -53,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(args.out, prefill=np.stack(pre), decode=np.concatenate(dec),
                         decode_lengths=np.array([len(d) for d in dec]), domain=np.array(dom),
                         domain_names=np.array(domains))
-    print(f"wrote {len(rows)} traces to {args.out} in {time.time() - t0:.0f} s")
+    lens = np.array([len(d) for d in dec])
+    print(f"wrote {len(rows)} traces to {args.out} in {time.time() - t0:.0f} s; decode lengths "
+          f"min {lens.min()} median {int(np.median(lens))} max {lens.max()} ({int((lens < args.decode_tokens).sum())} ended at EOS)")
     return 0
 
 

@@ -10,6 +10,13 @@ the load balancer uses); a request is acquired on arrival and released when it f
 Traces: `--traces FILE.npz` recorded from the tiny trained model (bench/record_traces.py), or
 `--synthetic` domains with a tunable prefill->decode correlation.
 Cost model: coefficients per named profile (`--cost`), each stating where it was measured.
+Decode lengths: each request decodes `min(its trace, a draw from --lengths)` tokens (the tiny model
+never emits EOS, so the length distribution is stated, not observed).
+Load: a fraction of the capacity, measured as the saturation throughput of the best load-only
+baseline (every request queued at t = 0; the best of rr/random/jsq/p2c in requests per second).
+Online refit (`--refit INTERVAL,WINDOW`, the load balancer's 2.5 s / 5 s): the eldr router's centroids
+are refitted in simulated time on the recent requests' counts and swapped in, aligned, as
+`sglang_eldr.refit` does.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sglang_eldr import fitting
+from sglang_eldr.signature import build_signatures
 from sglang_eldr.router_rs import BaselineRouter, LocalityBandRouter, MarginalCostRouter
 
 POLICIES = ("eldr", "marginal", "domain", "rr", "random", "jsq", "p2c")
@@ -159,14 +167,57 @@ class DomainOracle:
 @dataclass
 class Result:
     tpot: np.ndarray
+    finish: np.ndarray
     distinct_per_step: float
     steps: int
 
 
+@dataclass(frozen=True)
+class Refit:
+    interval_s: float
+    window_s: float
+    min_samples: int | None = None  # None: the load balancer's max(64, 16 per decoder)
+
+
+class OnlineRefit:
+    """The load balancer's periodic refit in simulated time, for a LocalityBandRouter."""
+
+    def __init__(self, router: LocalityBandRouter, cfg: Refit, idf: np.ndarray, mask: np.ndarray, workers: int,
+                 seed: int):
+        self.router, self.cfg, self.idf, self.mask, self.seed = router, cfg, idf, mask, seed
+        self.min_samples = cfg.min_samples if cfg.min_samples is not None else max(64, 16 * workers)
+        self.seen: list[tuple[float, np.ndarray]] = []
+        self.next_at = cfg.interval_s
+        self.fits = 0
+
+    def observe(self, now: float, counts: np.ndarray) -> None:
+        self.seen.append((now, counts))
+        while now >= self.next_at:
+            self.next_at += self.cfg.interval_s
+            recent = [c for t, c in self.seen if t >= now - self.cfg.window_s]
+            if len(recent) < self.min_samples:
+                recent = [c for _, c in self.seen[-self.min_samples:]]
+            if len(recent) < self.min_samples:
+                continue
+            sigs = build_signatures(np.stack(recent), self.idf, self.mask)
+            sigs = sigs[sigs.any(axis=1)]
+            k = self.router.num_workers
+            if len(sigs) < k:
+                continue
+            new, _, _ = fitting.balanced_spherical_kmeans(sigs, k, seed=self.seed + self.fits)
+            self.router.swap_centroids(fitting.align_centroids(self.router.centroids(), new))
+            self.fits += 1
+
+
 def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, workers: int,
-             cost: CostModel, max_batch: int, use_counts: bool) -> Result:
-    """Event-driven: each decoder's next step end is an event; arrivals join at step boundaries."""
+             cost: CostModel, max_batch: int, use_counts: bool, lengths: np.ndarray | None = None,
+             refit: OnlineRefit | None = None) -> Result:
+    """Event-driven: each decoder's next step end is an event; arrivals join at step boundaries.
+    Request j decodes `lengths[j]` tokens (at most its trace's)."""
     n = len(order)
+    length = np.array([len(trace.decode[order[j]]) for j in range(n)])
+    if lengths is not None:
+        length = np.minimum(length, np.maximum(lengths, 1))
     L, E = trace.prefill.shape[1:]
     queues: list[list[int]] = [[] for _ in range(workers)]  # waiting
     running: list[list[int]] = [[] for _ in range(workers)]
@@ -203,6 +254,8 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
         if kind == 0:
             j = x
             counts = trace.prefill[order[j]] if use_counts else None
+            if refit is not None and counts is not None:
+                refit.observe(now, counts)
             if isinstance(router, MarginalCostRouter):
                 receipt = router.acquire_with_receipt(counts)
                 w, ticket_of[j] = receipt["worker"], receipt["ticket"] or 0
@@ -221,7 +274,7 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
                 progress[j] += 1
                 if progress[j] == 1:
                     first_token[j] = now
-                if progress[j] >= len(trace.decode[order[j]]):
+                if progress[j] >= length[j]:
                     finish[j] = now
                     if isinstance(router, MarginalCostRouter):
                         router.release(w, ticket_of.pop(j))  # ids are the indices: no membership changes here
@@ -231,11 +284,10 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
                     still.append(j)
             running[w] = still
             start_step(w, now)
-    lengths = np.array([len(trace.decode[order[j]]) for j in range(n)])
-    tpot = (finish - first_token) / np.maximum(lengths - 1, 1)
+    tpot = (finish - first_token) / np.maximum(length - 1, 1)
     if int(router.loads().sum()) != 0:
         raise AssertionError("router load counters did not return to zero")
-    return Result(tpot=tpot, distinct_per_step=distinct_total / max(steps, 1) / L, steps=steps)
+    return Result(tpot=tpot, finish=finish, distinct_per_step=distinct_total / max(steps, 1) / L, steps=steps)
 
 
 MAX_IMBALANCE: int | None = 2  # set from --max-imbalance
@@ -257,36 +309,69 @@ def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, 
         return MarginalCostRouter(a, b, c, num_workers=workers, layers=L, experts=E,
                                   top_k=calib.decode[0].shape[2])
     cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
-    return LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,
-                              imbalance_fraction=IMBALANCE_FRACTION)
+    router = LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,
+                                imbalance_fraction=IMBALANCE_FRACTION)
+    if REFIT is not None:
+        return router, OnlineRefit(router, REFIT, cs.idf, cs.layer_mask, workers, seed)
+    return router
 
 
-def capacity_rate(trace: Trace, workers: int, cost: CostModel, max_batch: int) -> float:
-    """Requests/s that keeps every decoder's batch near `max_batch` with random mixing."""
-    mean_len = float(np.mean([len(d) for d in trace.decode]))
-    L, E = trace.prefill.shape[1:]
-    k = trace.decode[0].shape[2]
-    distinct = L * E * (1 - (1 - k / E) ** max_batch)
-    step = cost.a + cost.b * max_batch + cost.c * distinct
-    return workers * max_batch / (mean_len * step)
+LENGTHS = "lognormal:48,0.8"  # set from --lengths
+REFIT: Refit | None = None  # set from --refit
+
+
+def draw_lengths(rng: np.random.Generator, n: int, spec: str = "") -> np.ndarray | None:
+    """`trace`: every request its whole trace; `lognormal:MEDIAN,SIGMA`: a lognormal draw, at least 2."""
+    spec = spec or LENGTHS
+    if spec == "trace":
+        return None
+    kind, _, params = spec.partition(":")
+    if kind != "lognormal":
+        raise SystemExit(f"--lengths: expected trace or lognormal:MEDIAN,SIGMA, got {spec!r}")
+    median, sigma = (float(x) for x in params.split(","))
+    return np.maximum(np.round(rng.lognormal(np.log(median), sigma, n)), 2).astype(np.int64)
+
+
+def capacity_rate(trace: Trace, workers: int, cost: CostModel, max_batch: int, seed: int = 0) -> float:
+    """Saturation throughput (requests/s) of the best load-only baseline: every request queued at
+    t = 0, completions per second over the middle of the run (the queue never empties there)."""
+    rng = np.random.default_rng(seed + 7919)
+    n = max(200, 12 * max_batch * workers)
+    order = rng.integers(0, len(trace.decode), n)
+    lengths = draw_lengths(rng, n)
+    best = 0.0
+    for policy in BASELINES:
+        res = simulate(trace, order, np.zeros(n), BaselineRouter(policy, workers, seed=seed), workers, cost, max_batch,
+                       use_counts=False, lengths=lengths)
+        done = np.sort(res.finish)
+        lo, hi = done[n // 4], done[3 * n // 4]
+        best = max(best, (3 * n // 4 - n // 4) / max(hi - lo, 1e-12))
+    return best
 
 
 def run_cell(trace: Trace, calib: Trace, workers: int, tau: float, load: float, cost: CostModel,
-             max_batch: int, n_requests: int, seed: int, policies: tuple[str, ...] = POLICIES) -> list[dict]:
+             max_batch: int, n_requests: int, seed: int, policies: tuple[str, ...] = POLICIES,
+             capacity: float | None = None) -> list[dict]:
     rng = np.random.default_rng(seed)
-    rate = load * capacity_rate(trace, workers, cost, max_batch)
+    rate = load * (capacity if capacity is not None else capacity_rate(trace, workers, cost, max_batch, seed))
     order = rng.integers(0, len(trace.decode), n_requests)
     arrivals = np.cumsum(rng.exponential(1 / rate, n_requests))
+    lengths = draw_lengths(rng, n_requests)
     out = []
     for policy in policies:
         router = make_router(policy, workers, calib, tau, seed, cost)
-        res = simulate(trace, order, arrivals, router, workers, cost, max_batch, use_counts=policy in COUNTS_POLICIES)
+        refit = None
+        if isinstance(router, tuple):  # eldr with the online refit
+            router, refit = router
+        res = simulate(trace, order, arrivals, router, workers, cost, max_batch,
+                       use_counts=policy in COUNTS_POLICIES, lengths=lengths, refit=refit)
         warm = n_requests // 10  # drop warm-up
         t = res.tpot[warm:]
         out.append({"policy": policy, "workers": workers, "tau": tau, "load": load, "rate": round(rate, 3),
                     "cost": cost.name, "tpot_p50_ms": float(np.percentile(t, 50) * 1e3),
                     "tpot_p99_ms": float(np.percentile(t, 99) * 1e3),
-                    "distinct_experts_per_layer_step": res.distinct_per_step})
+                    "distinct_experts_per_layer_step": res.distinct_per_step,
+                    "refits": refit.fits if refit is not None else 0})
     return out
 
 
@@ -336,6 +421,30 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """Options of the simulated system shared with bench/policy_seeds.py."""
+    ap.add_argument("--lengths", default="lognormal:48,0.8",
+                    help="decode lengths: trace (every request its whole trace) or lognormal:MEDIAN,SIGMA, cut at "
+                         "the trace's length (default: %(default)s, assumed)")
+    ap.add_argument("--refit", default="2.5,5",
+                    help="eldr: online refit INTERVAL,WINDOW in simulated seconds, as the load balancer's "
+                         "--refit-interval/--refit-window (default: %(default)s), or off")
+
+
+def configure(args: argparse.Namespace) -> None:
+    global LENGTHS, REFIT
+    LENGTHS = args.lengths
+    draw_lengths(np.random.default_rng(0), 1)  # refuses a bad spec before any work
+    if args.refit == "off":
+        REFIT = None
+    else:
+        try:
+            interval, window = (float(x) for x in args.refit.split(","))
+        except ValueError:
+            raise SystemExit(f"--refit: expected INTERVAL,WINDOW or off, got {args.refit!r}") from None
+        REFIT = Refit(interval, window)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -348,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost", nargs="+", default=["cpu-inflated", "paper"], choices=COSTS)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--requests-per-worker", type=int, default=40)
+    add_model_options(ap)
     ap.add_argument("--max-imbalance", type=int, default=2,
                     help="eldr starvation guard, as the load balancer's --max-imbalance (default 2; -1 = off)")
     ap.add_argument("--imbalance-fraction", type=float, default=0.0,
@@ -359,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     global MAX_IMBALANCE, IMBALANCE_FRACTION
     MAX_IMBALANCE = None if args.max_imbalance < 0 else args.max_imbalance
     IMBALANCE_FRACTION = args.imbalance_fraction
+    configure(args)
     if args.quick:
         args.workers, args.tau, args.load, args.cost, args.requests_per_worker = [8, 16], [0.1], [0.85], ["cpu-small"], 20
     if args.traces is None and not args.synthetic:
@@ -384,14 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     costs = {name: cost_model(name, layers, experts) for name in args.cost}
     for cost in args.cost:
         for w in args.workers:
+            capacity = capacity_rate(full, w, costs[cost], args.max_batch, args.seed)
             for tau in args.tau:
                 for load in args.load:
                     rows.extend(run_cell(evalset, calib, w, tau, load, costs[cost], args.max_batch,
-                                         max(200, args.requests_per_worker * w), args.seed))
+                                         max(200, args.requests_per_worker * w), args.seed, capacity=capacity))
     for line in summarize(rows):
         print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"traces": source, "costs": {c: costs[c].__dict__ for c in args.cost}, "max_batch": args.max_batch,
+            "lengths": LENGTHS, "refit": REFIT.__dict__ if REFIT else None,
             "seconds": round(time.perf_counter() - started, 1)}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, args.out.with_suffix(".png"))
