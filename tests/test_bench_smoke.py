@@ -40,6 +40,8 @@ def test_simulate_quick(tmp_path):
         assert r["distinct_experts_per_layer_step"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
     assert "Δp50" in text
+    assert data["meta"]["lengths"].startswith("lognormal:") and data["meta"]["refit"]["interval_s"] == 2.5
+    assert all(r["rate"] > 0 and r["refits"] >= 0 for r in data["rows"])
 
 
 def test_policy_seeds_quick(tmp_path):
