@@ -41,15 +41,19 @@ def test_capacity_is_the_best_baselines_saturation_throughput():
     assert simulate.capacity_rate(t, 8, COST, 8) > 1.7 * cap  # twice the decoders
 
 
+def eldr_with_refit(calib: simulate.Trace, interval_s: float):
+    simulate.REFIT = simulate.Refit(interval_s=interval_s, window_s=1.0, min_samples=32)
+    try:
+        return simulate.make_router("eldr", 4, calib, 0.1, 0, COST)
+    finally:
+        simulate.REFIT = None
+
+
 def test_online_refit_swaps_aligned_centroids_in_simulated_time():
     import itertools
 
     calib, evalset = traces(seed=1), traces(seed=2)
-    simulate.REFIT = simulate.Refit(interval_s=0.05, window_s=1.0, min_samples=32)
-    try:
-        router, refit = simulate.make_router("eldr", 4, calib, 0.1, 0, COST)
-    finally:
-        simulate.REFIT = None
+    router, refit = eldr_with_refit(calib, 0.05)
     before = router.centroids().copy()
     order = np.arange(200)
     arrivals = np.cumsum(np.full(200, 0.005))  # 1 s of arrivals: a tick every 0.05 s once 32 have come
@@ -58,11 +62,7 @@ def test_online_refit_swaps_aligned_centroids_in_simulated_time():
     assert not np.allclose(router.centroids(), before)
 
     # One refit on its own: the swapped rows are the new fit in the order closest to the old rows.
-    simulate.REFIT = simulate.Refit(interval_s=0.5, window_s=1.0, min_samples=32)
-    try:
-        router, refit = simulate.make_router("eldr", 4, calib, 0.1, 0, COST)
-    finally:
-        simulate.REFIT = None
+    router, refit = eldr_with_refit(calib, 0.5)
     before = router.centroids().copy()
     simulate.simulate(evalset, order[:110], arrivals[:110], router, 4, COST, 8, use_counts=True, refit=refit)
     assert refit.fits == 1
