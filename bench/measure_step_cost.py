@@ -185,6 +185,37 @@ def measure_model(name: str, model: Path, args, prompts: dict[str, list[list[int
             "source": f"bench/measure_step_cost.py: real SGLang decode steps of {model.name}, 1 core"}
 
 
+def plot(result: dict, path: Path) -> None:
+    """Median step time of every point against its distinct pairs, per profile, with the fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = result["profiles"]
+    fig, axes = plt.subplots(1, len(profiles), figsize=(5.5 * len(profiles), 4), squeeze=False)
+    for ax, (name, p) in zip(axes[0], sorted(profiles.items())):
+        for mix, marker in (("one", "o"), ("mixed", "s")):
+            pts = [q for q in p["points"] if q["mix"] == mix]
+            ax.scatter([q["distinct_pairs_mean"] for q in pts], [q["forward_ms_median"] for q in pts], marker=marker,
+                       label=f"measured, prompts from {'one domain' if mix == 'one' else 'mixed domains'}")
+            for q in pts:
+                ax.annotate(str(q["tokens"]), (q["distinct_pairs_mean"], q["forward_ms_median"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        fit = [1e3 * (p["a"] + p["b"] * q["tokens"] + p["c"] * q["distinct_pairs_mean"]) for q in p["points"]]
+        ax.scatter([q["distinct_pairs_mean"] for q in p["points"]], fit, marker="x", color="gray",
+                   label=f"fit: c = {p['c'] * 1e6:.0f} µs/pair")
+        ax.set_title(f"{name} ({p['expert_bytes'] / 2**10:.0f} KiB per expert)")
+        ax.set_xlabel("distinct (layer, expert) pairs in the step (label: batch size)")
+        ax.set_ylabel("ModelRunner.forward, median ms")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("real SGLang decode steps on this CPU: time vs experts read")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", nargs="+", choices=sorted(MODELS), default=sorted(MODELS),
@@ -201,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small model, batches 1 and 4, one mix, 1 run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step_cost.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot of an existing --out and stop")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
     if args.quick:
         args.profiles, args.batches, args.mixes, args.runs, args.decode_tokens = ["cpu-small"], [1, 4], ["mixed"], 1, 12
 
@@ -243,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['inflation']['implied_gb_s']:.1f} GB/s implied vs {bandwidth:.1f} GB/s measured read bandwidth")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
     print(f"-> {args.out}")
     return 0
 

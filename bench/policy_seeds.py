@@ -63,6 +63,43 @@ def as_record(cell: dict, seeds: int) -> list[dict]:
     return out
 
 
+def plot(cells: list[dict], path: Path) -> None:
+    """TPOT p50 and p99 change vs the best baseline against load, with the 95 % intervals as bands:
+    one row per profile and metric, one column per decoder count, one line per reported policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = list(dict.fromkeys(c["cost"] for c in cells))
+    workers = sorted({c["workers"] for c in cells})
+    rows = [(p, m) for p in profiles for m in ("tpot_p50_ms", "tpot_p99_ms")]
+    fig, axes = plt.subplots(len(rows), len(workers), figsize=(4 * len(workers), 2.8 * len(rows)), squeeze=False,
+                             sharex=True)
+    for (profile, metric), line in zip(rows, axes):
+        for w, ax in zip(workers, line):
+            sel = sorted((c for c in cells if c["cost"] == profile and c["workers"] == w), key=lambda c: c["load"])
+            for policy in dict.fromkeys(s["policy"] for c in sel for s in c["summary"]):
+                pts = [(c["load"], next(s for s in c["summary"] if s["policy"] == policy and s["metric"] == metric))
+                       for c in sel]
+                x = [p[0] for p in pts]
+                ax.plot(x, [100 * p[1]["mean"] for p in pts], marker="o", label=policy)
+                ax.fill_between(x, [100 * p[1]["ci95_low"] for p in pts], [100 * p[1]["ci95_high"] for p in pts],
+                                alpha=0.2)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.axhline(1, color="red", lw=0.8, ls="--")
+            ax.set_title(f"{profile}, W={w}: {metric.split('_')[1]}", fontsize=9)
+            ax.set_ylabel("Δ vs best baseline (%)", fontsize=8)
+            ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("load (fraction of capacity)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("simulated TPOT change vs the best of rr/random/jsq/p2c (20 seeds, 95 % CI; red: +1 %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", type=Path, default=ROOT / "bench" / "results" / "traces_tiny_moe.npz")
@@ -83,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                          "profile; default 1: the profile the simulator runs)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: W=8, one load, cpu, 3 seeds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_seeds.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot of an existing --out and stop")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["cells"], args.out.with_suffix(".png"))
+        return 0
     if args.quick:
         args.workers, args.load, args.cost, args.seeds, args.requests_per_worker = [8], [0.85], ["cpu-small"], 3, 20
     policies = tuple(args.policies)
@@ -129,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "records": records, "cells": cells}, indent=1) + "\n")
+    plot(cells, args.out.with_suffix(".png"))
     print(f"-> {args.out} in {meta['seconds']} s")
     return 0
 
