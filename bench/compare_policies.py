@@ -3,9 +3,10 @@ SGLang PD cluster of the tiny trained MoE, with SGLang's own `bench_serving` as 
 
 One cluster (1 prefill + N decoders) serves every policy: same servers, same prompts, same seed.
 Policies run interleaved in a shuffled order per repeat to spread drift; each run restarts only
-the router. Decode servers record distinct experts per layer per decode step (ELDR capture), read
-before and after each run. Writes bench/results/compare_policies.json and a TPOT plot, and prints
-ELDR's change versus the best baseline at each rate.
+the router. Decode servers trace every decode step (batch size, distinct (layer, expert) pairs).
+Each repeat also runs jsq a second time (`jsq#2`, an A/A pair): its ratio to jsq is the noise floor
+of the run. Every policy's paired ratio to jsq (same repeat and rate) is reported with a 95 %
+t-interval over the repeats. Writes bench/results/compare_policies.json and a TPOT plot.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ import numpy as np
 
 from sglang_eldr.launch_cluster import Cluster
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from intervals import t_interval  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "tiny-qwen3-moe"
 EVAL = ROOT / "bench" / "data" / "prompts_eval.jsonl"
 CALIB = ROOT / "bench" / "data" / "prompts_calib.jsonl"
-POLICIES = ["eldr", "eldr-static", "rr", "random", "jsq", "p2c"]
+POLICIES = ["marginal", "eldr", "eldr-static", "rr", "random", "jsq", "p2c"]
+AA = "jsq#2"  # jsq run again in every repeat: the A/A noise floor
 BASELINES = ["rr", "random", "jsq", "p2c"]
 
 
@@ -41,19 +46,10 @@ def custom_dataset(path: Path, out: Path) -> int:
     return len(rows)
 
 
-def step_stats(cluster: Cluster) -> list[dict]:
-    out = []
-    for d in cluster.decoders:
-        p = cluster.log_dir / f"step-stats-{d.port}.json"
-        out.append(json.loads(p.read_text()) if p.exists() else {"decode_steps": 0, "distinct_sum": 0.0})
-    return out
-
-
-def distinct_per_step(before: list[dict], after: list[dict]) -> float | None:
-    steps = sum(a["decode_steps"] - b["decode_steps"] for a, b in zip(after, before))
-    if steps <= 0:
-        return None
-    return sum(a["distinct_sum"] - b["distinct_sum"] for a, b in zip(after, before)) / steps
+def distinct_per_step(steps: list[list[dict]], layers: int) -> float | None:
+    """Mean distinct experts per MoE layer per decode step over every decoder's steps."""
+    flat = [x for per in steps for x in per]
+    return sum(x["distinct_pairs"] for x in flat) / len(flat) / layers if flat else None
 
 
 def run_bench(url: str, dataset: Path, n: int, rate: float, out_len: int, seed: int, concurrency: int,
@@ -87,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=0.1,
                     help="locality band width of the eldr policies (default: 0.1, the router's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-aa", action="store_true", help="skip the A/A run of jsq (no noise floor)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: one rate, few prompts, one repeat")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare_policies.json")
     ap.add_argument("--host", default="127.0.0.1",
@@ -95,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rates, args.num_prompts, args.output_len, args.repeats = [4.0], 12, 8, 1
         args.policies = ["eldr", "jsq"]
+    if "jsq" not in args.policies:
+        args.policies = [*args.policies, "jsq"]  # every ratio is to jsq
+    runs = [*args.policies, *([] if args.no_aa else [AA])]
+    layers = json.loads((MODEL / "config.json").read_text())["num_hidden_layers"]
     work = Path(tempfile.mkdtemp(prefix="eldr-compare-"))
     dataset = work / "eval_custom.jsonl"
     custom_dataset(EVAL, dataset)
@@ -111,26 +112,25 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(args.seed)
         for rate in args.rates:
             for rep in range(args.repeats):
-                order = list(args.policies)
+                order = list(runs)
                 rng.shuffle(order)
                 for policy in order:
-                    router = cluster.start_router(policy=policy, centroids=centroids)
-                    before = step_stats(cluster)
+                    router = cluster.start_router(policy=policy.split("#")[0], centroids=centroids)
+                    marks = cluster.step_marks()
                     m = run_bench(router.url, dataset, args.num_prompts, rate, args.output_len,
                                   args.seed + rep, args.concurrency)
-                    time.sleep(1.2)  # let the decoders flush their step statistics
-                    after = step_stats(cluster)
+                    time.sleep(0.3)  # a decoder writes its last step's line just after the response
                     row = {"policy": policy, "rate": rate, "repeat": rep,
                            "tpot_p50_ms": m.get("median_tpot_ms"), "tpot_p99_ms": m.get("p99_tpot_ms"),
                            "itl_p50_ms": m.get("median_itl_ms"), "ttft_p50_ms": m.get("median_ttft_ms"),
                            "output_tok_s": m.get("output_throughput"), "completed": m.get("completed"),
-                           "distinct_experts_per_layer_step": distinct_per_step(before, after)}
+                           "distinct_experts_per_layer_step": distinct_per_step(cluster.steps_since(marks), layers)}
                     results.append(row)
                     print(f"rate {rate:>4} rep {rep} {policy:>11}: TPOT p50 {row['tpot_p50_ms']:.2f} ms "
                           f"p99 {row['tpot_p99_ms']:.2f} ms TTFT p50 {row['ttft_p50_ms']:.1f} ms "
                           f"experts/step {row['distinct_experts_per_layer_step']}", flush=True)
                     cluster.stop_router()
-    summary = summarize(results, args.policies)
+    summary = summarize(results, runs)
     for line in summary["lines"]:
         print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary["table"], args.out.with_suffix(".png"))
     print(f"-> {args.out} (+ .png) in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def paired_vs_jsq(results: list[dict], rate: float, policy: str) -> dict[str, tuple[float, float, float]]:
+    """Per metric, the mean ratio policy / jsq over the repeats (same repeat) and its 95 % interval."""
+    out = {}
+    for k in ("tpot_p50_ms", "tpot_p99_ms", "ttft_p50_ms", "output_tok_s", "distinct_experts_per_layer_step"):
+        ratios = []
+        for r in (x for x in results if x["rate"] == rate and x["policy"] == policy):
+            base = next((x for x in results if x["rate"] == rate and x["policy"] == "jsq" and x["repeat"] == r["repeat"]), None)
+            if base is not None and r[k] and base[k]:
+                ratios.append(r[k] / base[k])
+        if ratios:
+            out[k] = t_interval(ratios)
+    return out
 
 
 def summarize(results: list[dict], policies: list[str]) -> dict:
@@ -158,9 +172,13 @@ def summarize(results: list[dict], policies: list[str]) -> dict:
             table.append(agg)
             lines.append(f"{rate:>5} {p:>11} | {agg['tpot_p50_ms']:>8.2f}m {agg['tpot_p99_ms']:>8.2f}m | "
                          f"{agg['ttft_p50_ms']:>8.1f}m | {agg['output_tok_s']:>7.1f} | {agg['distinct_experts_per_layer_step']}")
+            if p != "jsq":
+                agg["vs_jsq"] = paired_vs_jsq(results, rate, p)
+                for k, (m, lo, hi) in agg["vs_jsq"].items():
+                    lines.append(f"{'':>19} {k:>32} / jsq: {m:.3f} [{lo:.3f}, {hi:.3f}]")
         cell = {r["policy"]: r for r in table if r["rate"] == rate}
         base = [cell[b] for b in BASELINES if b in cell]
-        for name in ("eldr", "eldr-static"):
+        for name in ("marginal", "eldr", "eldr-static"):
             if name not in cell or not base:
                 continue
             b50 = min(b["tpot_p50_ms"] for b in base)

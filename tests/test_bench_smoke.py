@@ -67,10 +67,12 @@ def test_compare_policies_quick(tmp_path):
     out = tmp_path / "compare.json"
     run(["bench/compare_policies.py", "--quick", "--out", str(out)], 900)
     data = json.loads(out.read_text())
-    assert {r["policy"] for r in data["runs"]} == {"eldr", "jsq"}
+    assert {r["policy"] for r in data["runs"]} == {"eldr", "jsq", "jsq#2"}  # jsq#2: the A/A noise floor
     for r in data["runs"]:
         assert r["completed"] > 0 and r["tpot_p50_ms"] > 0 and r["ttft_p50_ms"] > 0
         assert r["distinct_experts_per_layer_step"] is not None and r["distinct_experts_per_layer_step"] > 0
+    vs = {row["policy"]: row.get("vs_jsq") for row in data["summary"]}
+    assert vs["jsq"] is None and vs["eldr"]["tpot_p50_ms"][0] > 0 and vs["jsq#2"]["distinct_experts_per_layer_step"][0] > 0
     assert out.with_suffix(".png").stat().st_size > 0
 
 
