@@ -12,6 +12,8 @@ Endpoints: POST /generate, /v1/completions, /v1/chat/completions; GET /health, /
 DELETE /workers/{url} to add or remove servers while serving (see the README's operations section);
 POST /centroids to load a centroid file while serving.
 
+The default policy, marginal, needs nothing but the servers: it learns the MoE shape from the first
+counts report and routes by each decoder's expected experts. The eldr policies route by centroids.
 An eldr policy started without --centroids serves at once, least-loaded (receipts say
 `fallback: "no-centroids"`; /health and /workers say `routing: "least-loaded (no centroids)"`),
 until a file arrives: `curl --data-binary @m.eldr localhost:30000/centroids` validates it like
