@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"[{time.monotonic() - t0:5.1f}s] eldr: calibrating {args.decoders} centroids on "
                       f"{CALIB.relative_to(ROOT)} through the router ...")
-                cluster.policy = next(p for p in policies if p.startswith("eldr"))
                 cluster.calibrate(CALIB)
         batch = mixed_batch(args.requests, args.seed)
         print(f"[{time.monotonic() - t0:5.1f}s] {len(batch)} prompts, {args.concurrency} in flight, "

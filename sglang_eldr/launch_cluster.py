@@ -55,6 +55,7 @@ class Cluster:
     router_host: str = ""
     servers: list[Server] = field(default_factory=list)
     router: Server | None = None
+    router_policy: str | None = None  # the running router's policy
 
     def __post_init__(self) -> None:
         self.router_host = self.router_host or self.host
@@ -171,27 +172,30 @@ class Cluster:
             cmd += ["--centroids", str(c)]
         cmd += self.router_args + (extra or [])
         r = Server("router", port, self.log_dir / f"router-{port}.log", host=self.router_host, cmd=cmd).start()
-        self.router = r
+        self.router, self.router_policy = r, policy or self.policy
         self.wait_healthy([r])
         return r
 
     def calibrate(self, prompts: Path, out: Path | None = None, max_new_tokens: int = 32) -> Path:
         """Fits centroids for this cluster's decoders by running `prompts` through the router
-        (the running one, else one started with the cluster's policy and no centroids, which
-        serves least-loaded meanwhile) and, for an eldr policy, installs them there with
-        POST /centroids: no restart, no request cut. Later `start_router` calls use the file."""
+        (the running one, else one started with the cluster's policy, or eldr when that takes no
+        centroids, and no centroids: it serves least-loaded meanwhile) and, when that router is an
+        eldr one, installs them there with POST /centroids: no restart, no request cut. Later
+        `start_router` calls for an eldr policy use the file."""
         from sglang_eldr import calibrate
 
-        if not self.policy.startswith("eldr"):
-            raise ValueError(f"calibrate: policy {self.policy} takes no centroids (use eldr or eldr-static)")
         out = out or self.log_dir / "centroids.eldr"
-        r = self.router if self.router is not None else self.start_router(with_centroids=False)
+        if self.router is None:
+            self.start_router(policy=self.policy if self.policy.startswith("eldr") else "eldr", with_centroids=False)
+        r = self.router
+        assert r is not None
         code = calibrate.main(["--url", r.url, "--model-path", self.model_path, "--prompts", str(prompts),
                                "--decoders", str(len(self.decoders)), "--out", str(out),
                                "--max-new-tokens", str(max_new_tokens)])
         if code != 0:
             raise RuntimeError(f"calibration failed (exit {code})")
-        self.install_centroids(out)
+        if (self.router_policy or "").startswith("eldr"):
+            self.install_centroids(out)
         self.centroids = str(out)
         return out
 
@@ -209,7 +213,7 @@ class Cluster:
     def stop_router(self) -> None:
         if self.router is not None:
             self.router.stop(grace_s=10)
-            self.router = None
+            self.router, self.router_policy = None, None
 
     def stop(self) -> None:
         self.stop_router()
