@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+from collections import deque
 import json
 import sys
 import time
@@ -186,17 +187,19 @@ class OnlineRefit:
                  seed: int):
         self.router, self.cfg, self.idf, self.mask, self.seed = router, cfg, idf, mask, seed
         self.min_samples = cfg.min_samples if cfg.min_samples is not None else max(64, 16 * workers)
-        self.seen: list[tuple[float, np.ndarray]] = []
+        self.seen: deque[tuple[float, np.ndarray]] = deque()
         self.next_at = cfg.interval_s
         self.fits = 0
 
     def observe(self, now: float, counts: np.ndarray) -> None:
         self.seen.append((now, counts))
+        while len(self.seen) > self.min_samples and self.seen[0][0] < now - self.cfg.window_s:
+            self.seen.popleft()  # neither in the window nor among the newest min_samples
         while now >= self.next_at:
             self.next_at += self.cfg.interval_s
             recent = [c for t, c in self.seen if t >= now - self.cfg.window_s]
             if len(recent) < self.min_samples:
-                recent = [c for _, c in self.seen[-self.min_samples:]]
+                recent = [c for _, c in list(self.seen)[-self.min_samples:]]
             if len(recent) < self.min_samples:
                 continue
             sigs = build_signatures(np.stack(recent), self.idf, self.mask)

@@ -77,6 +77,7 @@ class DecodeChooser:
         # refits move them). An eldr policy without one routes least-loaded.
         self.centroid_set: CentroidSet | None = None
         self._counts_shape: tuple[int, int] | None = None  # of the counts seen before centroids arrived
+        self._geometry_known = False  # marginal: the router has the MoE shape
         if centroid_set is not None:  # refused (CentroidFileError) for a policy that takes none
             self.load_centroids(centroid_set)
 
@@ -111,7 +112,7 @@ class DecodeChooser:
         ticket, costs}. `prompt_tokens` (the counts report's) lets the marginal policy learn the
         model's top-k from its first counts."""
         if self.policy == "marginal":
-            if counts is not None and self.router.geometry is None:
+            if counts is not None and not self._geometry_known:
                 self._learn_geometry(counts, prompt_tokens)
             return self.router.acquire_with_receipt(counts)
         if not self.has_centroids:
@@ -135,6 +136,7 @@ class DecodeChooser:
             raise ValueError(f"marginal: counts per layer {per_layer.tolist()} are not one multiple of the "
                              f"{prompt_tokens} prompt tokens")
         self.router.set_geometry(int(counts.shape[0]), int(counts.shape[1]), top_k)
+        self._geometry_known = True
         logger.info("marginal: model geometry %d layers x %d experts, top-%d (from the first counts)",
                     counts.shape[0], counts.shape[1], top_k)
 

@@ -305,6 +305,10 @@ impl Router {
     /// picker).
     pub fn hold(&self, id: WorkerId) -> Result<()> {
         let mut st = self.lock();
+        if matches!(st.decider, Decider::Marginal(_)) {
+            // it could never be released: the marginal policy releases by ticket only
+            return Err(RouterError::Invalid { arg: "hold", reason: "the marginal policy counts only what it placed".into() });
+        }
         let i = st.fleet.position(id)?;
         st.fleet.acquire_at(i);
         Ok(())

@@ -262,6 +262,7 @@ fn marginal_keeps_kinds_apart_and_releases_by_ticket() {
     assert_eq!(x2.costs.as_ref().unwrap().len(), 2);
     assert!(matches!(r.acquire(sig(&counts_for(0))), Err(RouterError::Invalid { arg: "acquire", .. })));
     assert!(matches!(r.release(x.id), Err(RouterError::Invalid { arg: "ticket", .. })));
+    assert!(matches!(r.hold(x.id), Err(RouterError::Invalid { arg: "hold", .. })));
     assert!(matches!(r.release_ticket(y.id, x.ticket.unwrap()), Err(RouterError::Invalid { arg: "ticket", .. })));
     for rc in [&x, &y, &x2] {
         assert!(r.release_ticket(rc.id, rc.ticket.unwrap()).unwrap());
