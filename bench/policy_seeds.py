@@ -9,9 +9,11 @@ lowest mean over seeds (separately for p50 and p99); per seed, the paired relati
 "holds" a cell when the interval's upper end is ≤ +1 % (issue 11's criterion) and "wins" it when
 the upper end is below 0.
 
-Traces: bench/results/traces_tiny_moe.npz (the tiny trained model; see simulate.py for its limits:
-every request decodes 32 tokens, no prefill or TTFT in the model). Writes
-bench/results/policy_seeds.json.
+TTFT (p50, p99) is compared the same way, against the baseline with the lowest mean TTFT.
+
+Traces: bench/results/traces_tiny_moe.npz (the tiny trained model, greedy, up to 128 tokens with EOS
+honoured; see simulate.py for the model of lengths, prefill and handoff). Writes
+bench/results/policy_seeds.json and, with --simulate-json, the issue-11 records as a plain list.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def cell_summary(runs: list[list[dict]], policies: tuple[str, ...]) -> list[dict]:
     """runs: per seed, the rows of one cell. Per counts policy and metric, the paired difference."""
     out = []
-    for metric in ("tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step"):
+    metrics = ["tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step"]
+    if "ttft_p50_ms" in runs[0][0]:
+        metrics += ["ttft_p50_ms", "ttft_p99_ms"]
+    for metric in metrics:
         by = {p: [next(r[metric] for r in rows if r["policy"] == p) for rows in runs] for p in policies}
         if metric.startswith("distinct"):
             best = "jsq"
@@ -59,7 +64,9 @@ def as_record(cell: dict, seeds: int) -> list[dict]:
         out.append({"profile": cell["cost"], "workers": cell["workers"], "load": cell["load"], "policy": policy,
                     "seeds": seeds, "delta_p50_pct": pct(by["tpot_p50_ms"]), "delta_p99_pct": pct(by["tpot_p99_ms"]),
                     "vs_p50": by["tpot_p50_ms"]["vs"], "vs_p99": by["tpot_p99_ms"]["vs"],
-                    "experts_vs_jsq_pct": pct(by["distinct_experts_per_layer_step"])})
+                    "experts_vs_jsq_pct": pct(by["distinct_experts_per_layer_step"]),
+                    **({"delta_ttft_p50_pct": pct(by["ttft_p50_ms"]), "delta_ttft_p99_pct": pct(by["ttft_p99_ms"]),
+                        "vs_ttft_p50": by["ttft_p50_ms"]["vs"]} if "ttft_p50_ms" in by else {})})
     return out
 
 
@@ -120,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                          "profile; default 1: the profile the simulator runs)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: W=8, one load, cpu, 3 seeds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_seeds.json")
+    ap.add_argument("--records-out", type=Path, default=None,
+                    help="issue 11's records as a plain JSON list (default: bench/results/simulate.json beside the "
+                         "default --out, else OUT with the suffix .records.json)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot of an existing --out and stop")
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -164,14 +174,18 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
     records = [as_record(c, args.seeds) for c in cells]
     records = [r for rs in records for r in rs]
-    meta = {"traces": str(args.traces), "seeds": args.seeds, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
+    meta = {"traces": str(args.traces), "seeds": args.seeds, "handoff": simulate.HANDOFF.__dict__ if simulate.HANDOFF else None, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
             "lengths": simulate.LENGTHS, "refit": simulate.REFIT.__dict__ if simulate.REFIT else None,
             "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},
             "seconds": round(time.perf_counter() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "records": records, "cells": cells}, indent=1) + "\n")
+    default_out = ROOT / "bench" / "results" / "policy_seeds.json"
+    records_out = args.records_out or (default_out.with_name("simulate.json") if args.out == default_out
+                                       else args.out.with_suffix(".records.json"))
+    records_out.write_text(json.dumps(records, indent=1) + "\n")
     plot(cells, args.out.with_suffix(".png"))
-    print(f"-> {args.out} in {meta['seconds']} s")
+    print(f"-> {args.out}, {records_out} in {meta['seconds']} s")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Records simulator traces from the tiny trained MoE: for each prompt, its prefill expert counts
 [L, E] and the top-k expert ids of every greedy decode step [T, L, k] (transformers, float32,
 top-k from the router logits — the same selection SGLang makes), up to --decode-tokens, ending
-early where the model emits its EOS token.
+early where the model emits its EOS token. The prompt's token ids and the token fed at every decode
+step are stored too, so bench/step_replay.py can put a real server at any point of a request.
 
     python bench/record_traces.py --model models/tiny-qwen3-moe --out bench/results/traces_tiny_moe.npz
 """
@@ -43,20 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         rows = rows[: args.limit]
     domains = sorted({r["domain"] for r in rows})
-    pre, dec, dom = [], [], []
+    pre, dec, dom, prompt_ids, fed = [], [], [], [], []
     t0 = time.time()
     for i, r in enumerate(rows):
-        c, d, _, gen = trace(model, tok, r["text"], args.decode_tokens, top_k, args.max_prompt)
+        c, d, n, gen = trace(model, tok, r["text"], args.decode_tokens, top_k, args.max_prompt)
         # gen[t] is fed at decode step t; a request that emits EOS at gen[t] ran steps 0..t-1.
         end = next((t for t, g in enumerate(gen) if g in eos_ids), len(gen))
         pre.append(c.astype(np.int32))
         dec.append(d[: max(end, 1)])
+        fed.append(np.array(gen[: max(end, 1)], dtype=np.int32))
+        prompt_ids.append(np.array(tok(r["text"], add_special_tokens=False)["input_ids"][:n], dtype=np.int32))
         dom.append(domains.index(r["domain"]))
         if (i + 1) % 50 == 0:
             print(f"traced {i + 1}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, prefill=np.stack(pre), decode=np.concatenate(dec),
                         decode_lengths=np.array([len(d) for d in dec]), domain=np.array(dom),
+                        tokens=np.concatenate(fed), prompt_ids=np.concatenate(prompt_ids),
+                        prompt_lengths=np.array([len(q) for q in prompt_ids]),
                         domain_names=np.array(domains))
     lens = np.array([len(d) for d in dec])
     print(f"wrote {len(rows)} traces to {args.out} in {time.time() - t0:.0f} s; decode lengths "

@@ -17,6 +17,14 @@ baseline (every request queued at t = 0; the best of rr/random/jsq/p2c in reques
 Online refit (`--refit INTERVAL,WINDOW`, the load balancer's 2.5 s / 5 s): the eldr router's centroids
 are refitted in simulated time on the recent requests' counts and swapped in, aligned, as
 `sglang_eldr.refit` does.
+Time to first token (`--handoff`): a request first queues for one of P prefill servers (FIFO, one
+request at a time, prefill time from the same cost profile: a + b·prompt tokens + c·distinct pairs
+of its prompt; P sized so prefill runs at `--prefill-util` of the offered load), then waits for its
+counts (the ZMQ hop and the decision), then the decoder POST/admission/bootstrap and the KV
+transfer (per prompt token), and only then joins the chosen decoder's queue. The decoder is
+chosen, and its load counted, at the end of the counts wait, as the load balancer does for every
+policy. TTFT is the end of the request's first decode step minus its arrival. The handoff
+constants are assumed (stated in the JSON), not measured.
 """
 
 from __future__ import annotations
@@ -168,10 +176,34 @@ class DomainOracle:
 @dataclass
 class Result:
     tpot: np.ndarray
+    ttft: np.ndarray
     finish: np.ndarray
     distinct_per_step: float
     steps: int
 
+
+@dataclass(frozen=True)
+class Handoff:
+    """Arrival to the decoder's queue: prefill, the counts wait, the decoder handoff and KV transfer."""
+    prefill_util: float = 0.7  # prefill servers are sized so they are this busy at the offered load
+    counts_s: float = 2e-3  # counts reduction + ZMQ hop + the routing decision
+    handoff_s: float = 10e-3  # decoder POST, tokenisation, admission, KV allocation, bootstrap handshake
+    kv_s_per_token: float = 20e-6  # KV transfer per prompt token
+
+
+def prompt_tokens(trace: Trace) -> np.ndarray:
+    top_k = trace.decode[0].shape[2]
+    return trace.prefill[:, 0, :].sum(axis=1) // top_k
+
+
+def prefill_seconds(trace: Trace, cost: CostModel) -> np.ndarray:
+    """Per trace entry: one prefill forward of its prompt under the step-cost profile."""
+    return cost.a + cost.b * prompt_tokens(trace) + cost.c * (trace.prefill > 0).sum(axis=(1, 2))
+
+
+def prefill_servers(trace: Trace, order: np.ndarray, rate: float, cost: CostModel, handoff: Handoff) -> int:
+    mean = float(prefill_seconds(trace, cost)[order].mean())
+    return max(1, int(np.ceil(rate * mean / handoff.prefill_util)))
 
 @dataclass(frozen=True)
 class Refit:
@@ -212,11 +244,28 @@ class OnlineRefit:
             self.fits += 1
 
 
+ARRIVE, STEP_END, PREFILL_END, DECIDE, JOIN = range(5)  # event kinds
+
+
+@dataclass(frozen=True)
+class Step:
+    """One simulated decode step: which trace entries ran, at which decode position, what it cost."""
+    start: float
+    worker: int
+    requests: tuple[int, ...]  # trace indices
+    positions: tuple[int, ...]  # each request's decode step index
+    distinct_pairs: int
+    seconds: float
+
+
 def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, workers: int,
              cost: CostModel, max_batch: int, use_counts: bool, lengths: np.ndarray | None = None,
-             refit: OnlineRefit | None = None) -> Result:
-    """Event-driven: each decoder's next step end is an event; arrivals join at step boundaries.
-    Request j decodes `lengths[j]` tokens (at most its trace's)."""
+             refit: OnlineRefit | None = None, handoff: Handoff | None = None, prefill_count: int = 1,
+             step_log: list[Step] | None = None) -> Result:
+    """Event-driven: each decoder's next step end is an event; requests join at step boundaries.
+    Request j decodes `lengths[j]` tokens (at most its trace's). Without `handoff`, a request is
+    routed and queued on its decoder at arrival (no prefill); with it, it goes through
+    `prefill_count` prefill servers and the handoff first. `step_log` collects every decode step."""
     n = len(order)
     length = np.array([len(trace.decode[order[j]]) for j in range(n)])
     if lengths is not None:
@@ -230,9 +279,13 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
     worker_of = np.zeros(n, dtype=np.int64)
     ticket_of: dict[int, int] = {}
     busy = [False] * workers
-    events: list[tuple[float, int, int]] = []  # (time, kind 0=arrival/1=step end, id)
+    events: list[tuple[float, int, int]] = []  # (time, kind, request or decoder id)
     for j in range(n):
-        heapq.heappush(events, (arrivals[j], 0, j))
+        heapq.heappush(events, (arrivals[j], ARRIVE, j))
+    prefill_s = prefill_seconds(trace, cost)[order] if handoff is not None else None
+    tokens = prompt_tokens(trace)[order] if handoff is not None else None
+    prefill_free = prefill_count
+    prefill_queue: deque[int] = deque()
     distinct_total = 0
     steps = 0
     layer_offset = (np.arange(L) * E)[None, :, None]
@@ -250,11 +303,36 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
         steps += 1
         busy[w] = True
         dt = cost.a + cost.b * len(running[w]) + cost.c * distinct
-        heapq.heappush(events, (now + dt, 1, w))
+        if step_log is not None:
+            step_log.append(Step(now, w, tuple(int(order[j]) for j in running[w]),
+                                 tuple(int(progress[j]) for j in running[w]), distinct, dt))
+        heapq.heappush(events, (now + dt, STEP_END, w))
+
+    def start_prefill(j: int, now: float) -> None:
+        assert prefill_s is not None
+        heapq.heappush(events, (now + prefill_s[j], PREFILL_END, j))
 
     while events:
         now, kind, x = heapq.heappop(events)
-        if kind == 0:
+        if kind == ARRIVE and handoff is not None:
+            if prefill_free > 0:
+                prefill_free -= 1
+                start_prefill(x, now)
+            else:
+                prefill_queue.append(x)
+        elif kind == PREFILL_END:
+            assert handoff is not None
+            if prefill_queue:
+                start_prefill(prefill_queue.popleft(), now)
+            else:
+                prefill_free += 1
+            heapq.heappush(events, (now + handoff.counts_s, DECIDE, x))
+        elif kind == JOIN:
+            w = int(worker_of[x])
+            queues[w].append(x)
+            if not busy[w]:
+                start_step(w, now)
+        elif kind in (ARRIVE, DECIDE):
             j = x
             counts = trace.prefill[order[j]] if use_counts else None
             if refit is not None and counts is not None:
@@ -267,9 +345,13 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
             else:
                 w = router.acquire(counts)
             worker_of[j] = w
-            queues[w].append(j)
-            if not busy[w]:
-                start_step(w, now)
+            if handoff is not None:
+                assert tokens is not None
+                heapq.heappush(events, (now + handoff.handoff_s + handoff.kv_s_per_token * tokens[j], JOIN, j))
+            else:
+                queues[w].append(j)
+                if not busy[w]:
+                    start_step(w, now)
         else:
             w = x
             still = []
@@ -290,7 +372,8 @@ def simulate(trace: Trace, order: np.ndarray, arrivals: np.ndarray, router, work
     tpot = (finish - first_token) / np.maximum(length - 1, 1)
     if int(router.loads().sum()) != 0:
         raise AssertionError("router load counters did not return to zero")
-    return Result(tpot=tpot, finish=finish, distinct_per_step=distinct_total / max(steps, 1) / L, steps=steps)
+    return Result(tpot=tpot, ttft=first_token - arrivals, finish=finish,
+                  distinct_per_step=distinct_total / max(steps, 1) / L, steps=steps)
 
 
 MAX_IMBALANCE: int | None = 2  # set from --max-imbalance
@@ -321,6 +404,7 @@ def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, 
 
 LENGTHS = "lognormal:48,0.8"  # set from --lengths
 REFIT: Refit | None = None  # set from --refit
+HANDOFF: Handoff | None = Handoff()  # set from --handoff
 
 
 def draw_lengths(rng: np.random.Generator, n: int, spec: str = "") -> np.ndarray | None:
@@ -360,6 +444,7 @@ def run_cell(trace: Trace, calib: Trace, workers: int, tau: float, load: float, 
     order = rng.integers(0, len(trace.decode), n_requests)
     arrivals = np.cumsum(rng.exponential(1 / rate, n_requests))
     lengths = draw_lengths(rng, n_requests)
+    prefill_count = prefill_servers(trace, order, rate, cost, HANDOFF) if HANDOFF is not None else 0
     out = []
     for policy in policies:
         router = make_router(policy, workers, calib, tau, seed, cost)
@@ -367,12 +452,16 @@ def run_cell(trace: Trace, calib: Trace, workers: int, tau: float, load: float, 
         if isinstance(router, tuple):  # eldr with the online refit
             router, refit = router
         res = simulate(trace, order, arrivals, router, workers, cost, max_batch,
-                       use_counts=policy in COUNTS_POLICIES, lengths=lengths, refit=refit)
+                       use_counts=policy in COUNTS_POLICIES, lengths=lengths, refit=refit, handoff=HANDOFF,
+                       prefill_count=prefill_count)
         warm = n_requests // 10  # drop warm-up
         t = res.tpot[warm:]
+        ttft = res.ttft[warm:]
         out.append({"policy": policy, "workers": workers, "tau": tau, "load": load, "rate": round(rate, 3),
                     "cost": cost.name, "tpot_p50_ms": float(np.percentile(t, 50) * 1e3),
                     "tpot_p99_ms": float(np.percentile(t, 99) * 1e3),
+                    "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3),
+                    "ttft_p99_ms": float(np.percentile(ttft, 99) * 1e3), "prefill_servers": prefill_count,
                     "distinct_experts_per_layer_step": res.distinct_per_step,
                     "refits": refit.fits if refit is not None else 0})
     return out
@@ -432,11 +521,29 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--refit", default="2.5,5",
                     help="eldr: online refit INTERVAL,WINDOW in simulated seconds, as the load balancer's "
                          "--refit-interval/--refit-window (default: %(default)s), or off")
+    d = Handoff()
+    ap.add_argument("--handoff", default=f"{d.prefill_util},{d.counts_s * 1e3:g},{d.handoff_s * 1e3:g},"
+                                         f"{d.kv_s_per_token * 1e6:g}",
+                    metavar="UTIL,COUNTS_MS,HANDOFF_MS,KV_US_PER_TOKEN",
+                    help="prefill and handoff before decode (assumed): prefill servers sized to UTIL busy, the "
+                         "counts wait, the decoder handoff, the KV transfer per prompt token (default: "
+                         "%(default)s), or off (no prefill: routed at arrival, no TTFT)")
 
 
 def configure(args: argparse.Namespace) -> None:
-    global LENGTHS, REFIT
+    global LENGTHS, REFIT, HANDOFF
     LENGTHS = args.lengths
+    if args.handoff == "off":
+        HANDOFF = None
+    else:
+        try:
+            util, counts_ms, handoff_ms, kv_us = (float(x) for x in args.handoff.split(","))
+        except ValueError:
+            raise SystemExit(f"--handoff: expected UTIL,COUNTS_MS,HANDOFF_MS,KV_US_PER_TOKEN or off, "
+                             f"got {args.handoff!r}") from None
+        if not 0 < util <= 1 or min(counts_ms, handoff_ms, kv_us) < 0:
+            raise SystemExit(f"--handoff: UTIL must be in (0, 1] and the times ≥ 0, got {args.handoff!r}")
+        HANDOFF = Handoff(util, counts_ms * 1e-3, handoff_ms * 1e-3, kv_us * 1e-6)
     draw_lengths(np.random.default_rng(0), 1)  # refuses a bad spec before any work
     if args.refit == "off":
         REFIT = None
@@ -467,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="relative guard, as the load balancer's --imbalance-fraction (default 0: absolute)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small sweep for CI smoke tests")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/simulate.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/simulate_sweep.json"),
+                    help="one seed per cell over a wide sweep (default: %(default)s; bench/policy_seeds.py writes the "
+                         "20-seed records to bench/results/simulate.json)")
     args = ap.parse_args(argv)
     global MAX_IMBALANCE, IMBALANCE_FRACTION
     MAX_IMBALANCE = None if args.max_imbalance < 0 else args.max_imbalance
@@ -508,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"traces": source, "costs": {c: costs[c].__dict__ for c in args.cost}, "max_batch": args.max_batch,
             "lengths": LENGTHS, "refit": REFIT.__dict__ if REFIT else None,
-            "seconds": round(time.perf_counter() - started, 1)}
+            "handoff": HANDOFF.__dict__ if HANDOFF else None, "seconds": round(time.perf_counter() - started, 1)}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, args.out.with_suffix(".png"))
     print(f"\n{len(rows)} rows in {meta['seconds']} s from {source} -> {args.out} (+ .png)")

@@ -38,8 +38,10 @@ def test_simulate_quick(tmp_path):
     for r in data["rows"]:
         assert r["tpot_p50_ms"] > 0 and r["tpot_p99_ms"] >= r["tpot_p50_ms"]
         assert r["distinct_experts_per_layer_step"] > 0
+        assert r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0 and r["prefill_servers"] >= 1
     assert out.with_suffix(".png").stat().st_size > 0
     assert "Δp50" in text
+    assert data["meta"]["handoff"]["counts_s"] > 0
     assert data["meta"]["lengths"].startswith("lognormal:") and data["meta"]["refit"]["interval_s"] == 2.5
     assert all(r["rate"] > 0 and r["refits"] >= 0 for r in data["rows"])
 
@@ -52,14 +54,33 @@ def test_policy_seeds_quick(tmp_path):
     assert len(cells) == 1
     summary = cells[0]["summary"]
     assert {(s["policy"], s["metric"]) for s in summary} == {
-        (p, m) for p in ("eldr", "marginal", "domain") for m in ("tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step")}
+        (p, m) for p in ("eldr", "marginal", "domain")
+        for m in ("tpot_p50_ms", "tpot_p99_ms", "distinct_experts_per_layer_step", "ttft_p50_ms", "ttft_p99_ms")}
     for s in summary:
         assert s["n"] == 3 and s["ci95_low"] <= s["mean"] <= s["ci95_high"], s
     records = json.loads(out.read_text())["records"]
     assert {r["policy"] for r in records} == {"eldr", "marginal", "domain"}
     for r in records:
         assert r["seeds"] == 3 and r["delta_p50_pct"]["ci_low"] <= r["delta_p50_pct"]["mean"] <= r["delta_p50_pct"]["ci_high"]
+        assert r["delta_ttft_p50_pct"]["ci_low"] <= r["delta_ttft_p50_pct"]["mean"] <= r["delta_ttft_p50_pct"]["ci_high"]
+    # issue 11's plain list of records, beside the output
+    assert json.loads(out.with_suffix(".records.json").read_text()) == records
     assert "vs" in text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pins the server to a core")
+def test_step_replay_quick(tmp_path):
+    """Simulated batch compositions replayed through a real SGLang server of the tiny model."""
+    out = tmp_path / "replay.json"
+    text = run(["bench/step_replay.py", "--quick", "--out", str(out)], 900)
+    r = json.loads(out.read_text())
+    assert r["policy"] == "marginal" and r["baseline"] in ("rr", "random", "jsq", "p2c")
+    assert len(r["ratios"]) == 2 and all(x > 0 for x in r["ratios"])
+    assert r["ci_low"] <= r["ratio"] <= r["ci_high"] and r["predicted_ratio"] > 0
+    assert all(n > 0 for reps in r["steps_per_repeat"].values() for n in reps)
+    # the real engine reads experts at the replayed positions: distinct pairs seen, not only predicted
+    assert all(v > 0 for v in r["distinct_pairs"].values())
+    assert "predicted" in text
 
 
 def test_compare_policies_quick(tmp_path):

@@ -1,6 +1,7 @@
 """The simulator's model of the system (bench/simulate.py): decode lengths are honoured, the
-capacity is a measured saturation throughput, and the eldr online refit fires in simulated time and
-swaps aligned centroids into the real Rust router."""
+capacity is a measured saturation throughput, the eldr online refit fires in simulated time and
+swaps aligned centroids into the real Rust router, and TTFT is the prefill queue, the handoff and
+the first decode step."""
 
 from __future__ import annotations
 
@@ -70,3 +71,34 @@ def test_online_refit_swaps_aligned_centroids_in_simulated_time():
     sim = after @ before.T
     best = max(sum(sim[i, p[i]] for i in range(4)) for p in itertools.permutations(range(4)))
     assert np.trace(sim) >= best - 1e-5
+
+
+def test_ttft_is_prefill_queue_counts_handoff_and_the_first_step():
+    t = traces()
+    n = 40
+    order = np.arange(n)
+    lengths = np.full(n, 4)
+    h = simulate.Handoff(prefill_util=0.7, counts_s=2e-3, handoff_s=10e-3, kv_s_per_token=20e-6)
+    prefill = simulate.prefill_seconds(t, COST)[order]
+    tokens = simulate.prompt_tokens(t)[order]
+    assert (tokens > 0).all() and (prefill > COST.a).all()
+
+    # Sparse arrivals: nobody queues, so TTFT is exactly prefill + counts + handoff + KV + one step.
+    arrivals = np.arange(n) * 1.0
+    router = simulate.BaselineRouter("jsq", 4)
+    res = simulate.simulate(t, order, arrivals, router, 4, COST, 8, use_counts=False, lengths=lengths, handoff=h,
+                            prefill_count=1)
+    before_step = prefill + h.counts_s + h.handoff_s + h.kv_s_per_token * tokens
+    step = res.ttft - before_step
+    assert int(router.loads().sum()) == 0
+    assert (step > COST.a).all() and (step < COST.a + COST.b + COST.c * 2 * 2 + 1e-9).all()  # one request's step
+
+    # Every request at t = 0 through one prefill server: they leave it one after the other.
+    res1 = simulate.simulate(t, order, np.zeros(n), simulate.BaselineRouter("jsq", 4), 4, COST, 8, use_counts=False,
+                             lengths=lengths, handoff=h, prefill_count=1)
+    res4 = simulate.simulate(t, order, np.zeros(n), simulate.BaselineRouter("jsq", 4), 4, COST, 8, use_counts=False,
+                             lengths=lengths, handoff=h, prefill_count=4)
+    assert res1.ttft.max() >= prefill.sum()
+    assert res4.ttft.max() < 0.5 * res1.ttft.max()
+    # Servers are sized to the offered load.
+    assert simulate.prefill_servers(t, order, 10 / prefill.mean(), COST, h) == 15
