@@ -101,7 +101,7 @@ def plot(cells: list[dict], path: Path) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("load (fraction of capacity)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("simulated TPOT change vs the best of rr/random/jsq/p2c (20 seeds, 95 % CI; red: +1 %)")
+    fig.suptitle(f"simulated TPOT change vs the best of rr/random/jsq/p2c ({cells[0]['summary'][0]['n']} seeds, 95 % CI; red: +1 %)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -130,10 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records-out", type=Path, default=None,
                     help="issue 11's records as a plain JSON list (default: bench/results/simulate.json beside the "
                          "default --out, else OUT with the suffix .records.json)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="PART",
+                    help="combine the outputs of runs split by profile (e.g. one process per core) into --out, the "
+                         "records file and the plot, and stop")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot of an existing --out and stop")
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(json.loads(args.out.read_text())["cells"], args.out.with_suffix(".png"))
+        return 0
+    if args.merge:
+        parts = [json.loads(m.read_text()) for m in args.merge]
+        meta = {**parts[0]["meta"], "costs": {k: v for d in parts for k, v in d["meta"]["costs"].items()},
+                "seconds": sum(d["meta"]["seconds"] for d in parts), "merged_from": [str(m) for m in args.merge]}
+        write(args, meta, [c for d in parts for c in d["cells"]], [r for d in parts for r in d["records"]])
         return 0
     if args.quick:
         args.workers, args.load, args.cost, args.seeds, args.requests_per_worker = [8], [0.85], ["cpu-small"], 3, 20
@@ -174,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
     records = [as_record(c, args.seeds) for c in cells]
     records = [r for rs in records for r in rs]
-    meta = {"traces": str(args.traces), "seeds": args.seeds, "handoff": simulate.HANDOFF.__dict__ if simulate.HANDOFF else None, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
+    meta = {"traces": str(args.traces), "seeds": args.seeds, "max_imbalance": simulate.MAX_IMBALANCE,
+            "imbalance_fraction": simulate.IMBALANCE_FRACTION, "handoff": simulate.HANDOFF.__dict__ if simulate.HANDOFF else None, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
             "lengths": simulate.LENGTHS, "refit": simulate.REFIT.__dict__ if simulate.REFIT else None,
             "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},
             "seconds": round(time.perf_counter() - started, 1)}
+    write(args, meta, cells, records)
+    return 0
+
+
+def write(args: argparse.Namespace, meta: dict, cells: list[dict], records: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "records": records, "cells": cells}, indent=1) + "\n")
     default_out = ROOT / "bench" / "results" / "policy_seeds.json"
@@ -186,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     records_out.write_text(json.dumps(records, indent=1) + "\n")
     plot(cells, args.out.with_suffix(".png"))
     print(f"-> {args.out}, {records_out} in {meta['seconds']} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -521,6 +521,10 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--refit", default="2.5,5",
                     help="eldr: online refit INTERVAL,WINDOW in simulated seconds, as the load balancer's "
                          "--refit-interval/--refit-window (default: %(default)s), or off")
+    ap.add_argument("--max-imbalance", type=int, default=2,
+                    help="eldr starvation guard, as the load balancer's --max-imbalance (default 2; -1 = off)")
+    ap.add_argument("--imbalance-fraction", type=float, default=0.0,
+                    help="eldr relative guard, as the load balancer's --imbalance-fraction (default 0: absolute)")
     d = Handoff()
     ap.add_argument("--handoff", default=f"{d.prefill_util},{d.counts_s * 1e3:g},{d.handoff_s * 1e3:g},"
                                          f"{d.kv_s_per_token * 1e6:g}",
@@ -531,8 +535,10 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
 
 
 def configure(args: argparse.Namespace) -> None:
-    global LENGTHS, REFIT, HANDOFF
+    global LENGTHS, REFIT, HANDOFF, MAX_IMBALANCE, IMBALANCE_FRACTION
     LENGTHS = args.lengths
+    MAX_IMBALANCE = None if args.max_imbalance < 0 else args.max_imbalance
+    IMBALANCE_FRACTION = args.imbalance_fraction
     if args.handoff == "off":
         HANDOFF = None
     else:
@@ -568,19 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--requests-per-worker", type=int, default=40)
     add_model_options(ap)
-    ap.add_argument("--max-imbalance", type=int, default=2,
-                    help="eldr starvation guard, as the load balancer's --max-imbalance (default 2; -1 = off)")
-    ap.add_argument("--imbalance-fraction", type=float, default=0.0,
-                    help="relative guard, as the load balancer's --imbalance-fraction (default 0: absolute)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small sweep for CI smoke tests")
     ap.add_argument("--out", type=Path, default=Path("bench/results/simulate_sweep.json"),
                     help="one seed per cell over a wide sweep (default: %(default)s; bench/policy_seeds.py writes the "
                          "20-seed records to bench/results/simulate.json)")
     args = ap.parse_args(argv)
-    global MAX_IMBALANCE, IMBALANCE_FRACTION
-    MAX_IMBALANCE = None if args.max_imbalance < 0 else args.max_imbalance
-    IMBALANCE_FRACTION = args.imbalance_fraction
     configure(args)
     if args.quick:
         args.workers, args.tau, args.load, args.cost, args.requests_per_worker = [8, 16], [0.1], [0.85], ["cpu-small"], 20
