@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [as_record(c, args.seeds) for c in cells]
     records = [r for rs in records for r in rs]
     meta = {"traces": str(args.traces), "seeds": args.seeds, "max_imbalance": simulate.MAX_IMBALANCE,
+            "marginal_cap": simulate.MARGINAL_CAP,
             "imbalance_fraction": simulate.IMBALANCE_FRACTION, "handoff": simulate.HANDOFF.__dict__ if simulate.HANDOFF else None, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
             "lengths": simulate.LENGTHS, "refit": simulate.REFIT.__dict__ if simulate.REFIT else None,
             "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},

@@ -380,9 +380,11 @@ MAX_IMBALANCE: int | None = 2  # set from --max-imbalance
 IMBALANCE_FRACTION = 0.0  # set from --imbalance-fraction
 MARGINAL_C_SCALE = 1.0  # set from policy_seeds.py --c-scale
 MARGINAL_TOLD: tuple[float, float, float] | None = None  # policy_seeds.py --marginal-told: a fixed (a, b, c)
+MARGINAL_CAP = True  # --marginal-cap: the marginal router's batch cap is the decoders' max batch
 
 
-def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, cost: CostModel):
+def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, cost: CostModel,
+                max_batch: int | None = None):
     if policy in BASELINES:
         return BaselineRouter(policy, workers, seed=seed)
     if policy == "domain":
@@ -393,7 +395,7 @@ def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, 
         # (1: exact) to see how much it depends on knowing it.
         a, b, c = MARGINAL_TOLD or (cost.a, cost.b, cost.c * MARGINAL_C_SCALE)
         return MarginalCostRouter(a, b, c, num_workers=workers, layers=L, experts=E,
-                                  top_k=calib.decode[0].shape[2])
+                                  top_k=calib.decode[0].shape[2], batch_cap=max_batch if MARGINAL_CAP else None)
     cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
     router = LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,
                                 imbalance_fraction=IMBALANCE_FRACTION)
@@ -447,7 +449,7 @@ def run_cell(trace: Trace, calib: Trace, workers: int, tau: float, load: float, 
     prefill_count = prefill_servers(trace, order, rate, cost, HANDOFF) if HANDOFF is not None else 0
     out = []
     for policy in policies:
-        router = make_router(policy, workers, calib, tau, seed, cost)
+        router = make_router(policy, workers, calib, tau, seed, cost, max_batch)
         refit = None
         if isinstance(router, tuple):  # eldr with the online refit
             router, refit = router
@@ -525,6 +527,9 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
                     help="eldr starvation guard, as the load balancer's --max-imbalance (default 2; -1 = off)")
     ap.add_argument("--imbalance-fraction", type=float, default=0.0,
                     help="eldr relative guard, as the load balancer's --imbalance-fraction (default 0: absolute)")
+    ap.add_argument("--marginal-cap", choices=("batch", "off"), default="batch",
+                    help="marginal: its batch cap (the load balancer's --batch-cap) is the decoders' --max-batch, "
+                         "or off (default: %(default)s)")
     d = Handoff()
     ap.add_argument("--handoff", default=f"{d.prefill_util},{d.counts_s * 1e3:g},{d.handoff_s * 1e3:g},"
                                          f"{d.kv_s_per_token * 1e6:g}",
@@ -535,8 +540,9 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
 
 
 def configure(args: argparse.Namespace) -> None:
-    global LENGTHS, REFIT, HANDOFF, MAX_IMBALANCE, IMBALANCE_FRACTION
+    global LENGTHS, REFIT, HANDOFF, MAX_IMBALANCE, IMBALANCE_FRACTION, MARGINAL_CAP
     LENGTHS = args.lengths
+    MARGINAL_CAP = args.marginal_cap == "batch"
     MAX_IMBALANCE = None if args.max_imbalance < 0 else args.max_imbalance
     IMBALANCE_FRACTION = args.imbalance_fraction
     if args.handoff == "off":
@@ -616,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"traces": source, "costs": {c: costs[c].__dict__ for c in args.cost}, "max_batch": args.max_batch,
             "lengths": LENGTHS, "refit": REFIT.__dict__ if REFIT else None,
-            "handoff": HANDOFF.__dict__ if HANDOFF else None, "seconds": round(time.perf_counter() - started, 1)}
+            "handoff": HANDOFF.__dict__ if HANDOFF else None, "marginal_cap": MARGINAL_CAP, "seconds": round(time.perf_counter() - started, 1)}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, args.out.with_suffix(".png"))
     print(f"\n{len(rows)} rows in {meta['seconds']} s from {source} -> {args.out} (+ .png)")

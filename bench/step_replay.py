@@ -66,7 +66,7 @@ def simulated_steps(full: simulate.Trace, policy: str, workers: int, load: float
     logs: dict[str, list] = {}
     p50: dict[str, float] = {}
     for name in (policy, *simulate.BASELINES):
-        router = simulate.make_router(name, workers, calib, 0.1, seed, cost)
+        router = simulate.make_router(name, workers, calib, 0.1, seed, cost, max_batch)
         refit = None
         if isinstance(router, tuple):
             router, refit = router
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulated": sim, "load_before": load, "steal_pct": steal_pct,
         "idle": load <= args.max_load and steal_pct < 5.0, "seed": args.seed,
         "handoff": simulate.HANDOFF.__dict__ if simulate.HANDOFF else None, "lengths": simulate.LENGTHS,
+        "marginal_cap": simulate.MARGINAL_CAP,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -48,12 +48,15 @@ class DecodeChooser:
         imbalance_fraction: float = 0.0,
         refit_every: int | None = None,
         step_cost: tuple[float, float, float] = DEFAULT_STEP_COST,
+        batch_cap: int | None = None,
     ):
         """`decoders`: the decoders' keys (their URLs), in order."""
         if policy not in DECODE_POLICIES:
             raise ValueError(f"policy: unknown {policy!r} (expected one of {', '.join(DECODE_POLICIES)})")
         if online_refit is not None and not policy.startswith("eldr"):
             raise ValueError(f"--refit is for the eldr policy (it refits centroids); {policy} has none")
+        if batch_cap is not None and policy != "marginal":
+            raise ValueError(f"--batch-cap is for the marginal policy; {policy} balances load itself")
         if policy == "eldr-static" and online_refit:
             raise ValueError("policy eldr-static is eldr with the online refit off; use --policy eldr --refit online")
         self.policy = policy
@@ -62,7 +65,8 @@ class DecodeChooser:
         self.seed = seed
         self.router: Router
         if policy == "marginal":
-            self.router = MarginalCostRouter(*step_cost, keys=list(decoders), breaker_failures=breaker_failures)
+            self.router = MarginalCostRouter(*step_cost, keys=list(decoders), breaker_failures=breaker_failures,
+                                             batch_cap=batch_cap)
         elif self.locality:
             self.router = LocalityBandRouter(None, tau, keys=list(decoders), max_imbalance=max_imbalance,
                                              imbalance_fraction=imbalance_fraction, breaker_failures=breaker_failures)

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(layer, expert) pairs read, in seconds (bench/measure_step_cost.py measures them). Only "
                          "the ratio B/C matters; with B = 0 the choice is the fewest new expert reads weighted by "
                          "the requests that wait for them (default: 0,0,1)")
+    ap.add_argument("--batch-cap", type=int, default=None, metavar="N",
+                    help="marginal: a decoder with N requests in flight is passed over while another has room (a "
+                         "newcomer there would queue for a slot before its first token); set it to the decoders' "
+                         "--max-running-requests (default: no cap)")
     ap.add_argument("--prefill-policy", choices=PREFILL_POLICIES, default="prefix-hash",
                     help="prefill choice: prefix-hash with a load gate (cache affinity) or rr (default: prefix-hash)")
     ap.add_argument("--prefill-load-gate", type=int, default=4,
@@ -173,6 +177,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
         imbalance_fraction=args.imbalance_fraction, refit_every=args.refit_every,
         online_refit=None if args.refit is None else args.refit == "online", step_cost=args.step_cost,
+        batch_cap=args.batch_cap,
     )
     return LoadBalancer(
         prefills=prefills, decoders=decoders, decode=chooser,

@@ -95,3 +95,11 @@ def test_policies_without_centroids_refuse_a_centroid_file_and_bad_step_costs():
     lb = launch_router.build_balancer(args)
     assert lb.decode.routing == "expected experts"
     assert lb.decode.router.step_cost == (0.007, 0.0008, 0.0015) and lb.decode.router.geometry is None
+    assert lb.decode.router.batch_cap is None
+    capped = launch_router.build_balancer(launch_router.build_parser().parse_args(
+        ["--prefill", "http://127.0.0.1:9", *two, "--policy", "marginal", "--batch-cap", "16"]))
+    assert capped.decode.router.batch_cap == 16
+    r = launch(*two, "--policy", "marginal", "--batch-cap", "0")
+    assert r.returncode == 2 and "batch_cap" in r.stderr, r.stderr
+    r = launch(*two, "--policy", "jsq", "--batch-cap", "4")
+    assert r.returncode == 2 and "--batch-cap is for the marginal policy" in r.stderr, r.stderr

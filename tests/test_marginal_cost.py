@@ -1,6 +1,7 @@
 """The marginal-cost policy (Rust, through the real extension) against a NumPy reference that
 recomputes every decoder's expected experts from the requests it holds: the same costs and the same
-choices over random sequences of acquires, releases, health changes and membership changes, and
+choices (with and without a batch cap) over random sequences of acquires, releases, health changes
+and membership changes, and
 clear errors that leave the state as it was."""
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ class Reference:
        a=st.floats(0, 2), b=st.floats(0, 2), c=st.floats(0, 2))
 def test_matches_the_reference(workers, layers, experts, data, a, b, c):
     top_k = data.draw(st.integers(1, experts))
+    cap = data.draw(st.one_of(st.none(), st.integers(1, 4)))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    router = MarginalCostRouter(a, b, c, num_workers=workers, layers=layers, experts=experts, top_k=top_k)
+    router = MarginalCostRouter(a, b, c, num_workers=workers, layers=layers, experts=experts, top_k=top_k,
+                                batch_cap=cap)
+    assert router.batch_cap == cap
     ref = Reference(workers, top_k, a, b, c, layers * experts)
     members = list(router.ids())  # ref.held[k] is members[k]
     where: dict[int, int] = {}  # ticket -> member id
@@ -87,9 +91,12 @@ def test_matches_the_reference(workers, layers, experts, data, a, b, c):
         assert got["loads"] == loads
         w = got["worker"]
         assert healthy[w] and got["id"] == members[w]
-        # The minimum, ties (within rounding) to fewer in flight, then the lower index.
-        best = min(want[k] for k in range(len(members)) if healthy[k])
-        tied = [k for k in range(len(members)) if healthy[k] and want[k] <= best + 1e-9 * max(1.0, abs(best))]
+        # The minimum among healthy decoders with room under the cap (all healthy ones when none has
+        # room), ties (within rounding) to fewer in flight, then the lower index.
+        room = [k for k in range(len(members)) if healthy[k] and (cap is None or loads[k] < cap)]
+        pool = room or [k for k in range(len(members)) if healthy[k]]
+        best = min(want[k] for k in pool)
+        tied = [k for k in pool if want[k] <= best + 1e-9 * max(1.0, abs(best))]
         assert w in tied
         if all(abs(want[k] - best) == 0 for k in tied):
             assert w == min(tied, key=lambda k: (loads[k], k))

@@ -144,6 +144,23 @@ impl Router {
         }
     }
 
+    /// Marginal policy: requests in flight at which a decoder is passed over while another has
+    /// room (None: no cap).
+    pub fn set_batch_cap(&self, cap: Option<u32>) -> Result<()> {
+        match &mut self.lock().decider {
+            Decider::Marginal(m) => m.set_batch_cap(cap),
+            Decider::Policy(_) => Err(RouterError::Invalid { arg: "batch_cap", reason: "only the marginal policy takes one".into() }),
+        }
+    }
+
+    /// Marginal policy: its batch cap (None without one, and for other policies).
+    pub fn batch_cap(&self) -> Option<u32> {
+        match &self.lock().decider {
+            Decider::Marginal(m) => m.batch_cap(),
+            Decider::Policy(_) => None,
+        }
+    }
+
     /// Marginal policy: the geometry (None until set, and for other policies).
     pub fn geometry(&self) -> Option<ExpertGeometry> {
         match &self.lock().decider {

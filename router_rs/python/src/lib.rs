@@ -329,6 +329,13 @@ impl Router {
         self.core.step_cost().map(|c| (c.a, c.b, c.c))
     }
 
+    /// Marginal policy: requests in flight at which a decoder is passed over while another has room
+    /// (None: no cap, and for other policies).
+    #[getter]
+    fn batch_cap(&self) -> Option<u32> {
+        self.core.batch_cap()
+    }
+
     /// Marginal policy: expected distinct (layer, expert) pairs per decode step of each member's
     /// running requests (None for other policies).
     fn expected_distinct(&self) -> Option<Vec<f64>> {
@@ -541,10 +548,11 @@ struct MarginalCostRouter;
 impl MarginalCostRouter {
     #[new]
     #[pyo3(signature = (a=0.0, b=0.0, c=1.0, num_workers=None, keys=None, layers=None, experts=None, top_k=None,
-                        breaker_failures=DEFAULT_BREAKER_FAILURES))]
+                        breaker_failures=DEFAULT_BREAKER_FAILURES, batch_cap=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(a: f64, b: f64, c: f64, num_workers: Option<usize>, keys: Option<Vec<String>>, layers: Option<usize>,
-           experts: Option<usize>, top_k: Option<usize>, breaker_failures: u32) -> PyResult<PyClassInitializer<Self>> {
+           experts: Option<usize>, top_k: Option<usize>, breaker_failures: u32,
+           batch_cap: Option<u32>) -> PyResult<PyClassInitializer<Self>> {
         let keys = keys_for(keys, num_workers, "MarginalCostRouter")?;
         let geometry = match (layers, experts, top_k) {
             (Some(l), Some(e), Some(k)) => Some(ExpertGeometry::new(l, e, k).map_err(value_error)?),
@@ -552,6 +560,7 @@ impl MarginalCostRouter {
             _ => return Err(PyValueError::new_err("MarginalCostRouter: give layers, experts and top_k together, or none")),
         };
         let core = Core::marginal(&keys, StepCost { a, b, c }, geometry, breaker_failures).map_err(value_error)?;
+        core.set_batch_cap(batch_cap).map_err(value_error)?;
         Ok(PyClassInitializer::from(Router { core }).add_subclass(MarginalCostRouter))
     }
 }
