@@ -19,7 +19,7 @@ are refitted in simulated time on the recent requests' counts and swapped in, al
 `sglang_eldr.refit` does.
 Time to first token (`--handoff`): a request first queues for one of P prefill servers (FIFO, one
 request at a time, prefill time from the same cost profile: a + b·prompt tokens + c·distinct pairs
-of its prompt; P sized so prefill runs at `--prefill-util` of the offered load), then waits for its
+of its prompt; P sized so prefill is busy UTIL of the time at the offered load), then waits for its
 counts (the ZMQ hop and the decision), then the decoder POST/admission/bootstrap and the KV
 transfer (per prompt token), and only then joins the chosen decoder's queue. The decoder is
 chosen, and its load counted, at the end of the counts wait, as the load balancer does for every
@@ -204,6 +204,7 @@ def prefill_seconds(trace: Trace, cost: CostModel) -> np.ndarray:
 def prefill_servers(trace: Trace, order: np.ndarray, rate: float, cost: CostModel, handoff: Handoff) -> int:
     mean = float(prefill_seconds(trace, cost)[order].mean())
     return max(1, int(np.ceil(rate * mean / handoff.prefill_util)))
+
 
 @dataclass(frozen=True)
 class Refit:
