@@ -148,8 +148,16 @@ class ServerProcess:
         return "\n".join(self.log_text().splitlines()[-n:])
 
 
+class PortTaken(RuntimeError):
+    """A server could not bind its HTTP port: another process took it after it was chosen."""
+
+
+BIND_FAILED = "error while attempting to bind on address"  # uvicorn's message; the server then hangs
+
+
 def wait_all(servers: list[ServerProcess], timeout_s: float = 300.0, path: str = "/health") -> None:
-    """Waits until every server is ready; fails at once, with its log, when one exits."""
+    """Waits until every server is ready; fails at once, with its log, when one exits or cannot
+    bind its port (PortTaken: the caller may start it again on another port)."""
     deadline = time.monotonic() + timeout_s
     pending = list(servers)
     while pending:
@@ -159,6 +167,8 @@ def wait_all(servers: list[ServerProcess], timeout_s: float = 300.0, path: str =
                                    f"{s.log_tail()}")
             if s.ready(path):
                 pending.remove(s)
+            elif BIND_FAILED in s.log_text():
+                raise PortTaken(f"{s.role} server could not bind port {s.port}:\n{s.log_tail(5)}")
         if pending and time.monotonic() > deadline:
             raise TimeoutError(f"not ready after {timeout_s:.0f} s: {[s.url for s in pending]}\n"
                                f"{pending[0].log_tail()}")

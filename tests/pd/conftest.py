@@ -115,17 +115,28 @@ def pd_pair(request, pd_model_dir, tmp_path_factory) -> PDPair:
         started.append(s)
         return s
 
+    def ready(s: Server, name, args, core) -> Server:
+        """Waits for `s`; once more on a new port when another process took its port between
+        free_port() and the bind (the PD servers open many ports while they start)."""
+        try:
+            return s.wait_ready()
+        except server_process.PortTaken:
+            s.stop()
+            return start(name, args, core).wait_ready()
+
+    specs = {
+        "prefill": (common + ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap),
+                              "--chunked-prefill-size", str(CHUNK)), c_prefill),
+        "decode": (common + ("--disaggregation-mode", "decode"), c_decode),
+        "plain": (("--max-total-tokens", "8192", "--chunked-prefill-size", str(CHUNK)), c_prefill),
+    }
     try:
-        prefill = start("prefill", common + ("--disaggregation-mode", "prefill",
-                                             "--disaggregation-bootstrap-port", str(bootstrap),
-                                             "--chunked-prefill-size", str(CHUNK)), c_prefill)
-        decode = start("decode", common + ("--disaggregation-mode", "decode"), c_decode)
-        plain = start("plain", ("--max-total-tokens", "8192", "--chunked-prefill-size", str(CHUNK)),
-                      c_prefill)
+        servers = {name: start(name, *spec) for name, spec in specs.items()}
+        for name in ("plain", "prefill", "decode"):
+            servers[name] = ready(servers[name], name, *specs[name])
+        prefill, decode, plain = servers["prefill"], servers["decode"], servers["plain"]
         pair = PDPair(prefill, decode, bootstrap, plain)
         request.addfinalizer(pair.stop)
-        for s in (plain, prefill, decode):
-            s.wait_ready()
     except BaseException:
         for s in started:
             s.stop()
