@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sglang_eldr.decode_policy import DECODE_POLICIES, DEFAULT_DECODE_POLICY
 from sglang_eldr.paths import local_path, model_path
-from sglang_eldr.server_process import ServerProcess, free_port, pd_env, wait_all
+from sglang_eldr.server_process import PortTaken, ServerProcess, free_port, pd_env, wait_all
 
 __all__ = ["Cluster", "Server", "free_port", "pd_env"]
 
@@ -145,6 +145,24 @@ class Cluster:
     def wait_healthy(self, servers: list[Server], path: str = "/health") -> None:
         wait_all(servers, self.startup_timeout_s, path)
 
+    def wait_started(self, attempts: int = 3) -> None:
+        """Waits for the servers start_servers() started; one whose port another process took in the
+        meantime starts again on a new port (its URL is not yet known to anyone)."""
+        for attempt in range(attempts):
+            try:
+                self.wait_healthy(self.servers)
+                return
+            except PortTaken as e:
+                s = e.server
+                if attempt == attempts - 1 or s not in self.servers or s.role not in ("prefill", "decode"):
+                    raise
+                s.stop()
+                s.port = self.free_port(s.host)
+                s.log = self.log_dir / f"{s.role}-{s.host}-{s.port}.log"
+                cores = sorted(os.sched_getaffinity(0))
+                s.cmd, s.env = self._server_cmd(s), self._env(s, cores[self.servers.index(s) % len(cores)])
+                s.start()
+
     @property
     def prefills(self) -> list[Server]:
         return [s for s in self.servers if s.role == "prefill"]
@@ -223,7 +241,7 @@ class Cluster:
     def __enter__(self) -> "Cluster":
         try:
             self.start_servers()
-            self.wait_healthy(self.servers)
+            self.wait_started()
         except BaseException:
             self.stop()
             raise

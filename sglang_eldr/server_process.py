@@ -151,6 +151,10 @@ class ServerProcess:
 class PortTaken(RuntimeError):
     """A server could not bind its HTTP port: another process took it after it was chosen."""
 
+    def __init__(self, server: ServerProcess, message: str):
+        super().__init__(message)
+        self.server = server
+
 
 BIND_FAILED = "error while attempting to bind on address"  # uvicorn's message; the server then hangs
 
@@ -168,7 +172,7 @@ def wait_all(servers: list[ServerProcess], timeout_s: float = 300.0, path: str =
             if s.ready(path):
                 pending.remove(s)
             elif BIND_FAILED in s.log_text():
-                raise PortTaken(f"{s.role} server could not bind port {s.port}:\n{s.log_tail(5)}")
+                raise PortTaken(s, f"{s.role} server could not bind port {s.port}:\n{s.log_tail(5)}")
         if pending and time.monotonic() > deadline:
             raise TimeoutError(f"not ready after {timeout_s:.0f} s: {[s.url for s in pending]}\n"
                                f"{pending[0].log_tail()}")
