@@ -11,7 +11,8 @@ Traces: `--traces FILE.npz` recorded from the tiny trained model (bench/record_t
 `--synthetic` domains with a tunable prefill->decode correlation.
 Cost model: coefficients per named profile (`--cost`), each stating where it was measured.
 Decode lengths: each request decodes `min(its trace, a draw from --lengths)` tokens (the tiny model
-never emits EOS, so the length distribution is stated, not observed).
+rarely emits EOS: 15 of the 480 recorded traces end there before 128 tokens, so the length
+distribution is stated, not observed).
 Load: a fraction of the capacity, measured as the saturation throughput of the best load-only
 baseline (every request queued at t = 0; the best of rr/random/jsq/p2c in requests per second).
 Online refit (`--refit INTERVAL,WINDOW`, the load balancer's 2.5 s / 5 s): the eldr router's centroids

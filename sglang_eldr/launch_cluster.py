@@ -132,15 +132,19 @@ class Cluster:
         hosts = self.hosts or [self.host] * n
         for i in range(self.num_prefill):
             h = hosts[i]
-            port = self.free_port(h)
-            self.servers.append(Server("prefill", port, self.log_dir / f"prefill-{h}-{port}.log", host=h,
-                                       bootstrap_port=self.free_port(h), counts_port=self.free_port(h)))
+            self.servers.append(Server("prefill", 0, Path(), host=h, bootstrap_port=self.free_port(h),
+                                       counts_port=self.free_port(h)))
         for h in hosts[self.num_prefill:]:
-            port = self.free_port(h)
-            self.servers.append(Server("decode", port, self.log_dir / f"decode-{h}-{port}.log", host=h))
+            self.servers.append(Server("decode", 0, Path(), host=h))
         for i, s in enumerate(self.servers):
-            s.cmd, s.env = self._server_cmd(s), self._env(s, cores[i % len(cores)])
-            s.start()
+            self._launch(s, cores[i % len(cores)])
+
+    def _launch(self, s: Server, core: int) -> None:
+        """Starts `s` on a newly chosen HTTP port, with its log, command and environment for it."""
+        s.port = self.free_port(s.host)
+        s.log = self.log_dir / f"{s.role}-{s.host}-{s.port}.log"
+        s.cmd, s.env = self._server_cmd(s), self._env(s, core)
+        s.start()
 
     def wait_healthy(self, servers: list[Server], path: str = "/health") -> None:
         wait_all(servers, self.startup_timeout_s, path)
@@ -157,11 +161,8 @@ class Cluster:
                 if attempt == attempts - 1 or s not in self.servers or s.role not in ("prefill", "decode"):
                     raise
                 s.stop()
-                s.port = self.free_port(s.host)
-                s.log = self.log_dir / f"{s.role}-{s.host}-{s.port}.log"
                 cores = sorted(os.sched_getaffinity(0))
-                s.cmd, s.env = self._server_cmd(s), self._env(s, cores[self.servers.index(s) % len(cores)])
-                s.start()
+                self._launch(s, cores[self.servers.index(s) % len(cores)])
 
     @property
     def prefills(self) -> list[Server]:

@@ -21,7 +21,7 @@ class DecoderPortTaken(Cluster):
 
     def free_port(self, host: str) -> int:
         self.calls += 1
-        # prefill: HTTP, bootstrap and counts ports; the fourth is the decoder's
+        # the prefill's bootstrap and counts ports, its HTTP port, then the decoder's HTTP port
         return self.taken if self.calls == 4 else super().free_port(host)
 
 
