@@ -30,6 +30,8 @@ pub struct LocalityModel {
     precision: Precision,
     /// None with `Precision::Exact`, or when a weight is outside what the fixed point covers.
     quant: Option<Quantized>,
+    /// The kept layers' IDF as f64, `[kept][experts]`.
+    idf64: Vec<f64>,
 }
 
 impl LocalityModel {
@@ -52,7 +54,8 @@ impl LocalityModel {
             let idf: Vec<f32> = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().copied()).collect();
             Quantized::new(centroids.rows(), &idf, centroids.workers(), spec.kept().len(), spec.experts(), precision)
         };
-        Ok(Self { spec, centroids, precision, quant })
+        let idf64 = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().map(|&v| v as f64)).collect();
+        Ok(Self { spec, centroids, precision, quant, idf64 })
     }
 
     /// The same geometry over other centroids.
@@ -101,10 +104,15 @@ impl LocalityModel {
                 Ok(true)
             }
             Signal::Counts { data, rows, cols } => {
-                self.spec.check(data, rows, cols)?;
                 match &self.quant {
-                    Some(q) => self.estimate(q, data, buf),
-                    None => self.exact_counts(data, buf),
+                    Some(q) => {
+                        self.spec.check_shape(data, rows, cols)?;
+                        self.estimate(q, data, buf)
+                    }
+                    None => {
+                        self.spec.check(data, rows, cols)?;
+                        self.exact_counts(data, buf)
+                    }
                 }
             }
         }
@@ -135,33 +143,41 @@ impl LocalityModel {
     fn estimate<T: CountValue>(&self, q: &Quantized, counts: &[T], buf: &mut ScoreBuf) -> Result<bool> {
         let (e, epad, kept) = (self.spec.experts(), q.epad(), self.spec.kept());
         let dim = self.spec.dim();
-        buf.c16.clear();
-        buf.c16.resize(kept.len() * epad, 0);
+        // The padding lanes stay zero: only the first `e` of each layer are written below.
+        if buf.c16_shape != (e, epad, kept.len()) {
+            buf.c16.clear();
+            buf.c16.resize(kept.len() * epad, 0);
+            buf.c16_shape = (e, epad, kept.len());
+        }
         buf.tmul.clear();
         buf.h.clear();
         buf.g.clear();
         buf.r.clear();
-        // The rule's norm without writing the signature: x is built only if a score is refined.
+        // One pass per layer gives the rule's norm (x itself is built only if a score is
+        // refined), the int16 counts, Σ c and max c.
         let mut squares = [0.0f64; exact::LANES];
-        let mut offset = 0;
-        for &l in kept {
-            add_squares(&counts[l * e..(l + 1) * e], self.spec.idf_row(l), offset, &mut squares);
-            offset = (offset + e) % exact::LANES;
-        }
-        buf.norm = exact::reduce(squares).sqrt();
-        buf.x_ready = false;
-        if buf.norm == 0.0 {
-            return Ok(false);
-        }
         let limit = q.count_limit();
+        let mut offset = 0;
+        let mut negative = self.spec.dropped_negative(counts);
         for (i, &l) in kept.iter().enumerate() {
             let c = &counts[l * e..(l + 1) * e];
             let c16 = &mut buf.c16[i * epad..][..e];
-            let (sum, max) = sum_max(c, c16);
-            // t = 2^m, the smallest with round(max / t) ≤ limit (m = 0 for all but huge prompts).
+            let (sum16, min16, max16) = prepare_layer(c, &self.idf64[i * e..][..e], offset, &mut squares, c16);
+            negative |= min16 < 0;
+            if negative {
+                continue;
+            }
+            offset = (offset + e) % exact::LANES;
+            // t = 2^m, the smallest with round(max / t) ≤ limit: m = 0 for all but huge prompts,
+            // and then nothing was clamped and the int16 sums are the counts' own.
             let mut m = 0u32;
-            while ((max as u128 + ((1u128 << m) >> 1)) >> m) > limit as u128 {
-                m += 1;
+            let mut sum = sum16 as f64;
+            if max16 as u64 > limit || max16 == i16::MAX {
+                let max = c.iter().fold(0u64, |a, v| a.max(v.as_u64()));
+                while ((max as u128 + ((1u128 << m) >> 1)) >> m) > limit as u128 {
+                    m += 1;
+                }
+                sum = c.iter().map(|v| v.as_f64()).sum();
             }
             let t = (1u128 << m) as f64;
             let narrowed = if m == 0 { sum } else { narrow(c, m, c16) };
@@ -171,6 +187,12 @@ impl LocalityModel {
             buf.g.push(if m == 0 { 0.0 } else { t / 2.0 });
             buf.r.push(q.rounding() * t * narrowed * (1.0 + 1e-12));
         }
+        self.spec.check_sign(counts, negative)?;
+        buf.norm = exact::reduce(squares).sqrt();
+        buf.x_ready = false;
+        if buf.norm == 0.0 {
+            return Ok(false);
+        }
         q.estimate(&buf.c16, &buf.tmul, &mut buf.est32);
         if buf.est32.iter().any(|v| !v.is_finite()) {
             return self.exact_counts(counts, buf); // weights so large the f32 estimate overflowed
@@ -178,11 +200,11 @@ impl LocalityModel {
         let rule = exact::rule_error(dim);
         buf.est.clear();
         buf.rad.clear();
+        q.error_bounds(&buf.h, &buf.g, &buf.r, &mut buf.bound);
         for k in 0..self.centroids.workers() {
             buf.est.push(buf.est32[k] as f64 / buf.norm);
             // 1e-300: the estimate's f32 terms may underflow by up to one subnormal step each.
-            let bound = q.error_bound(k, &buf.h, &buf.g, &buf.r) + 1e-300;
-            buf.rad.push(bound / buf.norm * (1.0 + 1e-6) + rule);
+            buf.rad.push((buf.bound[k] + 1e-300) / buf.norm * (1.0 + 1e-6) + rule);
         }
         Ok(true)
     }
@@ -197,51 +219,43 @@ impl LocalityModel {
             Some(data) => Box::new(move |x: &mut Vec<f64>| self.signature_of(data, x)),
             None => Box::new(|_: &mut Vec<f64>| {}),
         };
-        let source = Source { x: &mut buf.x, ready: buf.x_ready, fill, norm: buf.norm, centroids: &self.centroids };
-        Scores { est: &mut buf.est, rad: &mut buf.rad, source: Some(source), refined: 0 }
+        let ScoreBuf { x, x_ready, norm, est, rad, .. } = buf;
+        let source = Source { x, ready: *x_ready, fill, norm: *norm, centroids: &self.centroids };
+        Scores { est, rad, source: Some(source), refined: 0 }
     }
 }
 
-/// (Σ c, max c) of non-negative counts, with min(c, i16::MAX) written to `c16`. Three plain
-/// loops (one reduction each) so that each vectorises; the sum in f64 only if u64 could wrap.
+/// One pass over a layer's non-negative counts: adds (c · idf)² to the rule's lanes, the first
+/// element at lane `offset` (the same operations in the same order as `exact::sum_squares` over
+/// the signature), and writes min(c, i16::MAX) (−1 for a negative c) to `c16`. Returns (Σ c16,
+/// min c16, max c16): Σ c and max c themselves whenever 0 ≤ min c16 and max c16 < i16::MAX.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn sum_max<T: CountValue>(c: &[T], c16: &mut [i16]) -> (f64, u64) {
-    let max = c.iter().fold(0u64, |m, v| m.max(v.as_u64()));
-    let sum = c.iter().fold(0u64, |s, v| s.wrapping_add(v.as_u64()));
-    for (o, v) in c16.iter_mut().zip(c) {
-        *o = v.as_u64().min(i16::MAX as u64) as i16;
-    }
-    let sum = if (max as u128) * (c.len() as u128) <= u64::MAX as u128 {
-        sum as f64
-    } else {
-        c.iter().map(|v| v.as_f64()).sum()
-    };
-    (sum, max)
-}
-
-/// Adds (c · idf)² to the rule's lanes, the first element at lane `offset`: the same operations
-/// in the same order as `exact::sum_squares` over the signature.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn add_squares<T: CountValue>(c: &[T], idf: &[f32], offset: usize, squares: &mut [f64; exact::LANES]) {
+fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> (i64, i16, i16) {
     const N: usize = exact::LANES;
     let head = ((N - offset) % N).min(c.len());
     for j in 0..head {
-        let x = c[j].as_f64() * idf[j] as f64;
+        let x = c[j].as_f64() * idf[j];
         squares[offset + j] += x * x;
     }
-    let (c, idf) = (&c[head..], &idf[head..]);
-    let mut cs = c.chunks_exact(N);
-    let mut ws = idf.chunks_exact(N);
+    let mut cs = c[head..].chunks_exact(N);
+    let mut ws = idf[head..].chunks_exact(N);
     for (cc, ww) in (&mut cs).zip(&mut ws) {
         for j in 0..N {
-            let x = cc[j].as_f64() * ww[j] as f64;
+            let x = cc[j].as_f64() * ww[j];
             squares[j] += x * x;
         }
     }
     for (j, (v, &w)) in cs.remainder().iter().zip(ws.remainder()).enumerate() {
-        let x = v.as_f64() * w as f64;
+        let x = v.as_f64() * w;
         squares[j] += x * x;
     }
+    for (o, v) in c16.iter_mut().zip(c) {
+        *o = v.clamp_i16();
+    }
+    let min = c16.iter().fold(0i16, |m, &v| m.min(v));
+    let max = c16.iter().fold(0i16, |m, &v| m.max(v));
+    let sum = c16.iter().fold(0i32, |s, &v| s + v as i32);
+    (sum as i64, min, max)
 }
 
 /// x = c · idf, elementwise in f64.
@@ -271,11 +285,14 @@ pub(crate) struct ScoreBuf {
     x_ready: bool,
     norm: f64,
     c16: Vec<i16>,
+    /// (experts, padded experts, layers) `c16` was laid out for.
+    c16_shape: (usize, usize, usize),
     tmul: Vec<f32>,
     h: Vec<f64>,
     g: Vec<f64>,
     r: Vec<f64>,
     est32: Vec<f32>,
+    bound: Vec<f64>,
     est: Vec<f64>,
     rad: Vec<f64>,
 }
@@ -331,6 +348,10 @@ impl<'a> Scores<'a> {
     #[inline]
     pub fn hi(&self, k: usize) -> f64 {
         self.est[k] + self.rad[k]
+    }
+    #[inline]
+    pub fn is_exact(&self, k: usize) -> bool {
+        self.rad[k] == 0.0
     }
     /// The exact score of decoder k: dot(signature, unit centroid) / ‖signature‖ in the rule's
     /// f64 order.

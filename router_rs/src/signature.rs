@@ -9,6 +9,9 @@ pub trait CountValue: Copy + Send + Sync {
     fn as_f64(self) -> f64;
     /// The value of a count already checked non-negative.
     fn as_u64(self) -> u64;
+    /// min(value, i16::MAX), or −1 for a negative value, in the type's own arithmetic (so it
+    /// vectorises).
+    fn clamp_i16(self) -> i16;
 }
 
 macro_rules! signed_count {
@@ -17,6 +20,7 @@ macro_rules! signed_count {
             #[inline] fn is_negative(self) -> bool { self < 0 }
             #[inline] fn as_f64(self) -> f64 { self as f64 }
             #[inline] fn as_u64(self) -> u64 { self as u64 }
+            #[inline] fn clamp_i16(self) -> i16 { (self as i64).clamp(-1, i16::MAX as i64) as i16 }
         }
     )*};
 }
@@ -26,6 +30,7 @@ macro_rules! unsigned_count {
             #[inline] fn is_negative(self) -> bool { false }
             #[inline] fn as_f64(self) -> f64 { self as f64 }
             #[inline] fn as_u64(self) -> u64 { self as u64 }
+            #[inline] fn clamp_i16(self) -> i16 { if (self as u64) > i16::MAX as u64 { i16::MAX } else { self as i16 } }
         }
     )*};
 }
@@ -107,6 +112,12 @@ impl SignatureSpec {
 
     /// Refuses counts of another shape, or with a negative entry.
     pub fn check<T: CountValue>(&self, counts: &[T], rows: usize, cols: usize) -> Result<()> {
+        self.check_shape(counts, rows, cols)?;
+        self.check_sign(counts, any_negative(counts))
+    }
+
+    /// Refuses counts of another shape.
+    pub fn check_shape<T: CountValue>(&self, counts: &[T], rows: usize, cols: usize) -> Result<()> {
         if rows != self.layers || cols != self.experts || counts.len() != rows * cols {
             return Err(RouterError::Shape {
                 arg: "counts",
@@ -114,7 +125,27 @@ impl SignatureSpec {
                 got: format!("[{rows}, {cols}]"),
             });
         }
-        if any_negative(counts) {
+        Ok(())
+    }
+
+    /// Whether a layer the mask drops has a negative count (kept layers are checked by whoever
+    /// reads them, see [`check_sign`](Self::check_sign)).
+    pub(crate) fn dropped_negative<T: CountValue>(&self, counts: &[T]) -> bool {
+        let e = self.experts;
+        let mut next = 0;
+        let mut any = false;
+        for &l in self.kept.iter().chain(std::iter::once(&self.layers)) {
+            if l > next {
+                any |= any_negative(&counts[next * e..l * e]);
+            }
+            next = l + 1;
+        }
+        any
+    }
+
+    /// The error for counts found to hold a negative entry (`negative`), naming the first.
+    pub(crate) fn check_sign<T: CountValue>(&self, counts: &[T], negative: bool) -> Result<()> {
+        if negative {
             let index = counts.iter().position(|c| c.is_negative()).expect("a negative count");
             return Err(RouterError::Negative { arg: "counts", index, value: counts[index].as_f64() });
         }

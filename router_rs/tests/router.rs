@@ -291,3 +291,42 @@ fn marginal_membership_changes_keep_the_other_rows() {
     assert!(r.release_ticket(x.id, x.ticket.unwrap()).unwrap());
     assert_eq!(r.loads(), vec![0; r.workers()]);
 }
+
+#[test]
+fn fixed_point_path_refuses_negative_counts_in_kept_and_dropped_layers() {
+    // 4 × 128 = 512 kept dimensions: Auto scores through the int16 kernel.
+    let (layers, experts) = (5, 128);
+    let mask = [true, false, true, true, true];
+    let spec = SignatureSpec::new(layers, experts, None, Some(&mask)).unwrap();
+    let mut rng = fastrand::Rng::with_seed(3);
+    let rows: Vec<f32> = (0..3 * spec.dim()).map(|_| rng.f32() + 0.01).collect();
+    let model = LocalityModel::new(spec, Centroids::new(&rows, 3, 4 * experts).unwrap()).unwrap();
+    assert!(model.kernel().starts_with("int16"), "{}", model.kernel());
+    let r = Router::with_model(model, 0.1, None).unwrap();
+    let good: Vec<i64> = (0..layers * experts).map(|_| rng.i64(0..50)).collect();
+    let select = |c: &[i64]| r.select(Signal::Counts { data: c, rows: layers, cols: experts }, &[0, 0, 0], None);
+    let want = select(&good).unwrap();
+    // Every negative value, in a kept layer (2) or the dropped one (1), names its index; a value
+    // below i16's range must not wrap to a positive int16.
+    for (index, value) in [(2 * experts + 5, -1i64), (experts + 7, -3), (4 * experts + 127, -65536), (0, i64::MIN)] {
+        let mut bad = good.clone();
+        bad[index] = value;
+        let e = select(&bad).unwrap_err();
+        assert!(matches!(e, RouterError::Negative { arg: "counts", index: i, .. } if i == index), "{e}");
+    }
+    // Counts above i16's range are scaled, not clamped: the decision matches the exact rule.
+    let mut huge = good.clone();
+    huge[3 * experts + 9] = 5_000_000;
+    let exact = Router::with_model(
+        LocalityModel::with_precision(r.model().unwrap().spec().clone(), r.model().unwrap().centroids().clone(), Precision::Exact).unwrap(),
+        0.1,
+        None,
+    )
+    .unwrap();
+    fn sig(c: &[i64]) -> Signal<'_, i64> {
+        Signal::Counts { data: c, rows: 5, cols: 128 }
+    }
+    assert_eq!(select(&huge).unwrap(), exact.select(sig(&huge), &[0, 0, 0], None).unwrap());
+    assert_eq!(r.scores(sig(&huge)).unwrap(), exact.scores(sig(&huge)).unwrap());
+    assert_eq!(select(&good).unwrap(), want, "the router keeps serving after refusals");
+}

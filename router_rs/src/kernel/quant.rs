@@ -40,7 +40,8 @@ pub struct Quantized {
     table: Table,
     /// s_ki, `[W][layers]`.
     scale: Vec<f32>,
-    /// s_ki as f64, Σ_e |Q_kie| and max_e |Q_kie|, `[W][layers]`.
+    /// s_ki, s_ki·Σ_e |Q_kie| and s_ki·max_e |Q_kie| as f64 (exact: s is a power of two),
+    /// `[W][layers]`.
     scale64: Vec<f64>,
     abs_q: Vec<f64>,
     max_q: Vec<f64>,
@@ -107,8 +108,8 @@ impl Quantized {
                     mx = mx.max(o.unsigned_abs() as f64);
                 }
                 scale.push(pow2_f32(ex));
-                abs_q.push(a);
-                max_q.push(mx);
+                abs_q.push(a * s);
+                max_q.push(mx * s);
             }
         }
         let table = if int8 {
@@ -167,17 +168,22 @@ impl Quantized {
         }
     }
 
-    /// Bound on |Σ c·w − estimate| for decoder k, from per-layer terms of the request:
-    /// h_i = Σ_e c / 2 (weight rounding), g_i = t_i / 2 or 0 (count rounding, times Σ|Q|) and
-    /// r_i = ρ·t_i·Σ_e c' (the kernel's f32 rounding, times max|Q|: Σ_e c'·|Q| ≤ Σ_e c'·max|Q|).
-    pub fn error_bound(&self, k: usize, h: &[f64], g: &[f64], r: &[f64]) -> f64 {
-        let at = k * self.layers..(k + 1) * self.layers;
-        let (s, a, m) = (&self.scale64[at.clone()], &self.abs_q[at.clone()], &self.max_q[at]);
-        let mut total = 0.0;
-        for i in 0..self.layers {
-            total += s[i] * (h[i] + g[i] * a[i] + r[i] * m[i]);
+    /// Bounds on |Σ c·w − estimate| for every decoder into `out`, from per-layer terms of the
+    /// request: h_i = Σ_e c / 2 (weight rounding), g_i = t_i / 2 or 0 (count rounding, times
+    /// Σ|Q|) and r_i = ρ·t_i·Σ_e c' (the kernel's f32 rounding, times max|Q|: Σ_e c'·|Q| ≤
+    /// Σ_e c'·max|Q|). Rounded in f64 (relative ≤ layers·ε, which the caller's margin covers).
+    pub fn error_bounds(&self, h: &[f64], g: &[f64], r: &[f64], out: &mut Vec<f64>) {
+        let l = self.layers;
+        let narrowed = g.iter().any(|&v| v != 0.0);
+        out.clear();
+        for k in 0..self.workers {
+            let at = k * l..(k + 1) * l;
+            let mut total = lane_dot(&self.scale64[at.clone()], h) + lane_dot(&self.max_q[at.clone()], r);
+            if narrowed {
+                total += lane_dot(&self.abs_q[at], g);
+            }
+            out.push(total);
         }
-        total
     }
 
     /// ρ: the kernel's f32 rounding relative to Σ of its absolute terms (conversion, one rounding
@@ -189,6 +195,20 @@ impl Quantized {
     pub fn experts(&self) -> usize {
         self.experts
     }
+}
+
+/// Σ a·b over four lanes (an order the compiler may vectorise; the bound needs no fixed order).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn lane_dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let (mut ac, mut bc) = (a.chunks_exact(4), b.chunks_exact(4));
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for j in 0..4 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    acc[0] + acc[1] + acc[2] + acc[3] + tail
 }
 
 #[derive(Debug, Clone, Copy)]

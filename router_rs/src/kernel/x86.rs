@@ -61,22 +61,30 @@ macro_rules! avx2_kernel {
             est: &mut [f32],
         ) {
             let (cp, qp) = (counts.as_ptr(), q.as_ptr());
-            for k in 0..d.workers {
-                let mut acc = _mm256_setzero_ps();
+            let mut k0 = 0;
+            while k0 < d.workers {
+                let g = GROUP.min(d.workers - k0);
+                let mut acc = [_mm256_setzero_ps(); GROUP];
                 for i in 0..d.layers {
-                    let base = (k * d.layers + i) * d.epad;
-                    let mut dot = _mm256_setzero_si256();
+                    let mut dot = [_mm256_setzero_si256(); GROUP];
                     let mut e = 0;
                     while e < d.epad {
                         let cv = _mm256_loadu_si256(cp.add(i * d.epad + e) as *const __m256i);
-                        let qv = $load(qp.add(base + e));
-                        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(cv, qv));
+                        for j in 0..g {
+                            let qv = $load(qp.add(((k0 + j) * d.layers + i) * d.epad + e));
+                            dot[j] = _mm256_add_epi32(dot[j], _mm256_madd_epi16(cv, qv));
+                        }
                         e += 16;
                     }
-                    let s = _mm256_set1_ps(*scale.get_unchecked(k * d.layers + i) * *tmul.get_unchecked(i));
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s));
+                    for j in 0..g {
+                        let s = _mm256_set1_ps(*scale.get_unchecked((k0 + j) * d.layers + i) * *tmul.get_unchecked(i));
+                        acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_cvtepi32_ps(dot[j]), s));
+                    }
                 }
-                est[k] = hsum256(acc);
+                for j in 0..g {
+                    est[k0 + j] = hsum256(acc[j]);
+                }
+                k0 += g;
             }
         }
     };

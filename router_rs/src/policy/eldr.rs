@@ -106,7 +106,7 @@ impl LocalityBand {
                         *threshold.insert(best - self.tau)
                     }
                 };
-                s.lo(k) >= t || (s.hi(k) >= t && s.exact(k) >= t)
+                at_least(s, k, t)
             };
             if inside {
                 band.push(k);
@@ -128,32 +128,35 @@ impl LocalityBand {
     }
 }
 
-/// The exact maximum over `ks`, refining only those whose interval reaches the best lower bound.
-fn max_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<f64> {
-    let floor = ks.clone().map(|k| s.lo(k)).reduce(f64::max)?;
-    let mut best: Option<f64> = None;
-    for k in ks {
-        if s.hi(k) >= floor {
-            let v = s.exact(k);
-            best = Some(best.map_or(v, |b| b.max(v)));
-        }
-    }
-    best
+/// Whether decoder k's exact score is ≥ t, computing it only when its interval straddles t.
+fn at_least(s: &mut Scores, k: usize, t: f64) -> bool {
+    s.lo(k) >= t || (s.hi(k) >= t && s.exact(k) >= t)
 }
 
-/// The lowest index with the exact maximum over `ks`.
-fn argmax_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<usize> {
-    let mut ks = ks.peekable();
-    let first = *ks.peek()?;
-    if ks.clone().nth(1).is_none() {
-        return Some(first);
-    }
+/// The decoders of `ks` whose interval reaches the best lower bound: the maximum is among them.
+fn contenders(s: &Scores, ks: impl Iterator<Item = usize> + Clone, out: &mut Vec<usize>) {
     let floor = ks.clone().map(|k| s.lo(k)).fold(f64::NEG_INFINITY, f64::max);
+    out.clear();
+    out.extend(ks.filter(|&k| s.hi(k) >= floor));
+}
+
+/// The exact maximum over `ks`.
+fn max_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<f64> {
+    let mut top = Vec::new();
+    contenders(s, ks, &mut top);
+    top.iter().map(|&k| s.exact(k)).reduce(f64::max)
+}
+
+/// The lowest index with the exact maximum over `ks` (a lone contender needs no exact score:
+/// every other interval lies strictly below its lower bound).
+fn argmax_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<usize> {
+    let mut top = Vec::new();
+    contenders(s, ks, &mut top);
+    if top.len() == 1 {
+        return top.pop();
+    }
     let mut best: Option<(usize, f64)> = None;
-    for k in ks {
-        if s.hi(k) < floor {
-            continue;
-        }
+    for &k in &top {
         let v = s.exact(k);
         if best.is_none_or(|(_, b)| v > b) {
             best = Some((k, v));
