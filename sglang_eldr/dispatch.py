@@ -193,7 +193,8 @@ class Dispatcher:
         route = RouteReceipt(
             policy=self.policy_name, prefill=prefill.url, decoder=decoder.url, loads=receipt["loads"],
             room=room, counts_wait_ms=wait_ms, fallback=fallback, scores=receipt["scores"] if locality else None,
-            band=receipt["band"] if locality else None, costs=receipt["costs"],
+            score_error=receipt["score_error"] if locality else None, band=receipt["band"] if locality else None,
+            costs=receipt["costs"],
         )
         return decoder, msgspec.to_builtins(route), receipt["ticket"]
 

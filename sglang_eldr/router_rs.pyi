@@ -17,6 +17,7 @@ class Receipt(TypedDict):
     id: int
     policy: str
     scores: list[float] | None
+    score_error: float | None
     band: list[int]
     loads: list[int]
     ticket: int | None  # marginal: hand it back to release

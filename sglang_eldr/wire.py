@@ -190,7 +190,10 @@ class RouteReceipt(msgspec.Struct):
     "prefill" when the client's first chunks came from the prefill's own stream, "decoder" when they
     did not, "mismatch" when the decoder's text did not continue the prefill's (logged), "off" when
     the router does not stream early. `costs` (marginal policy): the predicted step-time increase,
-    in seconds, of placing the request on each decoder (member order, as `loads`)."""
+    in seconds, of placing the request on each decoder (member order, as `loads`). `scores`: the
+    cosine to each decoder's centroid, exact where the decision needed it and otherwise the
+    router's certified estimate, each within `score_error` of the exact value (0 when all are
+    exact); the decision itself is always the exact rule's."""
 
     policy: str
     prefill: str
@@ -200,6 +203,7 @@ class RouteReceipt(msgspec.Struct):
     counts_wait_ms: float
     fallback: str | None = None
     scores: list[float] | None = None
+    score_error: float | None = None
     band: list[int] | None = None
     first_token: str | None = None
     costs: list[float] | None = None

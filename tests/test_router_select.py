@@ -186,3 +186,8 @@ def test_certified_kernels_decide_exactly_as_the_exact_rule(p, precision, seed):
     assert fast.kernel.startswith(precision) and exact.kernel == "exact"
     assert fast.select_counts(counts, loads, healthy) == exact.select_counts(counts, loads, healthy)
     np.testing.assert_array_equal(fast.scores(counts), exact.scores(counts))
+    # The receipt's scores: exact where the decision needed them, the rest within score_error.
+    receipt = fast.acquire_with_receipt(counts)
+    assert receipt["scores"] is not None and receipt["score_error"] is not None
+    assert np.all(np.abs(np.array(receipt["scores"]) - exact.scores(counts)) <= receipt["score_error"])
+    assert fast.release(receipt["id"])

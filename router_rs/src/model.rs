@@ -368,6 +368,11 @@ impl<'a> Scores<'a> {
         }
         self.est[k]
     }
+    /// Every score as known now (exact where computed, else the estimate) and the largest
+    /// distance of any from its exact value.
+    pub fn known(&self) -> (Vec<f64>, f64) {
+        (self.est.to_vec(), self.rad.iter().copied().fold(0.0, f64::max))
+    }
     /// Every exact score.
     pub fn all_exact(&mut self) -> Vec<f64> {
         (0..self.len()).map(|k| self.exact(k)).collect()

@@ -33,8 +33,11 @@ pub struct Receipt {
     /// Index of the chosen member (in member order) and its id.
     pub worker: usize,
     pub id: WorkerId,
-    /// Exact cosine to each member's centroid (eldr with a non-zero signature only).
+    /// Cosine to each member's centroid (eldr with a non-zero signature only): exact where the
+    /// decision computed it, else the certified estimate, each within `score_error` of exact.
+    /// (The decision is the exact rule's either way; `Router::scores` gives every exact value.)
     pub scores: Option<Vec<f64>>,
+    pub score_error: Option<f64>,
     /// Candidate set the policy chose from (eldr band; p2c's two samples; empty otherwise).
     pub band: Vec<usize>,
     /// In-flight counts just before this request was added.
@@ -298,14 +301,15 @@ impl Router {
         let State { fleet, decider, model, .. } = &mut *st;
         match decider {
             Decider::Policy(policy) => {
-                let (worker, scores, band) = Self::decide(model.as_deref(), signal, |s, band| {
+                let (worker, known, band) = Self::decide(model.as_deref(), signal, |s, band| {
                     let mut s = s;
                     let worker = policy.choose(&fleet.view(), s.as_deref_mut(), band)?;
-                    Ok((worker, s.map(|s| s.all_exact()), band.clone()))
+                    Ok((worker, s.map(|s| s.known()), band.clone()))
                 })?;
                 let loads = fleet.loads().to_vec();
                 let id = fleet.acquire_at(worker);
-                Ok(Receipt { worker, id, scores, band, loads, ticket: None, costs: None })
+                let (scores, score_error) = known.unzip();
+                Ok(Receipt { worker, id, scores, score_error, band, loads, ticket: None, costs: None })
             }
             Decider::Marginal(m) => {
                 let q = m.frequencies(signal)?;
@@ -313,7 +317,7 @@ impl Router {
                 let loads = fleet.loads().to_vec();
                 let id = fleet.acquire_at(worker);
                 let ticket = m.admit(worker, id, q);
-                Ok(Receipt { worker, id, scores: None, band: Vec::new(), loads, ticket: Some(ticket), costs: Some(costs) })
+                Ok(Receipt { worker, id, scores: None, score_error: None, band: Vec::new(), loads, ticket: Some(ticket), costs: Some(costs) })
             }
         }
     }

@@ -330,3 +330,29 @@ fn fixed_point_path_refuses_negative_counts_in_kept_and_dropped_layers() {
     assert_eq!(r.scores(sig(&huge)).unwrap(), exact.scores(sig(&huge)).unwrap());
     assert_eq!(select(&good).unwrap(), want, "the router keeps serving after refusals");
 }
+
+#[test]
+fn receipt_scores_lie_within_their_stated_error_of_the_exact_scores() {
+    let mut rng = fastrand::Rng::with_seed(11);
+    for _ in 0..200 {
+        let (layers, experts, workers) = (rng.usize(4..10), 128, rng.usize(1..20));
+        let spec = SignatureSpec::new(layers, experts, None, None).unwrap();
+        let rows: Vec<f32> = (0..workers * spec.dim()).map(|_| rng.f32() + 0.01).collect();
+        let counts: Vec<u32> = (0..layers * experts).map(|_| rng.u32(..400)).collect();
+        let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
+        for precision in [Precision::Auto, Precision::Exact] {
+            let model = LocalityModel::with_precision(spec.clone(), Centroids::new(&rows, workers, spec.dim()).unwrap(), precision).unwrap();
+            let r = Router::with_model(model, 0.1, None).unwrap();
+            let exact = r.scores(signal).unwrap();
+            let receipt = r.acquire_with_receipt(signal).unwrap();
+            let (scores, error) = (receipt.scores.unwrap(), receipt.score_error.unwrap());
+            if precision == Precision::Exact {
+                assert_eq!((&scores, error), (&exact, 0.0));
+            }
+            for (s, e) in scores.iter().zip(&exact) {
+                assert!((s - e).abs() <= error, "{s} vs exact {e}, stated error {error}");
+            }
+            assert!(r.release(receipt.id).unwrap());
+        }
+    }
+}

@@ -148,6 +148,7 @@ fn receipt_dict<'py>(py: Python<'py>, r: Receipt, policy: &str) -> PyResult<Boun
     d.set_item("id", r.id)?;
     d.set_item("policy", policy)?;
     d.set_item("scores", r.scores)?;
+    d.set_item("score_error", r.score_error)?;
     d.set_item("band", r.band)?;
     d.set_item("loads", r.loads)?;
     d.set_item("ticket", r.ticket)?;
@@ -286,8 +287,10 @@ impl Router {
         with_signal!(py, x, |sig| core.acquire(sig)).map_err(value_error)
     }
 
-    /// As `acquire`, returning {"worker" (index), "id", "policy", "scores", "band", "loads"
-    /// (before this request)}.
+    /// As `acquire`, returning {"worker" (index), "id", "policy", "scores", "score_error",
+    /// "band", "loads" (before this request), "ticket", "costs"}. `scores` are exact where the
+    /// decision computed them, else certified estimates, each within `score_error` of exact (the
+    /// decision is the exact rule's either way; `scores()` gives every exact value).
     #[pyo3(signature = (counts_or_signature=None))]
     fn acquire_with_receipt<'py>(
         &self,
