@@ -1,7 +1,10 @@
 //! Quick checks of the router core without criterion, for CI and for comparing builds:
 //!   router_check latency          p50/p99 of `select` from raw counts per (W, L, E), JSON lines
+//!   router_check marginal         p50/p99 of the marginal policy's acquire + release per W, with
+//!                                 8 requests already running on each decoder, JSON lines
 //!   router_check agreement N      certified vs exact decisions on N random cases; prints the
 //!                                 number that differ (must be 0) and exits 1 if any does
+use eldr_router::policy::{ExpertGeometry, StepCost};
 use eldr_router::{Centroids, LocalityModel, Precision, Router, SignatureSpec, Signal};
 use std::hint::black_box;
 use std::time::Instant;
@@ -68,6 +71,37 @@ fn latency() {
     }
 }
 
+fn marginal() {
+    let mut rng = fastrand::Rng::with_seed(42);
+    let (layers, experts, top_k, running) = (48, 128, 8, 8);
+    for workers in [16, 64, 256, 1024] {
+        let keys: Vec<String> = (0..workers).map(|k| format!("d{k}")).collect();
+        let cost = StepCost { a: 7.7e-3, b: 7.7e-4, c: 1.47e-3 };
+        let router = Router::marginal(&keys, cost, Some(ExpertGeometry::new(layers, experts, top_k).unwrap()), 3).unwrap();
+        let prompts: Vec<Vec<i32>> = (0..64).map(|_| prompt_counts(&mut rng, layers, experts, top_k, 128)).collect();
+        let signal = |i: usize| Signal::Counts { data: &prompts[i % prompts.len()], rows: layers, cols: experts };
+        for i in 0..workers * running {
+            router.acquire_with_receipt(signal(i)).unwrap();
+        }
+        let iters = (200_000 / workers).clamp(200, 20_000);
+        let mut ns: Vec<u64> = (0..iters)
+            .map(|i| {
+                let t = Instant::now();
+                let r = black_box(router.acquire_with_receipt(black_box(signal(i))).unwrap());
+                router.release_ticket(r.id, r.ticket.unwrap()).unwrap();
+                t.elapsed().as_nanos() as u64
+            })
+            .collect();
+        ns.sort_unstable();
+        let p = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize] as f64 / 1e3;
+        println!(
+            "{{\"mode\": \"marginal\", \"workers\": {workers}, \"layers\": {layers}, \"experts\": {experts}, \"top_k\": {top_k}, \"running_per_decoder\": {running}, \"p50_us\": {:.3}, \"p99_us\": {:.3}}}",
+            p(0.5),
+            p(0.99)
+        );
+    }
+}
+
 fn agreement(cases: usize) -> usize {
     let mut rng = fastrand::Rng::with_seed(2026);
     let mut differ = 0;
@@ -108,6 +142,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("latency") => latency(),
+        Some("marginal") => marginal(),
         Some("agreement") => {
             let n = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(100_000);
             let differ = agreement(n);
@@ -117,7 +152,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: router_check latency | agreement [N]");
+            eprintln!("usage: router_check latency | marginal | agreement [N]");
             std::process::exit(2);
         }
     }

@@ -254,8 +254,13 @@ fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &m
     }
     let min = c16.iter().fold(0i16, |m, &v| m.min(v));
     let max = c16.iter().fold(0i16, |m, &v| m.max(v));
-    let sum = c16.iter().fold(0i32, |s, &v| s + v as i32);
-    (sum as i64, min, max)
+    // i32 holds 65 536 values of at most i16::MAX.
+    let sum = if c16.len() <= 1 << 16 {
+        c16.iter().fold(0i32, |s, &v| s + v as i32) as i64
+    } else {
+        c16.iter().map(|&v| v as i64).sum()
+    };
+    (sum, min, max)
 }
 
 /// x = c · idf, elementwise in f64.
