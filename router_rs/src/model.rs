@@ -354,10 +354,6 @@ impl<'a> Scores<'a> {
     pub fn hi(&self, k: usize) -> f64 {
         self.est[k] + self.rad[k]
     }
-    #[inline]
-    pub fn is_exact(&self, k: usize) -> bool {
-        self.rad[k] == 0.0
-    }
     /// The exact score of decoder k: dot(signature, unit centroid) / ‖signature‖ in the rule's
     /// f64 order.
     pub fn exact(&mut self, k: usize) -> f64 {

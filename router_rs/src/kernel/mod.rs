@@ -3,6 +3,7 @@
 //! decision needs the exact score only of the few decoders near a boundary.
 pub mod exact;
 pub mod quant;
+use multiversion::multiversion;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -43,4 +44,20 @@ impl Isa {
             Isa::Portable => "portable",
         }
     }
+}
+
+/// Σ a·b in eight independent lanes, so it vectorises (a strict left-to-right f64 sum cannot).
+/// For sums that need no fixed order: error bounds and predictions, never the rule itself.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+pub(crate) fn lane_dot(a: &[f64], b: &[f64]) -> f64 {
+    const N: usize = 8;
+    let mut acc = [0.0f64; N];
+    let (mut ac, mut bc) = (a.chunks_exact(N), b.chunks_exact(N));
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for j in 0..N {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f64>() + tail
 }

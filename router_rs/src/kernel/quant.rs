@@ -5,7 +5,7 @@
 //! a bound that holds for any input:
 //!   |Σ c·w − estimate| ≤ Σ_i s_ki·(Σ_e c / 2 + [t_i > 1]·t_i/2·Σ_e |Q|) + the f32 rounding term,
 //! since |w − s·Q| ≤ s/2 and |c − t·c'| ≤ t/2 per element. Powers of two keep every scaling exact.
-use super::Isa;
+use super::{lane_dot, Isa};
 
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,20 +195,6 @@ impl Quantized {
     pub fn experts(&self) -> usize {
         self.experts
     }
-}
-
-/// Σ a·b over four lanes (an order the compiler may vectorise; the bound needs no fixed order).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn lane_dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let (mut ac, mut bc) = (a.chunks_exact(4), b.chunks_exact(4));
-    for (x, y) in (&mut ac).zip(&mut bc) {
-        for j in 0..4 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    acc[0] + acc[1] + acc[2] + acc[3] + tail
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -106,7 +106,7 @@ impl LocalityBand {
                         *threshold.insert(best - self.tau)
                     }
                 };
-                at_least(s, k, t)
+                s.lo(k) >= t || (s.hi(k) >= t && s.exact(k) >= t)
             };
             if inside {
                 band.push(k);
@@ -128,35 +128,37 @@ impl LocalityBand {
     }
 }
 
-/// Whether decoder k's exact score is ≥ t, computing it only when its interval straddles t.
-fn at_least(s: &mut Scores, k: usize, t: f64) -> bool {
-    s.lo(k) >= t || (s.hi(k) >= t && s.exact(k) >= t)
-}
-
-/// The decoders of `ks` whose interval reaches the best lower bound: the maximum is among them.
-fn contenders(s: &Scores, ks: impl Iterator<Item = usize> + Clone, out: &mut Vec<usize>) {
-    let floor = ks.clone().map(|k| s.lo(k)).fold(f64::NEG_INFINITY, f64::max);
-    out.clear();
-    out.extend(ks.filter(|&k| s.hi(k) >= floor));
+/// The best lower bound over `ks`: the maximum lies among the decoders whose interval reaches it.
+fn floor(s: &Scores, ks: impl Iterator<Item = usize>) -> f64 {
+    ks.map(|k| s.lo(k)).fold(f64::NEG_INFINITY, f64::max)
 }
 
 /// The exact maximum over `ks`.
 fn max_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<f64> {
-    let mut top = Vec::new();
-    contenders(s, ks, &mut top);
-    top.iter().map(|&k| s.exact(k)).reduce(f64::max)
+    let f = floor(s, ks.clone());
+    let mut best: Option<f64> = None;
+    for k in ks {
+        if s.hi(k) >= f {
+            let v = s.exact(k);
+            best = Some(best.map_or(v, |b| b.max(v)));
+        }
+    }
+    best
 }
 
 /// The lowest index with the exact maximum over `ks` (a lone contender needs no exact score:
 /// every other interval lies strictly below its lower bound).
 fn argmax_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<usize> {
-    let mut top = Vec::new();
-    contenders(s, ks, &mut top);
-    if top.len() == 1 {
-        return top.pop();
+    let f = floor(s, ks.clone());
+    let mut reach = ks.clone().filter(|&k| s.hi(k) >= f);
+    if let (Some(only), None) = (reach.next(), reach.next()) {
+        return Some(only);
     }
     let mut best: Option<(usize, f64)> = None;
-    for &k in &top {
+    for k in ks {
+        if s.hi(k) < f {
+            continue;
+        }
         let v = s.exact(k);
         if best.is_none_or(|(_, b)| v > b) {
             best = Some((k, v));

@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use multiversion::multiversion;
 use crate::error::{Result, RouterError};
 use crate::fleet::WorkerId;
+use crate::kernel::lane_dot;
 use crate::model::Signal;
 use crate::policy::FleetView;
 use crate::signature::CountValue;
@@ -200,7 +201,7 @@ impl MarginalCost {
                 if !fleet.healthy[d] {
                     return f64::INFINITY;
                 }
-                let new = if q.is_empty() { 0.0 } else { dot(q, &self.keep[d * pairs..(d + 1) * pairs]) };
+                let new = if q.is_empty() { 0.0 } else { lane_dot(q, &self.keep[d * pairs..(d + 1) * pairs]) };
                 let n = fleet.loads[d] as f64;
                 let step = a + b * n + c * self.distinct[d];
                 (step + b + c * new) + n * (b + c * new)
@@ -280,31 +281,15 @@ impl MarginalCost {
     }
 }
 
-/// Eight independent lanes, so the sums vectorise (a strict left-to-right f64 sum cannot: at
-/// 6 144 pairs it cost ≈ 8 µs per decoder). Any fixed order serves here: `ΔT` is a prediction.
-const LANES: usize = 8;
-
-/// Σ a·b.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let (mut ac, mut bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    for (x, y) in (&mut ac).zip(&mut bc) {
-        for j in 0..LANES {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// Σ (1 − k): the expected distinct pairs of a member's running requests.
+/// Σ (1 − k): the expected distinct pairs of a member's running requests, in eight lanes like
+/// [`lane_dot`] (a left-to-right sum of 6 144 pairs cost ≈ 8 µs per decoder).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 fn missing(keep: &[f64]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut kc = keep.chunks_exact(LANES);
+    const N: usize = 8;
+    let mut acc = [0.0f64; N];
+    let mut kc = keep.chunks_exact(N);
     for k in &mut kc {
-        for j in 0..LANES {
+        for j in 0..N {
             acc[j] += 1.0 - k[j];
         }
     }
