@@ -15,7 +15,13 @@ from sglang_eldr import fitting
 from sglang_eldr.decode_policy import DecodeChooser
 
 LAYERS, EXPERTS, TOP_K, DECODERS, WINDOW = 24, 128, 8, 16, 4096
-MAX_ADDED_S = 0.050
+# Measured on the 2-core rig: with the fit in the fit process the 99th percentile of the added
+# wait is 2-4 ms; with the fit in the worker thread (OR-Tools holding the GIL through each solve)
+# it is 34-41 ms. The maximum does not tell them apart (a scheduler hiccup on a shared machine
+# reaches 50-60 ms either way), so the test bounds the 99th percentile, and the maximum only
+# against a stall of the whole fit.
+P99_ADDED_S = 0.015
+MAX_ADDED_S = 0.500
 
 
 def prompts(n: int, seed: int = 0) -> np.ndarray:
@@ -63,10 +69,12 @@ def test_requests_keep_flowing_during_a_membership_refit_of_a_full_window():
     assert refitter.last_error is None and refitter.skipped == 0, (refitter.last_error, refitter.skipped)
     assert chooser.membership_refits == 1 and chooser.router.centroids().shape[0] == DECODERS + 1
     assert len(busy) >= 20, f"the refit took {took:.2f} s but only {len(busy)} requests ran meanwhile"
-    added = max(busy) - float(np.median(idle))
-    print(f"refit of {WINDOW} samples took {took:.2f} s; {len(busy)} requests meanwhile, "
-          f"max added {added * 1e3:.1f} ms (idle median {np.median(idle) * 1e3:.2f} ms)")
-    assert added <= MAX_ADDED_S, f"a request waited {added * 1e3:.1f} ms extra while the refit ran"
+    added = np.asarray(busy) - float(np.median(idle))
+    p99, worst = float(np.percentile(added, 99)), float(added.max())
+    print(f"refit of {WINDOW} samples took {took:.2f} s; {len(busy)} requests meanwhile, added p99 "
+          f"{p99 * 1e3:.1f} ms, max {worst * 1e3:.1f} ms (idle median {np.median(idle) * 1e3:.2f} ms)")
+    assert p99 <= P99_ADDED_S, f"1 % of requests waited {p99 * 1e3:.1f} ms or more extra while the refit ran"
+    assert worst <= MAX_ADDED_S, f"a request waited {worst * 1e3:.1f} ms extra while the refit ran"
     assert chooser.router.loads().tolist() == [0] * (DECODERS + 1)
 
 
