@@ -53,7 +53,7 @@ test-types: setup
 	$(BIN)/mypy --ignore-missing-imports sglang_eldr
 
 test-python: setup
-	ELDR_REQUIRE_ENGINE=1 $(BIN)/python -m pytest -q tests
+	ELDR_REQUIRE_ENGINE=1 $(BIN)/python -m pytest -q --durations=25 tests
 
 bench: setup
 	cargo bench -p eldr-router
