@@ -4,12 +4,10 @@ requests, the window's cap), and requests routed on the loop meanwhile are not h
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
+from orphans import assert_child_ends_with_parent
 
 from sglang_eldr import fitting
 from sglang_eldr.decode_policy import DecodeChooser
@@ -101,20 +99,4 @@ if __name__ == "__main__":
 def test_a_killed_router_leaves_no_fit_process_behind(tmp_path):
     script = tmp_path / "router.py"
     script.write_text(CHILD)
-    router = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        fit_pid = int(router.stdout.readline())
-        os.kill(fit_pid, 0)  # alive while the router is
-        router.kill()
-        router.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(fit_pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"fit process {fit_pid} still runs 10 s after its router was killed")
-    finally:
-        if router.poll() is None:
-            router.kill()
+    assert_child_ends_with_parent(script, what="fit process")

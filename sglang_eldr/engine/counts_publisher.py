@@ -9,39 +9,40 @@ bootstrap or other port), and the publisher writes it to a file the HTTP process
 `GET /eldr/info`.
 
 One socket per server, whatever the parallel layout: with DP attention every DP rank runs its own
-scheduler process with its own requests. The scheduler of DP rank 0 (attention-TP rank 0) owns the
-PUB socket and a PULL socket on a local IPC path; every publishing rank, rank 0 included, PUSHes its
-reports there and the hub's forwarding thread publishes them, so no two processes bind the counts
-port and each rank reports its own requests. Other attention-TP ranks see the same requests and
-publish nothing.
+scheduler process with its own requests. The scheduler of DP rank 0 (attention-TP rank 0) starts
+the server's forwarder process (`counts_forwarder`), which owns the PUB socket and a PULL socket on
+a local IPC path; every publishing rank, rank 0 included, PUSHes its reports there, so no two
+processes bind the counts port and each rank reports its own requests. Other attention-TP ranks see
+the same requests and publish nothing.
 
-The forwarding thread numbers what it publishes (`wire.Header`) and sends a `wire.Heartbeat` every
-50 ms, and after each burst it forwards, naming the rooms it reported and started in the last second: ZMQ PUB drops messages silently
-(a slow or reconnecting subscriber), and this is how the router learns within 100 ms that a report
-it waits for was lost, that a request has started (its counts deadline runs from then, so queueing
-never causes a fallback), and that the publisher is alive at all.
+The forwarder numbers what it publishes (`wire.Header`) and sends a `wire.Heartbeat` every 50 ms,
+and after each burst it forwards, naming the rooms it reported and started in the last second: ZMQ
+PUB drops messages silently (a slow or reconnecting subscriber), and this is how the router learns
+within 100 ms that a report it waits for was lost, that a request has started (its counts deadline
+runs from then, so queueing never causes a fallback), and that the publisher is alive at all.
 """
 
 from __future__ import annotations
 
-import collections
+import atexit
+import contextlib
 import hashlib
 import logging
 import os
-import secrets
+import select
+import subprocess
+import sys
 import tempfile
-import threading
-import time
 from typing import Any, Literal, Optional
 
 import msgspec
 import numpy as np
 import zmq
 
-from sglang_eldr.wire import encode_heartbeat, encode_report, encode_started, publisher_frames
+from sglang_eldr.engine.counts_forwarder import bracket
+from sglang_eldr.wire import encode_report, encode_started
 
-HEARTBEAT_S = 0.05
-RECENT_S = 1.0
+FORWARDER_START_S = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -53,48 +54,49 @@ def ipc_endpoint(host: str, port: int, port_file: str | None = None) -> str:
 
 
 class Publisher:
-    """Publishes reports for one scheduler process; `hub=True` for the process that owns the PUB."""
+    """Publishes reports for one scheduler process; `hub=True` for the process that starts the
+    server's forwarder, which owns the PUB socket."""
 
     def __init__(self, host: str, port: int, hub: bool, port_file: str | None = None):
         self.host, self.port, self.port_file = host, port, port_file
-        self.endpoint = f"tcp://{_bracket(host)}:{port}"
+        self.endpoint = f"tcp://{bracket(host)}:{port}"
         self.ipc = ipc_endpoint(host, port, port_file)
         self.hub = hub
         self._push: Optional[zmq.Socket] = None
-        self._thread: Optional[threading.Thread] = None
+        self.forwarder: Optional[subprocess.Popen[str]] = None
         self.sent = 0
         self.dropped = 0
 
-    def _start_hub(self, ctx: zmq.Context) -> None:
-        pub = ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.LINGER, 0)
-        pub.setsockopt(zmq.SNDHWM, 100_000)
-        if ":" in self.host:
-            pub.setsockopt(zmq.IPV6, 1)
-        if self.port == 0:
-            self.port = pub.bind_to_random_port(f"tcp://{_bracket(self.host)}")
-            self.endpoint = f"tcp://{_bracket(self.host)}:{self.port}"
-        else:
-            pub.bind(self.endpoint)
+    def _start_hub(self) -> None:
+        cmd = [sys.executable, "-m", "sglang_eldr.engine.counts_forwarder", "--host", self.host,
+               "--port", str(self.port), "--ipc", self.ipc, "--parent", str(os.getpid())]
         if self.port_file:
-            tmp = self.port_file + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(str(self.port))
-            os.replace(tmp, self.port_file)
-        pull = ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(self.ipc)
-        self._thread = threading.Thread(target=Forwarder(pull, pub).run, name="eldr-counts-forwarder", daemon=True)
-        self._thread.start()
-        logger.info("ELDR counts publisher bound to %s (ranks push to %s)", self.endpoint, self.ipc)
+            cmd += ["--port-file", self.port_file]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], FORWARDER_START_S)
+        line = proc.stdout.readline().strip() if ready else ""
+        proc.stdout.close()
+        if not line.startswith("ready "):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reason = line.removeprefix("error ") if line else f"no answer in {FORWARDER_START_S:.0f} s"
+            raise RuntimeError(f"ELDR counts publisher: its forwarder process (exit status {proc.returncode}) "
+                               f"did not start: {reason}")
+        self.port = int(line.split()[1])
+        self.endpoint = f"tcp://{bracket(self.host)}:{self.port}"
+        self.forwarder = proc
+        atexit.register(self.close)
+        logger.info("ELDR counts publisher bound to %s by forwarder process %d (ranks push to %s)",
+                    self.endpoint, proc.pid, self.ipc)
 
     def socket(self) -> zmq.Socket:
-        # Bound lazily in the scheduler process (the hook runs there; the HTTP process never binds).
+        # Started lazily in the scheduler process (the hook runs there; the HTTP process never binds).
         if self._push is None:
-            ctx: zmq.Context = zmq.Context.instance()
             if self.hub:
-                self._start_hub(ctx)
-            push = ctx.socket(zmq.PUSH)
+                self._start_hub()
+            push: zmq.Socket = zmq.Context.instance().socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
             push.setsockopt(zmq.SNDHWM, 100_000)
             push.connect(self.ipc)
@@ -110,69 +112,15 @@ class Publisher:
             self.dropped += 1
             logger.warning("ELDR counts publisher: send queue full, message dropped (the router falls back)")
 
+    def close(self) -> None:
+        """Stops the forwarder (it also ends by itself once this process has)."""
+        if self.forwarder is not None and self.forwarder.poll() is None:
+            self.forwarder.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.forwarder.wait(5)
+
 
 _PACK = msgspec.msgpack.Encoder()
-_ROOMS = msgspec.msgpack.Decoder(list[int])
-
-
-class Forwarder:
-    """The hub's thread: publishes what the ranks push, numbered, and a heartbeat every 50 ms and
-    after each burst."""
-
-    def __init__(self, pull: zmq.Socket, pub: zmq.Socket):
-        self.pull, self.pub = pull, pub
-        self.sender = secrets.randbits(63)
-        self.seq = 0
-        self.recent: dict[str, collections.deque[tuple[float, int]]] = {
-            "counts": collections.deque(), "started": collections.deque()}
-
-    def publish(self, kind: Literal["counts", "started", "heartbeat"], body: bytes) -> None:
-        self.seq += 1
-        try:
-            self.pub.send_multipart(publisher_frames(self.sender, self.seq, kind, body), flags=zmq.NOBLOCK)
-        except zmq.Again:  # PUB never blocks in practice; the heartbeat names what this lost
-            pass
-
-    def heartbeat(self, now: float) -> None:
-        for q in self.recent.values():
-            while q and q[0][0] < now - RECENT_S:
-                q.popleft()
-        self.publish("heartbeat", encode_heartbeat(RECENT_S, [r for _, r in self.recent["counts"]],
-                                                   [r for _, r in self.recent["started"]]))
-
-    def forward(self, frames: list[bytes]) -> None:
-        kind, rooms, body = frames
-        name: Literal["counts", "started"] = "counts" if kind == b"counts" else "started"
-        self.publish(name, body)
-        t = time.monotonic()
-        self.recent[name].extend((t, r) for r in _ROOMS.decode(rooms))
-
-    def run(self) -> None:
-        next_beat = time.monotonic()
-        try:
-            while True:
-                now = time.monotonic()
-                if now >= next_beat:
-                    self.heartbeat(now)
-                    next_beat = now + HEARTBEAT_S
-                if not self.pull.poll(max(1, int((next_beat - now) * 1000))):
-                    continue
-                self.forward(self.pull.recv_multipart())
-                for _ in range(255):  # the rest of the burst (bounded, so a steady stream still beats)
-                    if not self.pull.poll(0):
-                        break
-                    self.forward(self.pull.recv_multipart())
-                # A heartbeat right after each burst as well: a report dropped on the way is known lost
-                # then, even when this thread was kept from running on time (a busy scheduler process).
-                now = time.monotonic()
-                self.heartbeat(now)
-                next_beat = now + HEARTBEAT_S
-        except zmq.ContextTerminated:
-            pass
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 _PUB: Optional[Publisher] = None
