@@ -22,9 +22,12 @@ fn prompt_counts(rng: &mut fastrand::Rng, layers: usize, experts: usize, k: usiz
     counts
 }
 
-fn latency() {
+fn latency(only: Option<usize>, mode: Option<&str>) {
     let mut rng = fastrand::Rng::with_seed(42);
     for (workers, layers, experts) in [(16, 48, 128), (64, 48, 128), (256, 48, 128), (1024, 48, 128), (1024, 58, 256)] {
+        if only.is_some_and(|w| w != workers) {
+            continue;
+        }
         let idf: Vec<f32> = (0..layers * experts).map(|_| 0.1 + rng.f32()).collect();
         let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
         let dim = spec.dim();
@@ -32,7 +35,10 @@ fn latency() {
         let counts = prompt_counts(&mut rng, layers, experts, 8, 128);
         let loads: Vec<i64> = (0..workers as i64).map(|i| i % 5).collect();
         let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
-        for (name, precision) in [("certified", Precision::Auto), ("exact", Precision::Exact)] {
+        for (name, precision) in [("certified", Precision::Auto), ("exact", Precision::Exact), ("int8", Precision::Int8)] {
+            if mode.is_some_and(|m| m != name) {
+                continue;
+            }
             let model = LocalityModel::with_precision(spec.clone(), Centroids::new(&data, workers, dim).unwrap(), precision).unwrap();
             let kernel = model.kernel();
             let router = Router::with_model(model, 0.1, None).unwrap();
@@ -141,7 +147,7 @@ fn agreement(cases: usize) -> usize {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("latency") => latency(),
+        Some("latency") => latency(args.get(2).and_then(|v| v.parse().ok()), args.get(3).map(String::as_str)),
         Some("marginal") => marginal(),
         Some("agreement") => {
             let n = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(100_000);
@@ -152,7 +158,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: router_check latency | marginal | agreement [N]");
+            eprintln!("usage: router_check latency [W [certified|exact]] | marginal | agreement [N]");
             std::process::exit(2);
         }
     }

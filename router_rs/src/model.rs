@@ -3,7 +3,7 @@
 //! where a decision depends on them.
 use crate::centroids::Centroids;
 use crate::error::{Result, RouterError};
-use crate::kernel::exact;
+use crate::kernel::{self, exact};
 use crate::kernel::quant::{Precision, Quantized};
 use crate::signature::{check_finite, CountValue, SignatureSpec};
 use multiversion::multiversion;
@@ -162,7 +162,9 @@ impl LocalityModel {
         for (i, &l) in kept.iter().enumerate() {
             let c = &counts[l * e..(l + 1) * e];
             let c16 = &mut buf.c16[i * epad..][..e];
-            let (sum16, min16, max16) = prepare_layer(c, &self.idf64[i * e..][..e], offset, &mut squares, c16);
+            let idf = &self.idf64[i * e..][..e];
+            let fast = T::as_i32s(c).and_then(|c32| kernel::prepare_i32(q.isa(), c32, idf, offset, &mut squares, c16));
+            let (sum16, min16, max16) = fast.unwrap_or_else(|| prepare_layer(c, idf, offset, &mut squares, c16));
             negative |= min16 < 0;
             if negative {
                 continue;
@@ -381,5 +383,54 @@ impl<'a> Scores<'a> {
     /// How many scores were computed exactly after the estimate.
     pub fn refined(&self) -> usize {
         self.refined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Isa;
+
+    /// The explicit-SIMD counts pass gives the generic loop's bits: the rule's norm lanes, the
+    /// int16 copy and the folds (tails, clamped and negative counts included).
+    #[test]
+    fn simd_counts_pass_matches_the_generic_loop() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let isas = [Isa::detect(), Isa::Avx2].into_iter().filter(|&isa| isa != Isa::Avx2 || is_avx2());
+        for isa in isas {
+            for case in 0..400 {
+                let n = [1, 31, 32, 33, 64, 127, 128, 200, 256][case % 9];
+                let c: Vec<i32> = (0..n)
+                    .map(|_| match rng.u8(..20) {
+                        0 => -rng.i32(1..1000),
+                        1 => rng.i32(i16::MAX as i32 - 2..i32::MAX),
+                        _ => rng.i32(0..50),
+                    })
+                    .collect();
+                let idf: Vec<f64> = (0..n).map(|_| rng.f64() * 3.0).collect();
+                let start: [f64; exact::LANES] = std::array::from_fn(|_| rng.f64());
+                let (mut sq_fast, mut sq_ref) = (start, start);
+                let (mut c16_fast, mut c16_ref) = (vec![0i16; n], vec![0i16; n]);
+                let Some(fast) = kernel::prepare_i32(isa, &c, &idf, 0, &mut sq_fast, &mut c16_fast) else {
+                    assert_eq!(isa, Isa::Portable);
+                    continue;
+                };
+                let reference = prepare_layer(&c, &idf, 0, &mut sq_ref, &mut c16_ref);
+                assert_eq!(fast, reference, "{isa:?} n={n}");
+                assert_eq!(c16_fast, c16_ref, "{isa:?} n={n}");
+                assert_eq!(sq_fast.map(f64::to_bits), sq_ref.map(f64::to_bits), "{isa:?} n={n}");
+            }
+        }
+    }
+
+    fn is_avx2() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
 }

@@ -12,6 +12,14 @@ pub trait CountValue: Copy + Send + Sync {
     /// min(value, i16::MAX), or −1 for a negative value, in the type's own arithmetic (so it
     /// vectorises).
     fn clamp_i16(self) -> i16;
+    /// The slice itself when the type is i32 (what the engine sends), for the explicit-SIMD
+    /// counts pass.
+    fn as_i32s(_: &[Self]) -> Option<&[i32]>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 macro_rules! signed_count {
@@ -34,8 +42,31 @@ macro_rules! unsigned_count {
         }
     )*};
 }
-signed_count!(i8, i16, i32, i64);
+signed_count!(i8, i16, i64);
 unsigned_count!(u8, u16, u32, u64);
+
+impl CountValue for i32 {
+    #[inline]
+    fn is_negative(self) -> bool {
+        self < 0
+    }
+    #[inline]
+    fn as_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline]
+    fn as_u64(self) -> u64 {
+        self as u64
+    }
+    #[inline]
+    fn clamp_i16(self) -> i16 {
+        self.clamp(-1, i16::MAX as i32) as i16
+    }
+    #[inline]
+    fn as_i32s(s: &[Self]) -> Option<&[i32]> {
+        Some(s)
+    }
+}
 
 /// Model geometry plus the calibration transforms that turn counts into a signature.
 #[derive(Debug, Clone)]

@@ -46,6 +46,28 @@ impl Isa {
     }
 }
 
+/// The explicit-SIMD counts pass for i32 counts that start at lane 0 (see
+/// `x86::prepare_i32_avx512`), or None where it does not apply: the caller's generic loop then
+/// does the same work.
+pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> Option<(i64, i16, i16)> {
+    if offset != 0 || c.len() > 1 << 16 || c.len() != idf.len() || c.len() != c16.len() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the ISA was detected at run time and the slices have equal lengths ≤ 2^16.
+        unsafe {
+            match isa {
+                Isa::Avx512Vnni => return Some(x86::prepare_i32_avx512(c, idf, squares, c16)),
+                Isa::Avx2 => return Some(x86::prepare_i32_avx2(c, idf, squares, c16)),
+                Isa::Portable => {}
+            }
+        }
+    }
+    let _ = (isa, squares);
+    None
+}
+
 /// Σ a·b in eight independent lanes, so it vectorises (a strict left-to-right f64 sum cannot).
 /// For sums that need no fixed order: error bounds and predictions, never the rule itself.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
