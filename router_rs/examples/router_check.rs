@@ -158,7 +158,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: router_check latency [W [certified|exact]] | marginal | agreement [N]");
+            eprintln!("usage: router_check latency [W [certified|exact|int8]] | marginal | agreement [N]");
             std::process::exit(2);
         }
     }

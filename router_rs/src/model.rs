@@ -411,7 +411,8 @@ mod tests {
                 let start: [f64; exact::LANES] = std::array::from_fn(|_| rng.f64());
                 let (mut sq_fast, mut sq_ref) = (start, start);
                 let (mut c16_fast, mut c16_ref) = (vec![0i16; n], vec![0i16; n]);
-                let Some(fast) = kernel::prepare_i32(isa, &c, &idf, 0, &mut sq_fast, &mut c16_fast) else {
+                let c32 = <i32 as CountValue>::as_i32s(&c).expect("i32 counts take the SIMD pass");
+                let Some(fast) = kernel::prepare_i32(isa, c32, &idf, 0, &mut sq_fast, &mut c16_fast) else {
                     assert_eq!(isa, Isa::Portable);
                     continue;
                 };

@@ -23,14 +23,16 @@ pub trait CountValue: Copy + Send + Sync {
 }
 
 macro_rules! signed_count {
-    ($($t:ty),*) => {$(
+    ($($t:ty),*) => {$( signed_count!(@one $t;); )*};
+    (@one $t:ty; $($extra:item)*) => {
         impl CountValue for $t {
             #[inline] fn is_negative(self) -> bool { self < 0 }
             #[inline] fn as_f64(self) -> f64 { self as f64 }
             #[inline] fn as_u64(self) -> u64 { self as u64 }
             #[inline] fn clamp_i16(self) -> i16 { (self as i64).clamp(-1, i16::MAX as i64) as i16 }
+            $($extra)*
         }
-    )*};
+    };
 }
 macro_rules! unsigned_count {
     ($($t:ty),*) => {$(
@@ -45,28 +47,7 @@ macro_rules! unsigned_count {
 signed_count!(i8, i16, i64);
 unsigned_count!(u8, u16, u32, u64);
 
-impl CountValue for i32 {
-    #[inline]
-    fn is_negative(self) -> bool {
-        self < 0
-    }
-    #[inline]
-    fn as_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline]
-    fn as_u64(self) -> u64 {
-        self as u64
-    }
-    #[inline]
-    fn clamp_i16(self) -> i16 {
-        self.clamp(-1, i16::MAX as i32) as i16
-    }
-    #[inline]
-    fn as_i32s(s: &[Self]) -> Option<&[i32]> {
-        Some(s)
-    }
-}
+signed_count!(@one i32; #[inline] fn as_i32s(s: &[Self]) -> Option<&[i32]> { Some(s) });
 
 /// Model geometry plus the calibration transforms that turn counts into a signature.
 #[derive(Debug, Clone)]

@@ -5,10 +5,8 @@
 use super::quant::Dims;
 use std::arch::x86_64::*;
 
-/// Decoders per pass: each counts vector loaded serves this many weight rows (AVX-512 has the
-/// 32 registers for eight accumulator pairs; AVX2's 16 hold four).
-const GROUP512: usize = 4;
-const GROUP256: usize = 4;
+/// Decoders per pass: each counts vector loaded serves this many weight rows.
+const GROUP: usize = 4;
 
 macro_rules! vnni_kernel {
     ($name:ident, $t:ty, $load:expr) => {
@@ -24,10 +22,10 @@ macro_rules! vnni_kernel {
             let (cp, qp) = (counts.as_ptr(), q.as_ptr());
             let mut k0 = 0;
             while k0 < d.workers {
-                let g = GROUP512.min(d.workers - k0);
-                let mut acc = [_mm512_setzero_ps(); GROUP512];
+                let g = GROUP.min(d.workers - k0);
+                let mut acc = [_mm512_setzero_ps(); GROUP];
                 for i in 0..d.layers {
-                    let mut dot = [_mm512_setzero_si512(); GROUP512];
+                    let mut dot = [_mm512_setzero_si512(); GROUP];
                     let mut e = 0;
                     while e < d.epad {
                         let cv = _mm512_loadu_si512(cp.add(i * d.epad + e) as *const _);
@@ -65,10 +63,10 @@ macro_rules! avx2_kernel {
             let (cp, qp) = (counts.as_ptr(), q.as_ptr());
             let mut k0 = 0;
             while k0 < d.workers {
-                let g = GROUP256.min(d.workers - k0);
-                let mut acc = [_mm256_setzero_ps(); GROUP256];
+                let g = GROUP.min(d.workers - k0);
+                let mut acc = [_mm256_setzero_ps(); GROUP];
                 for i in 0..d.layers {
-                    let mut dot = [_mm256_setzero_si256(); GROUP256];
+                    let mut dot = [_mm256_setzero_si256(); GROUP];
                     let mut e = 0;
                     while e < d.epad {
                         let cv = _mm256_loadu_si256(cp.add(i * d.epad + e) as *const __m256i);
