@@ -103,11 +103,18 @@ class Smg:
         self.log.close()
 
 
-def flush(cluster: Cluster) -> None:
+def flush(cluster: Cluster, timeout_s: float = 30.0) -> None:
+    """Empties every server's radix cache. SGLang answers 400 while a batch is still running (right
+    after start-up, its warm-up request; after a run, the last batch's retirement), so retry briefly."""
     for s in cluster.servers:
-        r = requests.post(s.url + "/flush_cache", timeout=60)
-        if r.status_code != 200:
-            raise RuntimeError(f"flush_cache on {s.url}: {r.status_code} {r.text[:200]}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = requests.post(s.url + "/flush_cache", timeout=60)
+            if r.status_code == 200:
+                break
+            if r.status_code != 400 or time.monotonic() > deadline:
+                raise RuntimeError(f"flush_cache on {s.url}: {r.status_code} {r.text[:200]}")
+            time.sleep(0.1)
 
 
 def labelled_counter(url: str, name: str, label: str) -> dict[str, float]:
