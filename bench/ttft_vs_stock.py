@@ -20,6 +20,12 @@ Before each arm the radix caches of its cluster are flushed, so no arm reuses an
 Reports TTFT/TPOT p50/p99 and output throughput per run, and per route the paired ratio to
 `stock-smg` (same repeat, same rate) with a 95 % t-interval over repeats. Writes the runs as a list
 of records to bench/results/ttft_vs_stock.json, the ratios to ttft_vs_stock_summary.json and a plot.
+
+`--interleave N` adds N interleaved runs on the same clusters (bench/interleaved.py): the
+`--interleave-routes` all up at once, each prompt sent once to every route as consecutive arrivals
+in a random order, timed by SGLang's own request function. The machine's drift between runs, which
+swamps the shuffled runs' ratios, then falls on every route alike. Rate 0 sends one request at a time:
+each route's bare serial path. Written to ttft_vs_stock_interleaved.json (or --interleave-out).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_policies import custom_dataset, run_bench  # noqa: E402
+from interleaved import load_prompts, paired_ratios, run_interleaved, run_summary  # noqa: E402
 from intervals import t_interval  # noqa: E402
 
 from sglang_eldr.launch_cluster import Cluster, free_port  # noqa: E402
@@ -215,8 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("sglang", "sglang-oai-chat"), default="sglang",
                     help="the client's backend: streaming /generate (sglang) or /v1/chat/completions (sglang-oai-chat; "
                          "needed for eldr-router-eldr-early) (default: sglang)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="REPEATS",
+                    help="after the shuffled runs, this many interleaved runs (bench/interleaved.py): the "
+                         "--interleave-routes at once on the same prompts, each prompt once per route in a random "
+                         "order, so the machine's drift cancels in the paired ratio (default: 0; --repeats 0 runs "
+                         "only these)")
+    ap.add_argument("--interleave-routes", nargs="+", choices=ROUTES[:4], default=["stock-smg", "eldr-router-eldr"],
+                    help="routes of the interleaved runs, at most one eldr-router-* (default: stock-smg eldr-router-eldr)")
+    ap.add_argument("--interleave-rates", type=float, nargs="+", default=[1.0],
+                    help="Poisson rate per route of the interleaved runs, req/s; 0 means one request at a time, "
+                         "each route's bare path with nothing queued (default: 1)")
+    ap.add_argument("--interleave-groups", type=int, default=128, help="prompts per interleaved run (default: 128)")
+    ap.add_argument("--interleave-out", type=Path, default=None,
+                    help="where the interleaved runs go (default: --out's name with _interleaved)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke mode: 1P+1D clusters, one rate, 8 prompts, one repeat, every route, sglang-oai-chat")
+                    help="smoke mode: 1P+1D clusters, one rate, 8 prompts, one repeat, every route, sglang-oai-chat; "
+                         "then one interleaved run of 6 prompts")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ttft_vs_stock.json")
     ap.add_argument("--merge-with", type=Path, default=None,
                     help="records of an earlier run (same settings, another --seed) to pool with this one's: its "
@@ -234,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.decoders, args.rates, args.num_prompts, args.output_len, args.repeats = 1, [2.0], 8, 8, 1
         args.routes, args.backend = list(ROUTES), "sglang-oai-chat"
+        args.interleave, args.interleave_groups, args.interleave_rates = 1, 6, [1.0]
+    if sum(r.startswith("eldr-router-") for r in args.interleave_routes) > 1:
+        ap.error("--interleave-routes takes at most one eldr-router-* route (one router runs at a time)")
     if "eldr-router-eldr-early" in args.routes and args.backend != "sglang-oai-chat":
         ap.error("eldr-router-eldr-early needs --backend sglang-oai-chat (the early first token is for OpenAI endpoints)")
     work = Path(tempfile.mkdtemp(prefix="eldr-ttft-"))
@@ -250,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         c.log_dir.mkdir(parents=True, exist_ok=True)
     centroids = MODEL / f"eldr-centroids-{args.decoders}d.eldr"
     records: list[dict] = []
+    interleaved: dict = {}
     fallbacks: dict[str, dict[str, float]] = {}
     smgs: list[Smg] = []
     try:
@@ -289,15 +314,84 @@ def main(argv: list[str] | None = None) -> int:
                                 fallbacks.setdefault(route, {})[k] = fallbacks.get(route, {}).get(k, 0) + v
                             eldr.stop_router()
                         records.append(row)
-                        print(f"rate {rate:g} rep {rep} {route:>22}: TTFT p50 {row['ttft_p50_ms']:.1f} p99 "
-                              f"{row['ttft_p99_ms']:.1f} ms | TPOT p50 {row['tpot_p50_ms']:.2f} p99 "
-                              f"{row['tpot_p99_ms']:.2f} ms | {row['output_tok_s']:.1f} tok/s | "
-                              f"completed {row['completed']}/{args.num_prompts}", flush=True)
+                        print_row(rate, rep, route, row)
+            if args.interleave:
+                interleaved = run_interleaved_mode(args, stock, eldr, smg_stock, smg_eldr, centroids)
     finally:
         for s in smgs:
             s.stop()
-    report(earlier + records, args, fallbacks, [s.proc.pid for s in smgs], round(time.monotonic() - started))
+    seconds = round(time.monotonic() - started)
+    if records:
+        report(earlier + records, args, fallbacks, [s.proc.pid for s in smgs], seconds)
+    if args.interleave:
+        write_interleaved(interleaved, args, [s.proc.pid for s in smgs], seconds)
     return 0
+
+
+def print_row(rate: float, rep: int, route: str, row: dict) -> None:
+    print(f"rate {rate:g} rep {rep} {route:>22}: TTFT p50 {row['ttft_p50_ms']:.1f} p99 "
+          f"{row['ttft_p99_ms']:.1f} ms | TPOT p50 {row['tpot_p50_ms']:.2f} p99 "
+          f"{row['tpot_p99_ms']:.2f} ms | {row['output_tok_s']:.1f} tok/s | "
+          f"completed {row['completed']}/{row['num_prompts']}", flush=True)
+
+
+def run_interleaved_mode(args: argparse.Namespace, stock: Cluster, eldr: Cluster, smg_stock: Smg, smg_eldr: Smg,
+                         centroids: Path) -> dict:
+    """The interleaved runs: every route up at once (one router), caches flushed before each run,
+    two unrecorded warm-up groups first."""
+    urls = {"stock-smg": smg_stock.url, "eldr-servers-smg": smg_eldr.url}
+    router = next((r for r in args.interleave_routes if r.startswith("eldr-router-")), None)
+    if router:
+        urls[router] = eldr.start_router(policy=router.removeprefix("eldr-router-"), centroids=str(centroids),
+                                         extra=["--no-early-first-token"]).url
+    urls = {r: urls[r] for r in args.interleave_routes}
+    prompts = load_prompts(EVAL, MODEL, args.interleave_groups, args.seed, list(urls))
+    run_interleaved(urls, prompts[:2], 0, args.output_len, 1, args.seed, MODEL)  # warm-up, not recorded
+    runs: list[dict] = []
+    requests_: list[dict] = []
+    rng = random.Random(args.seed)
+    for rate in args.interleave_rates:
+        for rep in range(args.interleave):
+            for c in (stock, eldr):
+                flush(c)
+            seed = rng.randrange(1 << 30)
+            reqs = run_interleaved(urls, prompts, rate, args.output_len, args.concurrency if rate > 0 else 1, seed,
+                                   MODEL)
+            for r in reqs:
+                r |= {"rate": rate, "repeat": rep}
+            requests_ += reqs
+            for route in urls:
+                row = {"route": route, "repeat": rep, "rate": rate, "mode": "interleaved", "decoders": args.decoders,
+                       "seed": seed, **run_summary(reqs, route)}
+                runs.append(row)
+                print_row(rate, rep, f"{route} (interleaved)", row)
+    fallbacks = labelled_counter(urls[router], "eldr_fallbacks_total", "reason") if router else {}
+    if router:
+        eldr.stop_router()
+    return {"runs": runs, "requests": requests_, "router_fallbacks": fallbacks}
+
+
+def write_interleaved(result: dict, args: argparse.Namespace, smg_pids: list[int], seconds: int) -> None:
+    """Prints the interleaved runs' paired ratios and writes them beside the shuffled runs' records."""
+    routes = list(args.interleave_routes)
+    pairs = [(r, "stock-smg") for r in routes if r != "stock-smg" and "stock-smg" in routes] + [
+        (r, "eldr-servers-smg") for r in routes if r.startswith("eldr-router-") and "eldr-servers-smg" in routes]
+    metrics = ["ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "output_tok_s"]
+    ratios = paired_ratios(result["runs"], result["requests"], pairs, metrics)
+    for s in ratios:
+        boot = (f" | pooled {s['pooled_ratio']:.3f} [{s['boot95_low']:.3f}, {s['boot95_high']:.3f}]"
+                if "pooled_ratio" in s else "")
+        print(f"interleaved rate {s['rate']:g} {s['route']:>18} {s['metric']:>12} / {s['vs']}: {s['ratio_mean']:.3f} "
+              f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}] {verdict(s)}{boot}")
+    print(f"router fallbacks (interleaved): {result['router_fallbacks']}")
+    path = args.interleave_out or args.out.with_name(args.out.stem + "_interleaved.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.write_text(json.dumps({"config": {**config, "smg_flags": SMG_FLAGS, "smg": "1.13.0"},
+                                "paired_ratios": ratios, "runs": result["runs"],
+                                "router_fallbacks": result["router_fallbacks"], "smg_pids": smg_pids,
+                                "seconds": seconds, "requests": result["requests"]}, indent=1) + "\n")
+    print(f"-> {path}")
 
 
 def report(records: list[dict], args: argparse.Namespace, fallbacks: dict, smg_pids: list[int],

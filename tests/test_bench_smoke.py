@@ -130,7 +130,8 @@ def test_router_throughput_quick(tmp_path):
 
 def test_ttft_vs_stock_quick(tmp_path):
     """Two 1P+1D clusters, smg 1.13.0 in front of each and this router in front of the ELDR one;
-    SGLang's client (streaming /v1/chat/completions) measures all five routes. Checks the records (not
+    SGLang's client (streaming /v1/chat/completions) measures all five routes, then one interleaved
+    run sends each prompt to stock-smg and eldr-router-eldr back to back. Checks the records (not
     their values), that the early route's clients got their first token from the prefill, and that
     smg was stopped."""
     out = tmp_path / "ttft.json"
@@ -152,6 +153,21 @@ def test_ttft_vs_stock_quick(tmp_path):
                                                               "eldr-router-eldr-early"}
     assert out.with_suffix(".png").stat().st_size > 0
     assert "/ stock-smg" in text
+    # The interleaved run: both routes at once, each prompt once per route as consecutive arrivals.
+    inter = json.loads((tmp_path / "ttft_interleaved.json").read_text())
+    routes = {"stock-smg", "eldr-router-eldr"}
+    assert {r["route"] for r in inter["runs"]} == routes
+    for r in inter["runs"]:
+        assert r["completed"] == r["num_prompts"] == 6 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0, r
+    reqs = inter["requests"]
+    assert all(r["success"] for r in reqs) and len(reqs) == 12
+    for g in range(6):
+        mine = [r for r in reqs if r["group"] == g]
+        assert {r["route"] for r in mine} == routes and sorted(r["seq"] for r in mine) == [2 * g, 2 * g + 1], mine
+    cells = {(s["route"], s["vs"], s["metric"]) for s in inter["paired_ratios"]}
+    assert ("eldr-router-eldr", "stock-smg", "ttft_p50_ms") in cells
+    assert "counts-timeout" not in inter["router_fallbacks"] and "counts-lost" not in inter["router_fallbacks"]
+    assert "interleaved rate 1" in text
     for pid in summary["smg_pids"]:  # the benchmark stopped the smg processes it started
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
