@@ -96,9 +96,9 @@ async def _run(urls: dict[str, str], prompts: list[dict[str, Prompt]], rate_per_
             out = await serving.async_request_sglang_generate(inp)
         tpot = (out.latency - out.ttft) / (out.output_len - 1) if out.success and out.output_len > 1 else None
         return {"route": route, "group": group, "seq": i, "sent_s": round(sent, 4), "success": out.success,
-                "error": out.error[-300:], "ttft_ms": out.ttft * 1e3, "e2e_ms": out.latency * 1e3,
-                "tpot_ms": None if tpot is None else tpot * 1e3, "output_len": out.output_len,
-                "itl_p50_ms": float(np.median(out.itl)) * 1e3 if out.itl else None}
+                "error": out.error[-300:], "ttft_ms": round(out.ttft * 1e3, 3), "e2e_ms": round(out.latency * 1e3, 3),
+                "tpot_ms": None if tpot is None else round(tpot * 1e3, 4), "output_len": out.output_len,
+                "itl_p50_ms": round(float(np.median(out.itl)) * 1e3, 4) if out.itl else None}
 
     tasks = []
     due = 0.0
@@ -189,3 +189,27 @@ def paired_ratios(runs: list[dict], requests: list[dict], pairs: list[tuple[str,
                     row |= {"pooled_ratio": p, "boot95_low": blo, "boot95_high": bhi}
                 out.append(row)
     return out
+
+
+def plot(requests: list[dict], path: Path) -> None:
+    """TTFT distribution per route, pooled over runs, one panel per rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({r["rate"] for r in requests})
+    fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        routes = sorted({r["route"] for r in requests if r["rate"] == rate})
+        for i, route in enumerate(routes):
+            xs = np.sort([r["ttft_ms"] for r in requests if r["rate"] == rate and r["route"] == route and r["success"]])
+            ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), color=f"C{i}", label=f"{route} (n={len(xs)})")
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT ms (log)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title("one request at a time" if rate == 0 else f"{rate:g} req/s per route, interleaved")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -48,6 +48,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_policies import custom_dataset, run_bench  # noqa: E402
 from interleaved import load_prompts, paired_ratios, run_interleaved, run_summary  # noqa: E402
+from interleaved import plot as plot_interleaved  # noqa: E402
 from intervals import t_interval  # noqa: E402
 
 from sglang_eldr.launch_cluster import Cluster, free_port  # noqa: E402
@@ -391,7 +392,8 @@ def write_interleaved(result: dict, args: argparse.Namespace, smg_pids: list[int
                                 "paired_ratios": ratios, "runs": result["runs"],
                                 "router_fallbacks": result["router_fallbacks"], "smg_pids": smg_pids,
                                 "seconds": seconds, "requests": result["requests"]}, indent=1) + "\n")
-    print(f"-> {path}")
+    plot_interleaved(result["requests"], path.with_suffix(".png"))
+    print(f"-> {path} (+ .png)")
 
 
 def report(records: list[dict], args: argparse.Namespace, fallbacks: dict, smg_pids: list[int],
