@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from intervals import t_interval
+from intervals import repeat_ratios, t_interval
 
 # Options the client's request function reads from its module's global `args`: the values
 # `python -m sglang.benchmark.serving --backend sglang` runs with by default (greedy, EOS ignored,
@@ -95,7 +95,8 @@ async def _run(urls: dict[str, str], prompts: list[dict[str, Prompt]], rate_per_
             sent = time.perf_counter() - t0
             out = await serving.async_request_sglang_generate(inp)
         tpot = (out.latency - out.ttft) / (out.output_len - 1) if out.success and out.output_len > 1 else None
-        return {"route": route, "group": group, "seq": i, "sent_s": round(sent, 4), "success": out.success,
+        return {"route": route, "group": group, "seq": i, "prompt_tokens": p.tokens, "sent_s": round(sent, 4),
+                "success": out.success,
                 "error": out.error[-300:], "ttft_ms": round(out.ttft * 1e3, 3), "e2e_ms": round(out.latency * 1e3, 3),
                 "tpot_ms": None if tpot is None else round(tpot * 1e3, 4), "output_len": out.output_len,
                 "itl_p50_ms": round(float(np.median(out.itl)) * 1e3, 4) if out.itl else None}
@@ -160,10 +161,9 @@ def pair_bootstrap(requests: list[dict], route: str, vs: str, metric: str, q: fl
     return point, float(lo), float(hi)
 
 
-def _percentile_of(metric: str) -> tuple[str, float] | None:
-    """"ttft_p99_ms" -> ("ttft_ms", 99.0): the per-request field and percentile a run metric is made of."""
-    name, pct, unit = (metric.split("_") + ["", ""])[:3]
-    return (f"{name}_ms", float(pct[1:])) if pct[:1] == "p" and pct[1:].isdigit() and unit == "ms" else None
+# Run metrics that are a percentile of a per-request field: those get the group bootstrap as well.
+PER_REQUEST = {"ttft_p50_ms": ("ttft_ms", 50.0), "ttft_p99_ms": ("ttft_ms", 99.0), "tpot_p50_ms": ("tpot_ms", 50.0),
+               "tpot_p99_ms": ("tpot_ms", 99.0), "e2e_p50_ms": ("e2e_ms", 50.0)}
 
 
 def paired_ratios(runs: list[dict], requests: list[dict], pairs: list[tuple[str, str]], metrics: list[str]) -> list[dict]:
@@ -174,18 +174,15 @@ def paired_ratios(runs: list[dict], requests: list[dict], pairs: list[tuple[str,
         same = [r for r in runs if r["rate"] == rate]
         reqs = [r for r in requests if r["rate"] == rate]
         for route, vs in pairs:
-            base = {r["repeat"]: r for r in same if r["route"] == vs}
             for metric in metrics:
-                ratios = [r[metric] / base[r["repeat"]][metric] for r in same
-                          if r["route"] == route and r["repeat"] in base and base[r["repeat"]][metric]]
+                ratios = repeat_ratios(same, route, vs, metric)
                 if not ratios:
                     continue
                 m, lo, hi = t_interval(ratios)
                 row = {"rate": rate, "route": route, "vs": vs, "metric": metric, "n_runs": len(ratios),
                        "ratio_mean": m, "ci95_low": lo, "ci95_high": hi}
-                per_request = _percentile_of(metric)
-                if per_request:
-                    p, blo, bhi = pair_bootstrap(reqs, route, vs, *per_request)
+                if metric in PER_REQUEST:
+                    p, blo, bhi = pair_bootstrap(reqs, route, vs, *PER_REQUEST[metric])
                     row |= {"pooled_ratio": p, "boot95_low": blo, "boot95_high": bhi}
                 out.append(row)
     return out

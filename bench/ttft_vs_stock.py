@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_policies import custom_dataset, run_bench  # noqa: E402
 from interleaved import load_prompts, paired_ratios, run_interleaved, run_summary  # noqa: E402
 from interleaved import plot as plot_interleaved  # noqa: E402
-from intervals import t_interval  # noqa: E402
+from intervals import repeat_ratios, t_interval  # noqa: E402
 
 from sglang_eldr.launch_cluster import Cluster, free_port  # noqa: E402
 
@@ -111,18 +111,9 @@ class Smg:
         self.log.close()
 
 
-def flush(cluster: Cluster, timeout_s: float = 30.0) -> None:
-    """Empties every server's radix cache. SGLang answers 400 while a batch is still running (right
-    after start-up, its warm-up request; after a run, the last batch's retirement), so retry briefly."""
+def flush(cluster: Cluster) -> None:
     for s in cluster.servers:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            r = requests.post(s.url + "/flush_cache", timeout=60)
-            if r.status_code == 200:
-                break
-            if r.status_code != 400 or time.monotonic() > deadline:
-                raise RuntimeError(f"flush_cache on {s.url}: {r.status_code} {r.text[:200]}")
-            time.sleep(0.1)
+        s.flush_cache()
 
 
 def labelled_counter(url: str, name: str, label: str) -> dict[str, float]:
@@ -157,11 +148,8 @@ def summarize(records: list[dict]) -> list[dict]:
     for backend, rate in groups(records):
         same = [r for r in records if backend_of(r) == backend and r["rate"] == rate]
         for route, vs in PAIRS:
-            base = {r["repeat"]: r for r in same if r["route"] == vs}
-            rows = [r for r in same if r["route"] == route and r["repeat"] in base]
             for metric in METRICS:
-                ratios = [r[metric] / base[r["repeat"]][metric] for r in rows
-                          if r.get(metric) and base[r["repeat"]].get(metric)]
+                ratios = repeat_ratios(same, route, vs, metric)
                 if not ratios:
                     continue
                 m, lo, hi = t_interval(ratios)

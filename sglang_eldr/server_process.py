@@ -113,6 +113,19 @@ class ServerProcess:
         wait_all([self], timeout_s, path)
         return self
 
+    def flush_cache(self, timeout_s: float = 30.0) -> None:
+        """Empties an SGLang server's radix cache. SGLang answers 400 while a batch is still running
+        (its warm-up request right after start-up; the last batch's retirement, which can lag the
+        HTTP response by a loop iteration), so retry on 400 for up to `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = requests.post(self.url + "/flush_cache", timeout=60)
+            if r.status_code == 200:
+                return
+            if r.status_code != 400 or time.monotonic() > deadline:
+                raise RuntimeError(f"flush_cache on {self.url}: {r.status_code} {r.text[:200]}")
+            time.sleep(0.05)
+
     def signal(self, sig: int) -> None:
         """Sends `sig` to the server's whole process group (SGLang runs several processes)."""
         if self.running():

@@ -161,9 +161,11 @@ def test_ttft_vs_stock_quick(tmp_path):
         assert r["completed"] == r["num_prompts"] == 6 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0, r
     reqs = inter["requests"]
     assert all(r["success"] for r in reqs) and len(reqs) == 12
+    sent = sorted(reqs, key=lambda r: r["sent_s"])  # the order the requests actually went out
     for g in range(6):
-        mine = [r for r in reqs if r["group"] == g]
-        assert {r["route"] for r in mine} == routes and sorted(r["seq"] for r in mine) == [2 * g, 2 * g + 1], mine
+        pair = sent[2 * g: 2 * g + 2]
+        assert {r["group"] for r in pair} == {g} and {r["route"] for r in pair} == routes, pair
+        assert pair[0]["prompt_tokens"] == pair[1]["prompt_tokens"] > 0, pair  # same prompt, own route tag
     cells = {(s["route"], s["vs"], s["metric"]) for s in inter["paired_ratios"]}
     assert ("eldr-router-eldr", "stock-smg", "ttft_p50_ms") in cells
     assert "counts-timeout" not in inter["router_fallbacks"] and "counts-lost" not in inter["router_fallbacks"]

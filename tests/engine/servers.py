@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -87,17 +86,3 @@ class Server(ServerProcess):
             raise AssertionError(f"/generate -> {status}: {body}")
         return body
 
-    def flush_cache(self, timeout: float = 30.0) -> None:
-        """Flush the radix cache. SGLang refuses (400) until the scheduler has retired the last batch,
-        which can lag the HTTP response by one loop iteration: retry briefly."""
-        deadline = time.monotonic() + timeout
-        while True:
-            req = urllib.request.Request(self.url + "/flush_cache", data=b"", method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    if r.status == 200:
-                        return
-            except urllib.error.HTTPError as e:
-                if e.code != 400 or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
