@@ -4,7 +4,8 @@
 use crate::centroids::Centroids;
 use crate::error::{Result, RouterError};
 use crate::kernel::{self, exact};
-use crate::kernel::quant::{Precision, Quantized};
+use crate::kernel::quant::{Precision, Quantized, Terms};
+use crate::kernel::Folds;
 use crate::signature::{check_finite, CountValue, SignatureSpec};
 use multiversion::multiversion;
 
@@ -30,8 +31,9 @@ pub struct LocalityModel {
     precision: Precision,
     /// None with `Precision::Exact`, or when a weight is outside what the fixed point covers.
     quant: Option<Quantized>,
-    /// The kept layers' IDF as f64, `[kept][experts]`.
+    /// The kept layers' IDF as f64 and as f32, `[kept][experts]`.
     idf64: Vec<f64>,
+    idf32: Vec<f32>,
 }
 
 impl LocalityModel {
@@ -54,8 +56,9 @@ impl LocalityModel {
             let idf: Vec<f32> = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().copied()).collect();
             Quantized::new(centroids.rows(), &idf, centroids.workers(), spec.kept().len(), spec.experts(), precision)
         };
-        let idf64 = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().map(|&v| v as f64)).collect();
-        Ok(Self { spec, centroids, precision, quant, idf64 })
+        let idf32: Vec<f32> = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().copied()).collect();
+        let idf64 = idf32.iter().map(|&v| v as f64).collect();
+        Ok(Self { spec, centroids, precision, quant, idf64, idf32 })
     }
 
     /// The same geometry over other centroids.
@@ -144,27 +147,38 @@ impl LocalityModel {
         let (e, epad, kept) = (self.spec.experts(), q.epad(), self.spec.kept());
         let dim = self.spec.dim();
         // The padding lanes stay zero: only the first `e` of each layer are written below.
+        let u8_first = q.first_counts_u8();
         if buf.c16_shape != (e, epad, kept.len()) {
             buf.c16.clear();
             buf.c16.resize(kept.len() * epad, 0);
+            buf.c8.clear();
+            buf.c8.resize(kept.len() * epad, 0);
             buf.c16_shape = (e, epad, kept.len());
         }
-        buf.tmul.clear();
-        buf.h.clear();
-        buf.g.clear();
-        buf.r.clear();
-        // One pass per layer gives the rule's norm (x itself is built only if a score is
-        // refined), the int16 counts, Σ c and max c.
+        for v in [&mut buf.tmul, &mut buf.tmul8] {
+            v.clear();
+        }
+        for v in [&mut buf.h, &mut buf.g, &mut buf.r, &mut buf.g8, &mut buf.r8, &mut buf.mu] {
+            v.clear();
+        }
+        // One pass per layer gives the norm (x itself is built only if a score is refined), the
+        // int16 counts, Σ c, Σ c² and max c. The SIMD pass estimates the norm within
+        // `kernel::norm_rho` (the scores' intervals cover it; the rule's own norm is computed
+        // with the first exact score); the generic loop adds the rule's f64 squares.
         let mut squares = [0.0f64; exact::LANES];
+        let mut sq_fast = [0.0f64; 16];
+        let mut fast_any = false;
         let limit = q.count_limit();
         let mut offset = 0;
         let mut negative = self.spec.dropped_negative(counts);
+        let mut d2 = 0.0f64;
         for (i, &l) in kept.iter().enumerate() {
             let c = &counts[l * e..(l + 1) * e];
             let c16 = &mut buf.c16[i * epad..][..e];
-            let idf = &self.idf64[i * e..][..e];
-            let fast = T::as_i32s(c).and_then(|c32| kernel::prepare_i32(q.isa(), c32, idf, offset, &mut squares, c16));
-            let (sum16, min16, max16) = fast.unwrap_or_else(|| prepare_layer(c, idf, offset, &mut squares, c16));
+            let fast = T::as_i32s(c).and_then(|c32| kernel::prepare_i32(q.isa(), c32, &self.idf32[i * e..][..e], &mut sq_fast, c16));
+            fast_any |= fast.is_some();
+            let f = fast.unwrap_or_else(|| prepare_layer(c, &self.idf64[i * e..][..e], offset, &mut squares, c16));
+            let (sum16, min16, max16) = (f.sum, f.min, f.max);
             negative |= min16 < 0;
             if negative {
                 continue;
@@ -173,40 +187,83 @@ impl LocalityModel {
             // t = 2^m, the smallest with round(max / t) ≤ limit: m = 0 for all but huge prompts,
             // and then nothing was clamped and the int16 sums are the counts' own.
             let mut m = 0u32;
-            let mut sum = sum16 as f64;
+            let (mut sum, mut sumsq, mut max) = (sum16 as f64, f.sumsq as f64, max16 as u64);
             if max16 as u64 > limit || max16 == i16::MAX {
-                let max = c.iter().fold(0u64, |a, v| a.max(v.as_u64()));
-                while ((max as u128 + ((1u128 << m) >> 1)) >> m) > limit as u128 {
-                    m += 1;
-                }
+                max = c.iter().fold(0u64, |a, v| a.max(v.as_u64()));
+                m = shift_for(max, limit);
                 sum = c.iter().map(|v| v.as_f64()).sum();
+                sumsq = c.iter().map(|v| v.as_f64() * v.as_f64()).sum();
+            } else if e as u64 * max * max > i32::MAX as u64 {
+                sumsq = c.iter().map(|v| v.as_f64() * v.as_f64()).sum(); // the i32 fold may have wrapped
             }
-            let t = (1u128 << m) as f64;
+            // ‖c − μ‖² = Σc² − μ·Σc, plus a margin for its f64 rounding (and for Σc, Σc² summed in
+            // f64 above): (E + 4)·ε_f64·Σc² bounds both.
+            let mu = sum / e as f64;
+            d2 += (sumsq - mu * sum).max(0.0) + (e as f64 + 4.0) * f64::EPSILON * sumsq;
+            buf.mu.push(mu);
+            let t = pow2(m);
             let narrowed = if m == 0 { sum } else { narrow(c, m, c16) };
             buf.tmul.push(t as f32);
             // The 1e-12 covers the rounding of the f64 sums (an upper bound is all the bound needs).
             buf.h.push(sum / 2.0 * (1.0 + 1e-12));
             buf.g.push(if m == 0 { 0.0 } else { t / 2.0 });
             buf.r.push(q.rounding() * t * narrowed * (1.0 + 1e-12));
+            if u8_first {
+                // The same for the int8 table's u8 counts: t8 = 2^m8 with round(max / t8) ≤ 255
+                // (m8 = 0 for prompts of up to a few thousand tokens, and then c8 = c16 = c).
+                let m8 = shift_for(max, u8::MAX as u64);
+                let c8 = &mut buf.c8[i * epad..][..e];
+                let narrowed8 = if m8 == 0 && m == 0 {
+                    for (o, &v) in c8.iter_mut().zip(&buf.c16[i * epad..][..e]) {
+                        *o = v as u8;
+                    }
+                    sum
+                } else {
+                    narrow(c, m8, c8)
+                };
+                let t8 = pow2(m8);
+                buf.tmul8.push(t8 as f32);
+                buf.g8.push(if m8 == 0 { 0.0 } else { t8 / 2.0 });
+                buf.r8.push(q.rounding() * t8 * narrowed8 * (1.0 + 1e-12));
+            }
         }
         self.spec.check_sign(counts, negative)?;
-        buf.norm = exact::reduce(squares).sqrt();
         buf.x_ready = false;
-        if buf.norm == 0.0 {
+        let n2 = exact::reduce(squares);
+        if !fast_any {
+            buf.norm = n2.sqrt();
+            buf.norm_range = (buf.norm, buf.norm);
+        } else {
+            let n2 = n2 + sq_fast.iter().sum::<f64>();
+            let rho = kernel::norm_rho(e);
+            if n2.is_finite() && n2 > 1e-30 && rho < 1e-3 {
+                buf.norm = f64::NAN; // the rule's own norm: computed with the first exact score
+                buf.norm_range = ((n2 * (1.0 - rho)).sqrt() * (1.0 - 1e-15), (n2 * (1.0 + rho)).sqrt() * (1.0 + 1e-15));
+            } else {
+                // f32 overflow or underflow (extreme IDF): the rule's norm at once.
+                self.signature_of(counts, &mut buf.x);
+                buf.set_norm();
+                buf.norm_range = (buf.norm, buf.norm);
+            }
+        }
+        if buf.norm_range.1 == 0.0 {
             return Ok(false);
         }
-        q.estimate(&buf.c16, &buf.tmul, &mut buf.est32);
+        q.estimate(&buf.c16, &buf.tmul, &buf.c8, &buf.tmul8, &mut buf.est32);
         if buf.est32.iter().any(|v| !v.is_finite()) {
             return self.exact_counts(counts, buf); // weights so large the f32 estimate overflowed
         }
         let rule = exact::rule_error(dim);
         buf.est.clear();
         buf.rad.clear();
-        q.error_bounds(&buf.h, &buf.g, &buf.r, &mut buf.bound);
+        buf.dnorm = d2.sqrt() * (1.0 + 1e-12);
+        let (g, r) = if u8_first { (&buf.g8, &buf.r8) } else { (&buf.g, &buf.r) };
+        let terms = Terms { h: &buf.h, g, r, mu: &buf.mu, dnorm: buf.dnorm };
+        q.error_bounds(&terms, &mut buf.corr, &mut buf.bound);
         for k in 0..self.centroids.workers() {
-            buf.est.push(buf.est32[k] as f64 / buf.norm);
-            // 1e-300: the estimate's f32 terms may underflow by up to one subnormal step each.
-            buf.rad.push((buf.bound[k] + 1e-300) / buf.norm * (1.0 + 1e-6) + rule);
+            let (e, r) = interval(buf.est32[k] as f64 + buf.corr[k], buf.bound[k], buf.norm_range, rule);
+            buf.est.push(e);
+            buf.rad.push(r);
         }
         Ok(true)
     }
@@ -221,18 +278,37 @@ impl LocalityModel {
             Some(data) => Box::new(move |x: &mut Vec<f64>| self.signature_of(data, x)),
             None => Box::new(|_: &mut Vec<f64>| {}),
         };
-        let ScoreBuf { x, x_ready, norm, est, rad, .. } = buf;
-        let source = Source { x, ready: *x_ready, fill, norm: *norm, centroids: &self.centroids };
-        Scores { est, rad, source: Some(source), refined: 0 }
+        let ScoreBuf { x, x_ready, norm, norm_range, est, rad, c16, tmul, h, g, r, mu, dnorm, fine_done, .. } = buf;
+        let range = *norm_range;
+        let fine: Option<Fine<'a>> = match (&self.quant, counts) {
+            (Some(q), Some(_)) if q.has_fine() => {
+                let (c16, tmul): (&'a [i16], &'a [f32]) = (c16, tmul);
+                let terms = Terms { h, g, r, mu, dnorm: *dnorm };
+                let rule = exact::rule_error(self.spec.dim());
+                fine_done.clear();
+                fine_done.resize(self.centroids.workers(), false);
+                Some((Box::new(move |ks: &[usize], out: &mut Vec<(f64, f64)>| {
+                    q.estimate_fine(ks, c16, tmul, &terms, out).expect("a fine table");
+                    for v in out.iter_mut() {
+                        *v = interval(v.0, v.1, range, rule);
+                    }
+                }), fine_done))
+            }
+            _ => None,
+        };
+        let norm = (!norm.is_nan()).then_some(*norm);
+        let source = Source { x, ready: *x_ready, fill, norm, centroids: &self.centroids, fine };
+        Scores { est, rad, source: Some(source), refined: 0, narrowed: 0 }
     }
 }
 
 /// One pass over a layer's non-negative counts: adds (c · idf)² to the rule's lanes, the first
 /// element at lane `offset` (the same operations in the same order as `exact::sum_squares` over
-/// the signature), and writes min(c, i16::MAX) (−1 for a negative c) to `c16`. Returns (Σ c16,
-/// min c16, max c16): Σ c and max c themselves whenever 0 ≤ min c16 and max c16 < i16::MAX.
+/// the signature), and writes min(c, i16::MAX) (−1 for a negative c) to `c16`. Returns Σ c16,
+/// Σ c16², min c16 and max c16: Σ c, Σ c² and max c themselves whenever 0 ≤ min c16 and
+/// max c16 < i16::MAX.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> (i64, i16, i16) {
+fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> Folds {
     const N: usize = exact::LANES;
     let head = ((N - offset) % N).min(c.len());
     for j in 0..head {
@@ -262,7 +338,18 @@ fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &m
     } else {
         c16.iter().map(|&v| v as i64).sum()
     };
-    (sum, min, max)
+    let sumsq = c16.iter().fold(0i32, |a, &v| a.wrapping_add(v as i32 * v as i32));
+    Folds { sum, sumsq, min, max }
+}
+
+/// A score's interval (centre, radius) from the estimate of Σ c·w, its bound, the range the norm
+/// lies in and the rule's own rounding (`rule`). 1e-300: the estimate's f32 terms may underflow
+/// by up to one subnormal step each; 1e-6 covers this arithmetic's rounding.
+fn interval(est: f64, bound: f64, (n_lo, n_hi): (f64, f64), rule: f64) -> (f64, f64) {
+    let (d_lo, d_hi) = (est - bound - 1e-300, est + bound + 1e-300);
+    let lo = d_lo / if d_lo >= 0.0 { n_hi } else { n_lo };
+    let hi = d_hi / if d_hi >= 0.0 { n_lo } else { n_hi };
+    ((lo + hi) / 2.0, (hi - lo) / 2.0 * (1.0 + 1e-6) + rule)
 }
 
 /// x = c · idf, elementwise in f64.
@@ -273,13 +360,27 @@ fn weigh<T: CountValue>(c: &[T], idf: &[f32], x: &mut [f64]) {
     }
 }
 
-/// round(c / 2^m) as int16 (the caller chose m so every value fits); returns Σ of the result.
-fn narrow<T: CountValue>(c: &[T], m: u32, out: &mut [i16]) -> f64 {
+/// 2^m as f64 (exact).
+fn pow2(m: u32) -> f64 {
+    f64::from_bits((1023 + m as u64) << 52)
+}
+
+/// The smallest m with round(max / 2^m) ≤ limit.
+fn shift_for(max: u64, limit: u64) -> u32 {
+    let mut m = 0u32;
+    while ((max as u128 + ((1u128 << m) >> 1)) >> m) > limit as u128 {
+        m += 1;
+    }
+    m
+}
+
+/// round(c / 2^m) into `out` (the caller chose m so every value fits); returns Σ of the result.
+fn narrow<T: CountValue, O: TryFrom<u128> + Into<f64> + Copy>(c: &[T], m: u32, out: &mut [O]) -> f64 {
     let half = (1u128 << m) >> 1;
     let mut total = 0.0;
     for (o, v) in out.iter_mut().zip(c) {
-        *o = ((v.as_u64() as u128 + half) >> m) as i16;
-        total += *o as f64;
+        *o = O::try_from((v.as_u64() as u128 + half) >> m).ok().expect("m was chosen so the value fits");
+        total += (*o).into();
     }
     total
 }
@@ -290,7 +391,10 @@ pub(crate) struct ScoreBuf {
     x: Vec<f64>,
     /// Whether `x` holds this request's signature (the certified path builds it on demand).
     x_ready: bool,
+    /// The rule's norm of the signature, NaN until computed (certified path).
     norm: f64,
+    /// An interval holding it.
+    norm_range: (f64, f64),
     c16: Vec<i16>,
     /// (experts, padded experts, layers) `c16` was laid out for.
     c16_shape: (usize, usize, usize),
@@ -298,8 +402,20 @@ pub(crate) struct ScoreBuf {
     h: Vec<f64>,
     g: Vec<f64>,
     r: Vec<f64>,
+    /// The int8 table's u8 counts and their t, g and r, where it takes them.
+    c8: Vec<u8>,
+    tmul8: Vec<f32>,
+    g8: Vec<f64>,
+    r8: Vec<f64>,
+    /// Per kept layer: the mean count; and ‖c − μ‖₂ over all of them (the bounds' `Terms`).
+    mu: Vec<f64>,
+    dnorm: f64,
+    /// The estimates' corrections Σ_i μ_i·Σ_e ε (0 where the worst-case bound is used).
+    corr: Vec<f64>,
     est32: Vec<f32>,
     bound: Vec<f64>,
+    /// Which decoders' intervals the int16 table has narrowed already (two-level tables).
+    fine_done: Vec<bool>,
     est: Vec<f64>,
     rad: Vec<f64>,
 }
@@ -309,6 +425,7 @@ impl ScoreBuf {
     fn set_norm(&mut self) -> bool {
         self.x_ready = true;
         self.norm = exact::sum_squares(&self.x).sqrt();
+        self.norm_range = (self.norm, self.norm);
         self.norm > 0.0
     }
 }
@@ -321,25 +438,30 @@ pub struct Scores<'a> {
     /// What refining needs (None: every score is exact).
     source: Option<Source<'a>>,
     refined: usize,
+    narrowed: usize,
 }
 
 /// Writes the request's signature into the buffer given.
 type Fill<'a> = Box<dyn Fn(&mut Vec<f64>) + 'a>;
+/// Decoders' (centre, radius) from the int16 table, and which decoders have had theirs.
+type Fine<'a> = (Box<dyn Fn(&[usize], &mut Vec<(f64, f64)>) + 'a>, &'a mut Vec<bool>);
 
-/// The signature (built by `fill` on first use), its norm and the centroids.
+/// The signature (built by `fill` on first use), its norm (computed with it where the scores
+/// were estimated with a norm range) and the centroids.
 struct Source<'a> {
     x: &'a mut Vec<f64>,
     ready: bool,
     fill: Fill<'a>,
-    norm: f64,
+    norm: Option<f64>,
     centroids: &'a Centroids,
+    fine: Option<Fine<'a>>,
 }
 
 impl<'a> Scores<'a> {
     /// Scores known exactly (`rad` all zero).
     pub fn fixed(est: &'a mut [f64], rad: &'a mut [f64]) -> Self {
         assert!(rad.iter().all(|&r| r == 0.0), "fixed scores have no error to refine");
-        Self { est, rad, source: None, refined: 0 }
+        Self { est, rad, source: None, refined: 0, narrowed: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -365,11 +487,37 @@ impl<'a> Scores<'a> {
                 (src.fill)(src.x);
                 src.ready = true;
             }
-            self.est[k] = exact::dot(src.x, src.centroids.row(k)) / src.norm;
+            let norm = *src.norm.get_or_insert_with(|| exact::sum_squares(src.x).sqrt());
+            self.est[k] = exact::dot(src.x, src.centroids.row(k)) / norm;
             self.rad[k] = 0.0;
             self.refined += 1;
         }
         self.est[k]
+    }
+    /// Whether [`narrow`](Self::narrow) can tighten anything (an int8 first table).
+    pub fn can_narrow(&self) -> bool {
+        self.source.as_ref().is_some_and(|s| s.fine.is_some())
+    }
+    /// Narrows the intervals of decoders `ks` with their int16 estimates where the first estimate
+    /// came from an int8 table (once per decoder; a no-op otherwise). Cheap next to
+    /// [`exact`](Self::exact): one int16 row per decoder, no signature; the rows of one call are
+    /// read together.
+    pub fn narrow(&mut self, ks: impl IntoIterator<Item = usize>) {
+        let rad = &*self.rad;
+        let Some((fine, done)) = self.source.as_mut().and_then(|s| s.fine.as_mut()) else { return };
+        let todo: Vec<usize> = ks.into_iter().filter(|&k| rad[k] != 0.0 && !done[k]).collect();
+        if todo.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(todo.len());
+        fine(&todo, &mut out);
+        for (&k, &(e, r)) in todo.iter().zip(&out) {
+            done[k] = true;
+            if r < self.rad[k] {
+                (self.est[k], self.rad[k]) = (e, r);
+            }
+        }
+        self.narrowed += todo.len();
     }
     /// Every score as known now (exact where computed, else the estimate) and the largest
     /// distance of any from its exact value.
@@ -384,6 +532,10 @@ impl<'a> Scores<'a> {
     pub fn refined(&self) -> usize {
         self.refined
     }
+    /// How many intervals were narrowed with the int16 table.
+    pub fn narrowed(&self) -> usize {
+        self.narrowed
+    }
 }
 
 #[cfg(test)]
@@ -391,8 +543,9 @@ mod tests {
     use super::*;
     use crate::kernel::Isa;
 
-    /// The explicit-SIMD counts pass gives the generic loop's bits: the rule's norm lanes, the
-    /// int16 copy and the folds (tails, clamped and negative counts included).
+    /// The explicit-SIMD counts pass gives the generic loop's int16 counts and folds (tails,
+    /// clamped and negative counts included), and its Σ (c·idf)² lies within `norm_rho` of the
+    /// rule's f64 sum.
     #[test]
     fn simd_counts_pass_matches_the_generic_loop() {
         let mut rng = fastrand::Rng::with_seed(7);
@@ -402,24 +555,93 @@ mod tests {
                 let n = [1, 31, 32, 33, 64, 127, 128, 200, 256][case % 9];
                 let c: Vec<i32> = (0..n)
                     .map(|_| match rng.u8(..20) {
-                        0 => -rng.i32(1..1000),
+                        0 if case % 2 == 0 => -rng.i32(1..1000),
                         1 => rng.i32(i16::MAX as i32 - 2..i32::MAX),
                         _ => rng.i32(0..50),
                     })
                     .collect();
-                let idf: Vec<f64> = (0..n).map(|_| rng.f64() * 3.0).collect();
-                let start: [f64; exact::LANES] = std::array::from_fn(|_| rng.f64());
-                let (mut sq_fast, mut sq_ref) = (start, start);
+                let idf: Vec<f32> = (0..n).map(|_| rng.f32() * 3.0).collect();
+                let idf64: Vec<f64> = idf.iter().map(|&v| v as f64).collect();
+                let start: [f64; 16] = std::array::from_fn(|_| rng.f64());
+                let mut sq_fast = start;
+                let mut sq_ref = [0.0f64; exact::LANES];
                 let (mut c16_fast, mut c16_ref) = (vec![0i16; n], vec![0i16; n]);
                 let c32 = <i32 as CountValue>::as_i32s(&c).expect("i32 counts take the SIMD pass");
-                let Some(fast) = kernel::prepare_i32(isa, c32, &idf, 0, &mut sq_fast, &mut c16_fast) else {
+                let Some(fast) = kernel::prepare_i32(isa, c32, &idf, &mut sq_fast, &mut c16_fast) else {
                     assert_eq!(isa, Isa::Portable);
                     continue;
                 };
-                let reference = prepare_layer(&c, &idf, 0, &mut sq_ref, &mut c16_ref);
+                let reference = prepare_layer(&c, &idf64, 0, &mut sq_ref, &mut c16_ref);
                 assert_eq!(fast, reference, "{isa:?} n={n}");
                 assert_eq!(c16_fast, c16_ref, "{isa:?} n={n}");
-                assert_eq!(sq_fast.map(f64::to_bits), sq_ref.map(f64::to_bits), "{isa:?} n={n}");
+                let got: f64 = sq_fast.iter().zip(&start).map(|(a, b)| a - b).sum();
+                let want = exact::reduce(sq_ref);
+                // The start values' own rounding in `got` is at most 16 f64 steps of ~1.
+                assert!((got - want).abs() <= kernel::norm_rho(n) * want + 1e-12, "{isa:?} n={n}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// Every interval holds the exact score: the first estimate's (int16, or int8 with u8 or int16
+    /// counts), and the int16 one an int8 interval is narrowed to. Counts spread over the experts
+    /// (the Cauchy–Schwarz bound wins), piled on one expert (the worst case wins), above the u8
+    /// and int16 limits, and with empty layers.
+    #[test]
+    fn intervals_hold_the_exact_scores() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for case in 0..600 {
+            let (layers, experts) = ([1, 3, 6][case % 3], [64, 100, 128, 256][rng.usize(..4)]);
+            let workers = rng.usize(1..24);
+            let idf: Vec<f32> = (0..layers * experts).map(|_| if rng.u8(..10) == 0 { 0.0 } else { 0.05 + rng.f32() * 3.0 }).collect();
+            let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
+            let dim = spec.dim();
+            let base: Vec<f32> = (0..dim).map(|_| rng.f32()).collect();
+            let spread = [1e-4f32, 0.05, 1.0][rng.usize(..3)];
+            let rows: Vec<f32> = (0..workers * dim).map(|i| base[i % dim] + spread * rng.f32()).collect();
+            let top = [3i32, 300, 40_000, 3_000_000][rng.usize(..4)];
+            let counts: Vec<i32> = (0..layers * experts)
+                .map(|j| match case % 4 {
+                    0 => rng.i32(0..top),                                         // spread
+                    1 => if j % experts == 7 { top } else { rng.i32(0..2) },     // piled on one expert
+                    2 => if j / experts == 1 { 0 } else { rng.i32(0..top) },     // an empty layer
+                    _ => (rng.f32().powi(4) * top as f32) as i32,               // skewed
+                })
+                .collect();
+            let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
+            for precision in [Precision::Int16, Precision::Int8] {
+                let model = LocalityModel::with_precision(spec.clone(), Centroids::new(&rows, workers, dim).unwrap(), precision).unwrap();
+                let mut buf = ScoreBuf::default();
+                if !model.score(signal, &mut buf).unwrap() {
+                    continue;
+                }
+                let mut s = model.scores(&mut buf, signal);
+                for k in 0..workers {
+                    let (lo, hi) = (s.lo(k), s.hi(k));
+                    s.narrow([k]);
+                    let (nlo, nhi) = (s.lo(k), s.hi(k));
+                    let exact = s.exact(k);
+                    let what = format!("case {case} {precision:?} k={k} top={top}");
+                    assert!(lo <= exact && exact <= hi, "{what}: {exact} outside [{lo}, {hi}]");
+                    assert!(nlo <= exact && exact <= nhi, "{what}: {exact} outside narrowed [{nlo}, {nhi}]");
+                    assert!(nhi - nlo <= hi - lo, "{what}: narrowing widened the interval");
+                }
+            }
+        }
+    }
+
+    /// A score interval holds d / n for every d within the bound and n within the norm range.
+    #[test]
+    fn interval_covers_the_norm_range() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        for _ in 0..10_000 {
+            let (est, bound) = ((rng.f64() - 0.5) * 10.0, rng.f64() * [1e-9, 1e-3, 3.0][rng.usize(..3)]);
+            let n = 0.1 + rng.f64() * 100.0;
+            let range = (n * (1.0 - rng.f64() * 1e-4), n * (1.0 + rng.f64() * 1e-4));
+            let (c, r) = interval(est, bound, range, 0.0);
+            for d in [est - bound, est, est + bound] {
+                for n in [range.0, range.1] {
+                    assert!((d / n - c).abs() <= r, "{d}/{n} outside {c} ± {r}");
+                }
             }
         }
     }

@@ -46,11 +46,23 @@ impl Isa {
     }
 }
 
-/// The explicit-SIMD counts pass for i32 counts that start at lane 0 (see
-/// `x86::prepare_i32_avx512`), or None where it does not apply: the caller's generic loop then
-/// does the same work.
-pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> Option<(i64, i16, i16)> {
-    if offset != 0 || c.len() > 1 << 16 || c.len() != idf.len() || c.len() != c16.len() {
+/// What the counts pass folds out of one layer's int16 counts c16: Σ, Σ c16², min and max, each
+/// starting at 0. `sumsq` is summed in wrapping i32 (the same bits in any order): exact while
+/// len · max² < 2^31 (the caller recomputes it from the counts otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Folds {
+    pub sum: i64,
+    pub sumsq: i32,
+    pub min: i16,
+    pub max: i16,
+}
+
+/// The explicit-SIMD counts pass for one layer's i32 counts (`x86::prepare_i32_avx512`): an f32
+/// estimate of Σ (c·idf)² added to `sq` (relative error within [`norm_rho`]), the int16 counts and
+/// their folds; None where it does not apply (then the caller's generic loop computes the rule's
+/// own f64 squares).
+pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16]) -> Option<Folds> {
+    if c.len() > 1 << 16 || c.len() != idf.len() || c.len() != c16.len() {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
@@ -58,14 +70,21 @@ pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f64], offset: usize, squar
         // SAFETY: the ISA was detected at run time and the slices have equal lengths ≤ 2^16.
         unsafe {
             match isa {
-                Isa::Avx512Vnni => return Some(x86::prepare_i32_avx512(c, idf, squares, c16)),
-                Isa::Avx2 => return Some(x86::prepare_i32_avx2(c, idf, squares, c16)),
+                Isa::Avx512Vnni => return Some(x86::prepare_i32_avx512(c, idf, sq, c16)),
+                Isa::Avx2 => return Some(x86::prepare_i32_avx2(c, idf, sq, c16)),
                 Isa::Portable => {}
             }
         }
     }
-    let _ = (isa, squares);
+    let _ = (isa, sq);
     None
+}
+
+/// Bound on the relative error of [`prepare_i32`]'s Σ (c·idf)² for layers of `experts` counts:
+/// per term ≤ 5 f32 roundings (the conversion, the product, the square, the tail's add), per
+/// lane ≤ ⌈experts/32⌉ + 3 more (its chain and the pairing), then f64 sums; doubled for margin.
+pub fn norm_rho(experts: usize) -> f64 {
+    2.0 * (experts.div_ceil(32) + 8) as f64 * (f32::EPSILON as f64 / 2.0) + 1e-12
 }
 
 /// Σ a·b in eight independent lanes, so it vectorises (a strict left-to-right f64 sum cannot).

@@ -1,29 +1,40 @@
 //! Fixed-point centroids with the IDF folded in: for decoder k and kept layer i, the weights
-//! w = idf · c_k are stored as integers Q times a power of two s_ki (int16, or int8 for large
-//! fleets), and a prompt's counts as int16 (divided by a power of two t_i in the rare layer whose
-//! counts exceed the kernel's overflow-free limit). The estimate Σ_i s_ki·t_i·Σ_e c'·Q comes with
-//! a bound that holds for any input:
-//!   |Σ c·w − estimate| ≤ Σ_i s_ki·(Σ_e c / 2 + [t_i > 1]·t_i/2·Σ_e |Q|) + the f32 rounding term,
-//! since |w − s·Q| ≤ s/2 and |c − t·c'| ≤ t/2 per element. Powers of two keep every scaling exact.
+//! w = idf · c_k are stored as integers Q times a power of two s_ki (int16; for large fleets int8,
+//! with the int16 copy beside it to narrow the few intervals that matter), and a prompt's counts
+//! as int16 (u8 for the int8 table on VNNI), divided by a power of two t_i in the rare layer whose
+//! counts exceed the kernel's limit. The estimate Σ_i s_ki·t_i·Σ_e c'·Q comes with a bound that
+//! holds for any input: the weights' rounding ε = w − s·Q contributes Σ c·ε, bounded either by the
+//! worst case Σ_i s_ki·Σ_e c / 2 (|ε| ≤ s/2) or, with each layer's counts centred on their mean
+//! μ_i, by the exact Σ_i μ_i·Σ_e ε (added to the estimate) plus ‖c − μ‖₂·‖ε_k‖₂ (Cauchy–Schwarz;
+//! several times tighter for counts spread over many experts); the counts' rounding
+//! (|c − t·c'| ≤ t/2) contributes Σ_i s_ki·t_i/2·Σ_e |Q|; the kernel's f32 rounding a term of its
+//! own. Powers of two keep every scaling exact.
 use super::{lane_dot, Isa};
 
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// Exact below 512 dimensions; else int16 unless its table would pass 64 MiB, int8 above. (Measured here: int8's coarser
-    /// intervals send more decoders to exact refinement, which costs more than the memory saved
-    /// at every fleet size up to 1024 decoders of (58, 256).)
+    /// Exact below 512 dimensions; else int16, or int8 + int16 above a table size: 512 KiB of
+    /// int16 weights on AVX-512 VNNI (where the int8 pass runs `vpdpbusd` on u8 counts and halves
+    /// the bytes a decision reads: measured faster from 64 decoders of (48, 128) on), 64 MiB
+    /// elsewhere (the AVX2 int8 kernel sign-extends each weight, which costs what the bytes save).
     Auto,
     Int16,
+    /// An int8 first pass over every decoder, then the int16 table for the decoders whose int8
+    /// interval leaves a decision open (`Scores::narrow`), then exact scores.
     Int8,
     /// No fixed point: every score computed exactly (the reference the others must agree with).
     Exact,
 }
 
-/// Above this many weights (W × D) `Auto` stores int8.
+/// Above this many weights (W × D) `Auto` stores int8 + int16 on AVX-512 VNNI ...
+pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 18;
+/// ... and on other CPUs.
 pub const AUTO_INT8_ABOVE: usize = 1 << 25;
-/// Experts per layer are padded to this many int16 lanes (one AVX-512 register).
+/// Experts per layer are padded to this many int16 lanes (one AVX-512 register), or with an int8
+/// table to 64 (one register of int8 weights and u8 counts).
 const PAD: usize = 32;
+const PAD8: usize = 64;
 
 #[derive(Debug, Clone)]
 enum Table {
@@ -31,12 +42,9 @@ enum Table {
     I8(Vec<i8>),
 }
 
+/// One fixed-point copy of the weights: the integer table and its per-(decoder, layer) scales.
 #[derive(Debug, Clone)]
-pub struct Quantized {
-    workers: usize,
-    layers: usize,
-    experts: usize,
-    epad: usize,
+struct Level {
     table: Table,
     /// s_ki, `[W][layers]`.
     scale: Vec<f32>,
@@ -45,8 +53,42 @@ pub struct Quantized {
     scale64: Vec<f64>,
     abs_q: Vec<f64>,
     max_q: Vec<f64>,
+    /// ‖ε_k‖₂ rounded up, `[W]`, and Σ_e ε_kie, `[W][layers]`, of the rounding errors
+    /// ε = w − s·Q (exact in f64: Sterbenz), for the Cauchy–Schwarz bound.
+    eps_norm: Vec<f64>,
+    eps_sum: Vec<f64>,
+}
+
+/// What a request's error bounds need, per kept layer (see [`Quantized::error_bounds`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Terms<'a> {
+    /// Σ_e c / 2, rounded up.
+    pub h: &'a [f64],
+    /// t_i / 2 where the layer's counts were divided by t_i > 1, else 0.
+    pub g: &'a [f64],
+    /// ρ·t_i·Σ_e c'.
+    pub r: &'a [f64],
+    /// μ_i = Σ_e c / E, the layer's mean count.
+    pub mu: &'a [f64],
+    /// ‖c − μ‖₂ over every kept layer (each layer centred on its own mean), rounded up.
+    pub dnorm: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Quantized {
+    workers: usize,
+    layers: usize,
+    experts: usize,
+    epad: usize,
+    /// The table every decoder is estimated from first: int16, or int8 with `fine` beside it.
+    first: Level,
+    /// With an int8 first pass: the int16 copy a single decoder's interval is narrowed with
+    /// before its exact score is needed ([`estimate_fine`](Quantized::estimate_fine)).
+    fine: Option<Level>,
     count_limit: u64,
     isa: Isa,
+    /// 0..W, the rows of a full pass.
+    all: Vec<usize>,
 }
 
 fn pow2_f64(e: i32) -> f64 {
@@ -71,26 +113,21 @@ fn exponent(m: f64, qmax: f64) -> Option<i32> {
     (-120..=120).contains(&e).then_some(e)
 }
 
-impl Quantized {
-    /// `rows`: unit centroids `[W][layers·experts]`; `idf`: `[layers][experts]` of the kept layers.
-    /// None when a weight is outside the range a power-of-two scale covers (then every score is
-    /// computed exactly).
-    pub fn new(rows: &[f32], idf: &[f32], workers: usize, layers: usize, experts: usize, precision: Precision) -> Option<Self> {
+impl Level {
+    /// The weights idf · row quantised to at most `qmax` in magnitude, or None when one is out of
+    /// the range a power-of-two scale covers.
+    fn new(rows: &[f32], idf: &[f32], workers: usize, layers: usize, experts: usize, epad: usize, int8: bool) -> Option<Self> {
         let dim = layers * experts;
-        let int8 = match precision {
-            Precision::Auto => workers * dim > AUTO_INT8_ABOVE,
-            Precision::Int16 => false,
-            Precision::Int8 => true,
-            Precision::Exact => return None,
-        };
         let qmax = if int8 { 127.0 } else { 32767.0 };
-        let epad = experts.div_ceil(PAD) * PAD;
         let mut q = vec![0i32; workers * layers * epad];
         let mut scale = Vec::with_capacity(workers * layers);
         let mut abs_q = Vec::with_capacity(workers * layers);
         let mut max_q = Vec::with_capacity(workers * layers);
         let mut w = vec![0.0f64; experts];
+        let mut eps_norm = Vec::with_capacity(workers);
+        let mut eps_sum = Vec::with_capacity(workers * layers);
         for k in 0..workers {
+            let mut sq = 0.0f64;
             for i in 0..layers {
                 let row = &rows[k * dim + i * experts..][..experts];
                 for (e, wv) in w.iter_mut().enumerate() {
@@ -102,26 +139,99 @@ impl Quantized {
                 let s = pow2_f64(ex);
                 let out = &mut q[(k * layers + i) * epad..][..experts];
                 let (mut a, mut mx) = (0.0, 0.0f64);
+                let mut es = 0.0f64;
                 for (o, wv) in out.iter_mut().zip(&w) {
                     *o = (wv / s).round() as i32;
                     a += o.unsigned_abs() as f64;
                     mx = mx.max(o.unsigned_abs() as f64);
+                    let eps = wv - s * *o as f64;
+                    es += eps;
+                    sq += eps * eps;
                 }
                 scale.push(pow2_f32(ex));
                 abs_q.push(a * s);
                 max_q.push(mx * s);
+                eps_sum.push(es);
             }
+            // Σ ε² in f64: relative rounding ≤ (D + 1)·ε_f64, far inside the margin (D < 2^20).
+            eps_norm.push((sq * (1.0 + 1e-9)).sqrt() * (1.0 + 1e-15) + 1e-300);
         }
         let table = if int8 {
             Table::I8(q.iter().map(|&v| v as i8).collect())
         } else {
             Table::I16(q.iter().map(|&v| v as i16).collect())
         };
-        // Worst case over the kernels: AVX2 sums epad/8 products per i32 lane.
-        let products = (epad / 8) as u64;
-        let count_limit = (i32::MAX as u64 / (products * qmax as u64)).min(i16::MAX as u64);
         let scale64 = scale.iter().map(|&v| v as f64).collect();
-        Some(Self { workers, layers, experts, epad, table, scale, scale64, abs_q, max_q, count_limit, isa: Isa::detect() })
+        Some(Self { table, scale, scale64, abs_q, max_q, eps_norm, eps_sum })
+    }
+
+    /// Estimated Σ c·w of decoders `rows` into `est` (the same length).
+    fn estimate(&self, isa: Isa, d: Dims, rows: &[usize], counts: &[i16], tmul: &[f32], est: &mut [f32]) {
+        assert!(rows.len() == est.len() && rows.iter().all(|&k| k < d.workers));
+        let scale = &self.scale;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::x86;
+            // SAFETY: the ISA was detected at run time, every slice holds what `d` says and every
+            // row is a decoder of the table.
+            unsafe {
+                match (isa, &self.table) {
+                    (Isa::Avx512Vnni, Table::I16(q)) => return x86::vnni_i16(d, counts, q, scale, tmul, rows, est),
+                    (Isa::Avx512Vnni, Table::I8(_)) => unreachable!("an int8 table on VNNI takes u8 counts"),
+                    (Isa::Avx2, Table::I16(q)) => return x86::avx2_i16(d, counts, q, scale, tmul, rows, est),
+                    (Isa::Avx2, Table::I8(q)) => return x86::avx2_i8(d, counts, q, scale, tmul, rows, est),
+                    (Isa::Portable, _) => {}
+                }
+            }
+        }
+        let _ = isa;
+        match &self.table {
+            Table::I16(q) => portable(d, counts, q, scale, tmul, rows, est),
+            Table::I8(q) => portable(d, counts, q, scale, tmul, rows, est),
+        }
+    }
+
+    /// Decoder k's (correction, bound) of [`Quantized::error_bounds`].
+    fn bound(&self, k: usize, layers: usize, t: &Terms, narrowed: bool) -> (f64, f64) {
+        let at = k * layers..(k + 1) * layers;
+        let worst = lane_dot(&self.scale64[at.clone()], t.h);
+        let mut rest = lane_dot(&self.max_q[at.clone()], t.r);
+        if narrowed {
+            rest += lane_dot(&self.abs_q[at.clone()], t.g);
+        }
+        // The correction's own f64 rounding is ≤ (E + layers + 2)·ε_f64·worst (|ε| ≤ s/2 and
+        // μ_i·E = Σ_e c): 1e-9·worst covers it.
+        let cs = t.dnorm * self.eps_norm[k] + 1e-9 * worst;
+        if cs < worst {
+            (lane_dot(&self.eps_sum[at], t.mu), cs + rest)
+        } else {
+            (0.0, worst + rest)
+        }
+    }
+}
+
+impl Quantized {
+    /// `rows`: unit centroids `[W][layers·experts]`; `idf`: `[layers][experts]` of the kept layers.
+    /// None when a weight is outside the range a power-of-two scale covers (then every score is
+    /// computed exactly).
+    pub fn new(rows: &[f32], idf: &[f32], workers: usize, layers: usize, experts: usize, precision: Precision) -> Option<Self> {
+        let isa = Isa::detect();
+        let int8 = match precision {
+            Precision::Auto if isa == Isa::Avx512Vnni => workers * layers * experts > AUTO_INT8_ABOVE_VNNI,
+            Precision::Auto => workers * layers * experts > AUTO_INT8_ABOVE,
+            Precision::Int16 => false,
+            Precision::Int8 => true,
+            Precision::Exact => return None,
+        };
+        let pad = if int8 { PAD8 } else { PAD };
+        let epad = experts.div_ceil(pad) * pad;
+        let fine = Level::new(rows, idf, workers, layers, experts, epad, false)?;
+        let (first, fine) = if int8 { (Level::new(rows, idf, workers, layers, experts, epad, true)?, Some(fine)) } else { (fine, None) };
+        // Worst case over the kernels: AVX2 sums epad/8 products per i32 lane. Both levels take
+        // the same counts, so the int16 table's limit holds for either.
+        let products = (epad / 8) as u64;
+        let count_limit = (i32::MAX as u64 / (products * 32767)).min(i16::MAX as u64);
+        Some(Self { workers, layers, experts, epad, first, fine, count_limit, isa, all: (0..workers).collect() })
     }
 
     pub fn epad(&self) -> usize {
@@ -135,55 +245,83 @@ impl Quantized {
         self.isa
     }
     pub fn precision(&self) -> &'static str {
-        match self.table {
-            Table::I16(_) => "int16",
-            Table::I8(_) => "int8",
+        match (&self.first.table, &self.fine) {
+            (Table::I16(_), _) => "int16",
+            (Table::I8(_), Some(_)) => "int8+int16",
+            (Table::I8(_), None) => "int8",
         }
     }
+    /// Whether a single decoder's estimate can be narrowed ([`estimate_fine`](Self::estimate_fine)).
+    pub fn has_fine(&self) -> bool {
+        self.fine.is_some()
+    }
 
-    /// Estimated Σ c·w per decoder into `est`. `counts`: `[layers][epad]` int16, `tmul`: t_i per
-    /// layer.
-    pub fn estimate(&self, counts: &[i16], tmul: &[f32], est: &mut Vec<f32>) {
-        assert!(counts.len() >= self.layers * self.epad && tmul.len() >= self.layers);
+    fn dims(&self) -> Dims {
+        Dims { workers: self.workers, layers: self.layers, epad: self.epad }
+    }
+
+    /// Whether the first table takes u8 counts (int8 weights on AVX-512 VNNI: `vpdpbusd`, no
+    /// sign extension) instead of the int16 ones.
+    pub fn first_counts_u8(&self) -> bool {
+        self.isa == Isa::Avx512Vnni && matches!(self.first.table, Table::I8(_))
+    }
+
+    /// Estimated Σ c·w per decoder into `est`, from the first table: `[layers][epad]` counts, u8
+    /// (`c8`, `tmul8`) where [`first_counts_u8`](Self::first_counts_u8), else int16 (`c16`,
+    /// `tmul`); `tmul*`: t_i per layer.
+    pub fn estimate(&self, c16: &[i16], tmul: &[f32], c8: &[u8], tmul8: &[f32], est: &mut Vec<f32>) {
         est.clear();
         est.resize(self.workers, 0.0);
-        let dims = Dims { workers: self.workers, layers: self.layers, epad: self.epad };
-        #[cfg(target_arch = "x86_64")]
-        {
-            use super::x86;
-            // SAFETY: the ISA was detected at run time and every slice holds what `dims` says.
-            unsafe {
-                match (self.isa, &self.table) {
-                    (Isa::Avx512Vnni, Table::I16(q)) => return x86::vnni_i16(dims, counts, q, &self.scale, tmul, est),
-                    (Isa::Avx512Vnni, Table::I8(q)) => return x86::vnni_i8(dims, counts, q, &self.scale, tmul, est),
-                    (Isa::Avx2, Table::I16(q)) => return x86::avx2_i16(dims, counts, q, &self.scale, tmul, est),
-                    (Isa::Avx2, Table::I8(q)) => return x86::avx2_i8(dims, counts, q, &self.scale, tmul, est),
-                    (Isa::Portable, _) => {}
-                }
+        if self.first_counts_u8() {
+            assert!(c8.len() >= self.layers * self.epad && tmul8.len() >= self.layers);
+            #[cfg(target_arch = "x86_64")]
+            if let Table::I8(q) = &self.first.table {
+                // SAFETY: VNNI was detected at run time; the slices hold what `dims` says and
+                // epad is a multiple of 64.
+                unsafe { super::x86::vnni_u8(self.dims(), c8, q, &self.first.scale, tmul8, est) };
+                return;
             }
+            unreachable!("u8 counts only with an int8 table on x86-64");
         }
-        match &self.table {
-            Table::I16(q) => portable(dims, counts, q, &self.scale, tmul, est),
-            Table::I8(q) => portable(dims, counts, q, &self.scale, tmul, est),
-        }
+        assert!(c16.len() >= self.layers * self.epad && tmul.len() >= self.layers);
+        self.first.estimate(self.isa, self.dims(), &self.all, c16, tmul, est);
     }
 
     /// Bounds on |Σ c·w − estimate| for every decoder into `out`, from per-layer terms of the
     /// request: h_i = Σ_e c / 2 (weight rounding), g_i = t_i / 2 or 0 (count rounding, times
     /// Σ|Q|) and r_i = ρ·t_i·Σ_e c' (the kernel's f32 rounding, times max|Q|: Σ_e c'·|Q| ≤
     /// Σ_e c'·max|Q|). Rounded in f64 (relative ≤ layers·ε, which the caller's margin covers).
-    pub fn error_bounds(&self, h: &[f64], g: &[f64], r: &[f64], out: &mut Vec<f64>) {
-        let l = self.layers;
-        let narrowed = g.iter().any(|&v| v != 0.0);
+    ///
+    /// The weight-rounding part Σ c·ε has two bounds, and each decoder gets the smaller: the
+    /// worst case Σ_i s_ki·h_i, or, centring each layer's counts on their mean μ_i, the exact
+    /// Σ_i μ_i·Σ_e ε (returned in `corr`, which the caller adds to the estimate) plus
+    /// Cauchy–Schwarz on the rest, ‖c − μ‖₂·‖ε_k‖₂. The second is several times tighter for
+    /// counts spread over many experts; the first for counts piled on a few.
+    pub fn error_bounds(&self, t: &Terms, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
+        let narrowed = t.g.iter().any(|&v| v != 0.0);
         out.clear();
+        corr.clear();
         for k in 0..self.workers {
-            let at = k * l..(k + 1) * l;
-            let mut total = lane_dot(&self.scale64[at.clone()], h) + lane_dot(&self.max_q[at.clone()], r);
-            if narrowed {
-                total += lane_dot(&self.abs_q[at], g);
-            }
-            out.push(total);
+            let (c, b) = self.first.bound(k, self.layers, t, narrowed);
+            corr.push(c);
+            out.push(b);
         }
+    }
+
+    /// Decoders `ks`' estimates from the int16 table (corrections added) and their bounds (as
+    /// [`error_bounds`](Self::error_bounds)) into `out`, or None without one beside an int8 first
+    /// table.
+    pub fn estimate_fine(&self, ks: &[usize], counts: &[i16], tmul: &[f32], t: &Terms, out: &mut Vec<(f64, f64)>) -> Option<()> {
+        let fine = self.fine.as_ref()?;
+        let mut est = vec![0.0f32; ks.len()];
+        fine.estimate(self.isa, self.dims(), ks, counts, tmul, &mut est);
+        let narrowed = t.g.iter().any(|&v| v != 0.0);
+        out.clear();
+        out.extend(ks.iter().zip(&est).map(|(&k, &e)| {
+            let (corr, bound) = fine.bound(k, self.layers, t, narrowed);
+            (e as f64 + corr, bound)
+        }));
+        Some(())
     }
 
     /// ρ: the kernel's f32 rounding relative to Σ of its absolute terms (conversion, one rounding
@@ -210,9 +348,10 @@ fn portable<T: Copy + Into<i32>>(
     q: &[T],
     scale: &[f32],
     tmul: &[f32],
+    rows: &[usize],
     est: &mut [f32],
 ) {
-    for k in 0..d.workers {
+    for (&k, out) in rows.iter().zip(est.iter_mut()) {
         let mut acc = 0.0f32;
         for i in 0..d.layers {
             let c = &counts[i * d.epad..][..d.epad];
@@ -220,6 +359,6 @@ fn portable<T: Copy + Into<i32>>(
             let dot: i64 = c.iter().zip(qr).map(|(&a, &b)| a as i64 * b.into() as i64).sum();
             acc += dot as f32 * (scale[k * d.layers + i] * tmul[i]);
         }
-        est[k] = acc;
+        *out = acc;
     }
 }

@@ -98,6 +98,13 @@ impl LocalityBand {
                 true
             } else if s.hi(k) < surely_out {
                 false
+            } else if {
+                s.narrow([k]);
+                s.lo(k) >= surely_in
+            } {
+                true
+            } else if s.hi(k) < surely_out {
+                false
             } else {
                 let t = match threshold {
                     Some(t) => t,
@@ -133,9 +140,21 @@ fn floor(s: &Scores, ks: impl Iterator<Item = usize>) -> f64 {
     ks.map(|k| s.lo(k)).fold(f64::NEG_INFINITY, f64::max)
 }
 
+/// [`floor`] after narrowing every interval that reaches it (two-level tables: the int16 row of
+/// each contender; elsewhere the floor itself).
+fn narrowed_floor(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> f64 {
+    let f = floor(s, ks.clone());
+    if !s.can_narrow() {
+        return f;
+    }
+    let contenders: Vec<usize> = ks.clone().filter(|&k| s.hi(k) >= f).collect();
+    s.narrow(contenders);
+    floor(s, ks)
+}
+
 /// The exact maximum over `ks`.
 fn max_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<f64> {
-    let f = floor(s, ks.clone());
+    let f = narrowed_floor(s, ks.clone());
     let mut best: Option<f64> = None;
     for k in ks {
         if s.hi(k) >= f {
@@ -149,7 +168,7 @@ fn max_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<
 /// The lowest index with the exact maximum over `ks` (a lone contender needs no exact score:
 /// every other interval lies strictly below its lower bound).
 fn argmax_exact(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> Option<usize> {
-    let f = floor(s, ks.clone());
+    let f = narrowed_floor(s, ks.clone());
     let mut reach = ks.clone().filter(|&k| s.hi(k) >= f);
     if let (Some(only), None) = (reach.next(), reach.next()) {
         return Some(only);
