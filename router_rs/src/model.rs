@@ -175,8 +175,10 @@ impl LocalityModel {
         for (i, &l) in kept.iter().enumerate() {
             let c = &counts[l * e..(l + 1) * e];
             let c16 = &mut buf.c16[i * epad..][..e];
-            let fast = T::as_i32s(c).and_then(|c32| kernel::prepare_i32(q.isa(), c32, &self.idf32[i * e..][..e], &mut sq_fast, c16));
-            fast_any |= fast.is_some();
+            let c8 = u8_first.then(|| &mut buf.c8[i * epad..][..e]);
+            let fast = T::as_i32s(c).and_then(|c32| kernel::prepare_i32(q.isa(), c32, &self.idf32[i * e..][..e], &mut sq_fast, c16, c8));
+            let fast_layer = fast.is_some();
+            fast_any |= fast_layer;
             let f = fast.unwrap_or_else(|| prepare_layer(c, &self.idf64[i * e..][..e], offset, &mut squares, c16));
             let (sum16, min16, max16) = (f.sum, f.min, f.max);
             negative |= min16 < 0;
@@ -214,9 +216,11 @@ impl LocalityModel {
                 let m8 = shift_for(max, u8::MAX as u64);
                 let c8 = &mut buf.c8[i * epad..][..e];
                 let narrowed8 = if m8 == 0 && m == 0 {
-                    for (o, &v) in c8.iter_mut().zip(&buf.c16[i * epad..][..e]) {
-                        *o = v as u8;
-                    }
+                    if !fast_layer {
+                        for (o, &v) in c8.iter_mut().zip(&buf.c16[i * epad..][..e]) {
+                            *o = v as u8;
+                        }
+                    } // else the SIMD pass wrote them (max ≤ 255: none clamped)
                     sum
                 } else {
                     narrow(c, m8, c8)
@@ -567,13 +571,21 @@ mod tests {
                 let mut sq_ref = [0.0f64; exact::LANES];
                 let (mut c16_fast, mut c16_ref) = (vec![0i16; n], vec![0i16; n]);
                 let c32 = <i32 as CountValue>::as_i32s(&c).expect("i32 counts take the SIMD pass");
-                let Some(fast) = kernel::prepare_i32(isa, c32, &idf, &mut sq_fast, &mut c16_fast) else {
+                let mut c8 = vec![0u8; n];
+                let want8 = isa == Isa::Avx512Vnni;
+                let Some(fast) = kernel::prepare_i32(isa, c32, &idf, &mut sq_fast, &mut c16_fast, want8.then_some(&mut c8[..])) else {
                     assert_eq!(isa, Isa::Portable);
                     continue;
                 };
                 let reference = prepare_layer(&c, &idf64, 0, &mut sq_ref, &mut c16_ref);
                 assert_eq!(fast, reference, "{isa:?} n={n}");
                 assert_eq!(c16_fast, c16_ref, "{isa:?} n={n}");
+                if want8 {
+                    // Negative counts (refused by the caller) leave their u8 unspecified.
+                    let keep = |v: &Vec<u8>| v.iter().zip(&c).filter(|(_, &x)| x >= 0).map(|(&u, _)| u).collect::<Vec<u8>>();
+                    let c8_ref: Vec<u8> = c.iter().map(|&v| v.clamp(0, 255) as u8).collect();
+                    assert_eq!(keep(&c8), keep(&c8_ref), "{isa:?} n={n}");
+                }
                 let got: f64 = sq_fast.iter().zip(&start).map(|(a, b)| a - b).sum();
                 let want = exact::reduce(sq_ref);
                 // The start values' own rounding in `got` is at most 16 f64 steps of ~1.

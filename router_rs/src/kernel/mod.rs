@@ -58,11 +58,12 @@ pub struct Folds {
 }
 
 /// The explicit-SIMD counts pass for one layer's i32 counts (`x86::prepare_i32_avx512`): an f32
-/// estimate of Σ (c·idf)² added to `sq` (relative error within [`norm_rho`]), the int16 counts and
-/// their folds; None where it does not apply (then the caller's generic loop computes the rule's
+/// estimate of Σ (c·idf)² added to `sq` (relative error within [`norm_rho`]), the int16 counts (and
+/// the u8 ones, min(c, 255), where `c8` is given: AVX-512 only) and their folds; None where it
+/// does not apply (then the caller's generic loop computes the rule's
 /// own f64 squares).
-pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16]) -> Option<Folds> {
-    if c.len() > 1 << 16 || c.len() != idf.len() || c.len() != c16.len() {
+pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], c8: Option<&mut [u8]>) -> Option<Folds> {
+    if c.len() > 1 << 16 || c.len() != idf.len() || c.len() != c16.len() || c8.as_ref().is_some_and(|c8| c8.len() != c.len()) {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
@@ -70,13 +71,13 @@ pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f32], sq: &mut [f64; 16], 
         // SAFETY: the ISA was detected at run time and the slices have equal lengths ≤ 2^16.
         unsafe {
             match isa {
-                Isa::Avx512Vnni => return Some(x86::prepare_i32_avx512(c, idf, sq, c16)),
-                Isa::Avx2 => return Some(x86::prepare_i32_avx2(c, idf, sq, c16)),
-                Isa::Portable => {}
+                Isa::Avx512Vnni => return Some(x86::prepare_i32_avx512(c, idf, sq, c16, c8)),
+                Isa::Avx2 if c8.is_none() => return Some(x86::prepare_i32_avx2(c, idf, sq, c16)),
+                Isa::Avx2 | Isa::Portable => {}
             }
         }
     }
-    let _ = (isa, sq);
+    let _ = (isa, sq, c8);
     None
 }
 

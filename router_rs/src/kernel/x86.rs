@@ -155,13 +155,17 @@ avx2_kernel!(avx2_i8, i8, load256_i8);
 /// The counts pass for one layer's i32 counts: adds an f32 estimate of Σ (c·idf)² to `sq` (f32
 /// products and sums within the call, two chains, flushed to 16 f64 lanes at its end; each
 /// lane's f32 part takes at most ⌈len/32⌉ + 1 roundings, `super::norm_rho` bounds the relative
-/// error), writes clamp(c, −1, i16::MAX) to `c16` and returns the folds of what it wrote.
+/// error), writes clamp(c, −1, i16::MAX) to `c16` (and min(c, 255) to `c8` if given; a negative
+/// count, which the caller refuses, leaves its u8 unspecified) and returns the folds of what it
+/// wrote to `c16`.
 /// Needs `c.len() ≤ 65 536` (the i32 sum).
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16]) -> Folds {
+pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], c8: Option<&mut [u8]>) -> Folds {
     debug_assert!(c.len() == idf.len() && c.len() == c16.len() && c.len() <= 1 << 16);
+    debug_assert!(c8.as_ref().is_none_or(|c8| c8.len() == c.len()));
     let n = c.len() / 32 * 32;
     let (cp, wp, op) = (c.as_ptr(), idf.as_ptr(), c16.as_mut_ptr());
+    let u8p = c8.map(|c8| c8.as_mut_ptr());
     let mut acc = [_mm512_setzero_ps(); 2];
     let (lo, hi) = (_mm512_set1_epi32(-1), _mm512_set1_epi32(i16::MAX as i32));
     let (mut vmin, mut vmax, mut vsum, mut vsq) = (_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512());
@@ -178,6 +182,9 @@ pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 1
             vsum = _mm512_add_epi32(vsum, k);
             *out = _mm512_cvtepi32_epi16(k);
             _mm256_storeu_si256(op.add(j + 16 * h) as *mut __m256i, *out);
+            if let Some(p) = u8p {
+                _mm_storeu_si128(p.add(j + 16 * h) as *mut __m128i, _mm512_cvtusepi32_epi8(k));
+            }
         }
         let v16 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed[0]), packed[1]);
         vsq = _mm512_add_epi32(vsq, _mm512_madd_epi16(v16, v16));
@@ -194,6 +201,11 @@ pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 1
         min: _mm512_reduce_min_epi32(vmin) as i16,
         max: _mm512_reduce_max_epi32(vmax) as i16,
     };
+    if let Some(p) = u8p {
+        for (t, &v) in c.iter().enumerate().skip(n) {
+            *p.add(t) = v.clamp(0, u8::MAX as i32) as u8;
+        }
+    }
     prepare_tail(c, idf, n, sq, c16, folds)
 }
 

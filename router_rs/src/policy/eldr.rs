@@ -15,9 +15,10 @@ use crate::model::Scores;
 /// to load otherwise (an absolute +2 at a mean of 30 in flight lets locality pick almost never,
 /// at a mean of 1 almost always).
 ///
-/// Scores arrive as intervals around certified estimates; each step asks for the exact score
-/// only of the decoders whose interval straddles what that step compares (the maximum, the band
-/// edge, the nearest alternative, a load tie), so the decision is the one exact scores give.
+/// Scores arrive as intervals around certified estimates; each step narrows the intervals that
+/// straddle what it compares (the maximum, the band edge, the nearest alternative, a load tie)
+/// with the int16 table where the first pass read int8, and asks for the exact score only of
+/// those still straddling, so the decision is the one exact scores give.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalityBand {
     tau: f64,
@@ -94,18 +95,11 @@ impl LocalityBand {
         let (surely_in, surely_out) = (hi_best - self.tau, lo_best - self.tau);
         let mut threshold: Option<f64> = None;
         for k in (0..n).filter(healthy) {
-            let inside = if s.lo(k) >= surely_in {
-                true
-            } else if s.hi(k) < surely_out {
-                false
-            } else if {
+            let settled = placed(s, k, surely_in, surely_out).or_else(|| {
                 s.narrow([k]);
-                s.lo(k) >= surely_in
-            } {
-                true
-            } else if s.hi(k) < surely_out {
-                false
-            } else {
+                placed(s, k, surely_in, surely_out)
+            });
+            let inside = settled.unwrap_or_else(|| {
                 let t = match threshold {
                     Some(t) => t,
                     None => {
@@ -114,7 +108,7 @@ impl LocalityBand {
                     }
                 };
                 s.lo(k) >= t || (s.hi(k) >= t && s.exact(k) >= t)
-            };
+            });
             if inside {
                 band.push(k);
             }
@@ -132,6 +126,18 @@ impl LocalityBand {
     fn least_loaded_best(fleet: &FleetView, s: &mut Scores, candidates: impl Iterator<Item = usize> + Clone) -> usize {
         let least = candidates.clone().map(|k| fleet.loads[k]).min().expect("a candidate");
         argmax_exact(s, candidates.filter(|&k| fleet.loads[k] == least)).expect("a candidate")
+    }
+}
+
+/// Whether decoder k's interval alone places it inside (`surely_in` ≤ its lower end) or outside
+/// (its upper end below `surely_out`) the band.
+fn placed(s: &Scores, k: usize, surely_in: f64, surely_out: f64) -> Option<bool> {
+    if s.lo(k) >= surely_in {
+        Some(true)
+    } else if s.hi(k) < surely_out {
+        Some(false)
+    } else {
+        None
     }
 }
 
