@@ -278,7 +278,7 @@ impl Quantized {
             if let Table::I8(q) = &self.first.table {
                 // SAFETY: VNNI was detected at run time; the slices hold what `dims` says and
                 // epad is a multiple of 64.
-                unsafe { super::x86::vnni_u8(self.dims(), c8, q, &self.first.scale, tmul8, est) };
+                unsafe { super::x86::vnni_u8(self.dims(), c8, q, &self.first.scale, tmul8, &self.all, est) };
                 return;
             }
             unreachable!("u8 counts only with an int8 table on x86-64");

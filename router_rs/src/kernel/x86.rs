@@ -10,11 +10,11 @@ use std::arch::x86_64::*;
 const GROUP: usize = 4;
 
 macro_rules! vnni_kernel {
-    ($name:ident, $t:ty, $load:expr) => {
+    ($name:ident, $c:ty, $t:ty, $load:expr, $step:expr, $dot:ident) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
         pub(crate) unsafe fn $name(
             d: Dims,
-            counts: &[i16],
+            counts: &[$c],
             q: &[$t],
             scale: &[f32],
             tmul: &[f32],
@@ -34,9 +34,9 @@ macro_rules! vnni_kernel {
                         let cv = _mm512_loadu_si512(cp.add(i * d.epad + e) as *const _);
                         for j in 0..g {
                             let qv = $load(qp.add((row[j] * d.layers + i) * d.epad + e));
-                            dot[j] = _mm512_dpwssd_epi32(dot[j], cv, qv);
+                            dot[j] = $dot(dot[j], cv, qv);
                         }
-                        e += 32;
+                        e += $step;
                     }
                     for j in 0..g {
                         let s = _mm512_set1_ps(*scale.get_unchecked(row[j] * d.layers + i) * *tmul.get_unchecked(i));
@@ -106,6 +106,10 @@ unsafe fn hsum256(v: __m256) -> f32 {
 unsafe fn load512_i16(p: *const i16) -> __m512i {
     _mm512_loadu_si512(p as *const _)
 }
+#[target_feature(enable = "avx512f")]
+unsafe fn load512_i8(p: *const i8) -> __m512i {
+    _mm512_loadu_si512(p as *const _)
+}
 #[target_feature(enable = "avx2")]
 unsafe fn load256_i16(p: *const i16) -> __m256i {
     _mm256_loadu_si256(p as *const __m256i)
@@ -115,40 +119,10 @@ unsafe fn load256_i8(p: *const i8) -> __m256i {
     _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i))
 }
 
-vnni_kernel!(vnni_i16, i16, load512_i16);
-
-/// u8 counts × int8 weights (`vpdpbusd`: four u8·i8 products per i32 lane, no sign extension),
-/// half the bytes of the int16 table. `d.epad` must be a multiple of 64.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) unsafe fn vnni_u8(d: Dims, counts: &[u8], q: &[i8], scale: &[f32], tmul: &[f32], est: &mut [f32]) {
-    debug_assert!(d.epad % 64 == 0 && counts.len() >= d.layers * d.epad && q.len() >= d.workers * d.layers * d.epad);
-    let (cp, qp) = (counts.as_ptr(), q.as_ptr());
-    let mut k0 = 0;
-    while k0 < d.workers {
-        let g = GROUP.min(d.workers - k0);
-        let mut acc = [_mm512_setzero_ps(); GROUP];
-        for i in 0..d.layers {
-            let mut dot = [_mm512_setzero_si512(); GROUP];
-            let mut e = 0;
-            while e < d.epad {
-                let cv = _mm512_loadu_si512(cp.add(i * d.epad + e) as *const _);
-                for j in 0..g {
-                    let qv = _mm512_loadu_si512(qp.add(((k0 + j) * d.layers + i) * d.epad + e) as *const _);
-                    dot[j] = _mm512_dpbusd_epi32(dot[j], cv, qv);
-                }
-                e += 64;
-            }
-            for j in 0..g {
-                let s = _mm512_set1_ps(*scale.get_unchecked((k0 + j) * d.layers + i) * *tmul.get_unchecked(i));
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j]), s, acc[j]);
-            }
-        }
-        for j in 0..g {
-            est[k0 + j] = _mm512_reduce_add_ps(acc[j]);
-        }
-        k0 += g;
-    }
-}
+vnni_kernel!(vnni_i16, i16, i16, load512_i16, 32, _mm512_dpwssd_epi32);
+// u8 counts × int8 weights (`vpdpbusd`: four u8·i8 products per i32 lane, no sign extension), half
+// the bytes of the int16 table; `d.epad` must be a multiple of 64.
+vnni_kernel!(vnni_u8, u8, i8, load512_i8, 64, _mm512_dpbusd_epi32);
 avx2_kernel!(avx2_i16, i16, load256_i16);
 avx2_kernel!(avx2_i8, i8, load256_i8);
 
