@@ -282,27 +282,28 @@ impl LocalityModel {
             Some(data) => Box::new(move |x: &mut Vec<f64>| self.signature_of(data, x)),
             None => Box::new(|_: &mut Vec<f64>| {}),
         };
-        let ScoreBuf { x, x_ready, norm, norm_range, est, rad, c16, tmul, h, g, r, mu, dnorm, fine_done, .. } = buf;
-        let range = *norm_range;
-        let fine: Option<Fine<'a>> = match (&self.quant, counts) {
+        let ScoreBuf { x, x_ready, norm, norm_range, est, rad, c16, tmul, h, g, r, mu, dnorm, fine_done, fine_rows, fine_est, .. } = buf;
+        let fine = match (&self.quant, counts) {
             (Some(q), Some(_)) if q.has_fine() => {
-                let (c16, tmul): (&'a [i16], &'a [f32]) = (c16, tmul);
-                let terms = Terms { h, g, r, mu, dnorm: *dnorm };
-                let rule = exact::rule_error(self.spec.dim());
                 fine_done.clear();
                 fine_done.resize(self.centroids.workers(), false);
-                Some((Box::new(move |ks: &[usize], out: &mut Vec<(f64, f64)>| {
-                    q.estimate_fine(ks, c16, tmul, &terms, out).expect("a fine table");
-                    for v in out.iter_mut() {
-                        *v = interval(v.0, v.1, range, rule);
-                    }
-                }), fine_done))
+                Some(Fine {
+                    q,
+                    c16,
+                    tmul,
+                    terms: Terms { h, g, r, mu, dnorm: *dnorm },
+                    range: *norm_range,
+                    rule: exact::rule_error(self.spec.dim()),
+                    done: fine_done,
+                    rows: fine_rows,
+                    est: fine_est,
+                })
             }
             _ => None,
         };
         let norm = (!norm.is_nan()).then_some(*norm);
         let source = Source { x, ready: *x_ready, fill, norm, centroids: &self.centroids, fine };
-        Scores { est, rad, source: Some(source), refined: 0, narrowed: 0 }
+        Scores { est, rad, source: Some(source), refined: 0 }
     }
 }
 
@@ -418,8 +419,11 @@ pub(crate) struct ScoreBuf {
     corr: Vec<f64>,
     est32: Vec<f32>,
     bound: Vec<f64>,
-    /// Which decoders' intervals the int16 table has narrowed already (two-level tables).
+    /// Two-level tables: which decoders' intervals the int16 table has narrowed already, and
+    /// the rows and estimates of one narrowing (kept so the request path does not allocate).
     fine_done: Vec<bool>,
+    fine_rows: Vec<usize>,
+    fine_est: Vec<f32>,
     est: Vec<f64>,
     rad: Vec<f64>,
 }
@@ -442,13 +446,23 @@ pub struct Scores<'a> {
     /// What refining needs (None: every score is exact).
     source: Option<Source<'a>>,
     refined: usize,
-    narrowed: usize,
 }
 
 /// Writes the request's signature into the buffer given.
 type Fill<'a> = Box<dyn Fn(&mut Vec<f64>) + 'a>;
-/// Decoders' (centre, radius) from the int16 table, and which decoders have had theirs.
-type Fine<'a> = (Box<dyn Fn(&[usize], &mut Vec<(f64, f64)>) + 'a>, &'a mut Vec<bool>);
+/// What narrowing with the int16 table needs: the table, the request's int16 counts and bound
+/// terms, the norm range, which decoders have been narrowed, and scratch for one call.
+struct Fine<'a> {
+    q: &'a Quantized,
+    c16: &'a [i16],
+    tmul: &'a [f32],
+    terms: Terms<'a>,
+    range: (f64, f64),
+    rule: f64,
+    done: &'a mut Vec<bool>,
+    rows: &'a mut Vec<usize>,
+    est: &'a mut Vec<f32>,
+}
 
 /// The signature (built by `fill` on first use), its norm (computed with it where the scores
 /// were estimated with a norm range) and the centroids.
@@ -465,7 +479,7 @@ impl<'a> Scores<'a> {
     /// Scores known exactly (`rad` all zero).
     pub fn fixed(est: &'a mut [f64], rad: &'a mut [f64]) -> Self {
         assert!(rad.iter().all(|&r| r == 0.0), "fixed scores have no error to refine");
-        Self { est, rad, source: None, refined: 0, narrowed: 0 }
+        Self { est, rad, source: None, refined: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -507,21 +521,29 @@ impl<'a> Scores<'a> {
     /// [`exact`](Self::exact): one int16 row per decoder, no signature; the rows of one call are
     /// read together.
     pub fn narrow(&mut self, ks: impl IntoIterator<Item = usize>) {
-        let rad = &*self.rad;
-        let Some((fine, done)) = self.source.as_mut().and_then(|s| s.fine.as_mut()) else { return };
-        let todo: Vec<usize> = ks.into_iter().filter(|&k| rad[k] != 0.0 && !done[k]).collect();
-        if todo.is_empty() {
+        self.narrow_reaching(ks, f64::NEG_INFINITY);
+    }
+    /// [`narrow`](Self::narrow) for those of `ks` whose interval reaches `floor`.
+    pub fn narrow_reaching(&mut self, ks: impl IntoIterator<Item = usize>, floor: f64) {
+        let Some(f) = self.source.as_mut().and_then(|s| s.fine.as_mut()) else { return };
+        f.rows.clear();
+        for k in ks {
+            if self.rad[k] != 0.0 && !f.done[k] && self.est[k] + self.rad[k] >= floor {
+                f.done[k] = true;
+                f.rows.push(k);
+            }
+        }
+        if f.rows.is_empty() {
             return;
         }
-        let mut out = Vec::with_capacity(todo.len());
-        fine(&todo, &mut out);
-        for (&k, &(e, r)) in todo.iter().zip(&out) {
-            done[k] = true;
+        f.q.estimate_fine(f.rows, f.c16, f.tmul, f.est).expect("a fine table");
+        for (i, &k) in f.rows.iter().enumerate() {
+            let (e, r) = f.q.bound_fine(k, f.est[i], &f.terms);
+            let (e, r) = interval(e, r, f.range, f.rule);
             if r < self.rad[k] {
                 (self.est[k], self.rad[k]) = (e, r);
             }
         }
-        self.narrowed += todo.len();
     }
     /// Every score as known now (exact where computed, else the estimate) and the largest
     /// distance of any from its exact value.
@@ -535,10 +557,6 @@ impl<'a> Scores<'a> {
     /// How many scores were computed exactly after the estimate.
     pub fn refined(&self) -> usize {
         self.refined
-    }
-    /// How many intervals were narrowed with the int16 table.
-    pub fn narrowed(&self) -> usize {
-        self.narrowed
     }
 }
 

@@ -167,7 +167,9 @@ impl Level {
 
     /// Estimated Σ c·w of decoders `rows` into `est` (the same length).
     fn estimate(&self, isa: Isa, d: Dims, rows: &[usize], counts: &[i16], tmul: &[f32], est: &mut [f32]) {
-        assert!(rows.len() == est.len() && rows.iter().all(|&k| k < d.workers));
+        // Every row is a decoder of the table: `Quantized` passes 0..W or checked rows.
+        assert_eq!(rows.len(), est.len());
+        debug_assert!(rows.iter().all(|&k| k < d.workers));
         let scale = &self.scale;
         #[cfg(target_arch = "x86_64")]
         {
@@ -308,20 +310,24 @@ impl Quantized {
         }
     }
 
-    /// Decoders `ks`' estimates from the int16 table (corrections added) and their bounds (as
-    /// [`error_bounds`](Self::error_bounds)) into `out`, or None without one beside an int8 first
-    /// table.
-    pub fn estimate_fine(&self, ks: &[usize], counts: &[i16], tmul: &[f32], t: &Terms, out: &mut Vec<(f64, f64)>) -> Option<()> {
+    /// Decoders `ks`' estimates from the int16 table into `est` (resized to `ks`), or None without
+    /// one beside an int8 first table; [`bound_fine`](Self::bound_fine) gives each its correction
+    /// and bound.
+    pub fn estimate_fine(&self, ks: &[usize], counts: &[i16], tmul: &[f32], est: &mut Vec<f32>) -> Option<()> {
         let fine = self.fine.as_ref()?;
-        let mut est = vec![0.0f32; ks.len()];
-        fine.estimate(self.isa, self.dims(), ks, counts, tmul, &mut est);
-        let narrowed = t.g.iter().any(|&v| v != 0.0);
-        out.clear();
-        out.extend(ks.iter().zip(&est).map(|(&k, &e)| {
-            let (corr, bound) = fine.bound(k, self.layers, t, narrowed);
-            (e as f64 + corr, bound)
-        }));
+        assert!(ks.iter().all(|&k| k < self.workers), "a decoder of the table");
+        est.clear();
+        est.resize(ks.len(), 0.0);
+        fine.estimate(self.isa, self.dims(), ks, counts, tmul, est);
         Some(())
+    }
+
+    /// Decoder k's int16 estimate `est` with its correction added, and its bound (as
+    /// [`error_bounds`](Self::error_bounds)). Needs the int16 table beside an int8 one.
+    pub fn bound_fine(&self, k: usize, est: f32, t: &Terms) -> (f64, f64) {
+        let fine = self.fine.as_ref().expect("an int16 table beside the int8 one");
+        let (corr, bound) = fine.bound(k, self.layers, t, t.g.iter().any(|&v| v != 0.0));
+        (est as f64 + corr, bound)
     }
 
     /// ρ: the kernel's f32 rounding relative to Σ of its absolute terms (conversion, one rounding

@@ -1,7 +1,8 @@
 //! Estimate kernels with explicit intrinsics (chosen at run time by [`super::Isa::detect`]), so a
 //! `-C target-cpu=native` build runs the same code as a generic one. Each (decoder, layer) dot of
-//! int16 counts with int16/int8 weights (u8 counts with int8 weights on VNNI) accumulates in i32 lanes (no overflow: counts are kept
-//! under `Quantized::count_limit`), is converted to f32 and scaled by an exact power of two.
+//! int16 counts with int16/int8 weights (u8 counts with int8 weights on VNNI) accumulates in i32
+//! lanes (no overflow: counts are kept under `Quantized::count_limit`), is converted to f32 and
+//! scaled by an exact power of two.
 use super::quant::Dims;
 use super::Folds;
 use std::arch::x86_64::*;

@@ -153,8 +153,7 @@ fn narrowed_floor(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> f6
     if !s.can_narrow() {
         return f;
     }
-    let contenders: Vec<usize> = ks.clone().filter(|&k| s.hi(k) >= f).collect();
-    s.narrow(contenders);
+    s.narrow_reaching(ks.clone(), f);
     floor(s, ks)
 }
 
