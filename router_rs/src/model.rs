@@ -155,12 +155,10 @@ impl LocalityModel {
             buf.c8.resize(kept.len() * epad, 0);
             buf.c16_shape = (e, epad, kept.len());
         }
-        for v in [&mut buf.tmul, &mut buf.tmul8] {
-            v.clear();
-        }
-        for v in [&mut buf.h, &mut buf.g, &mut buf.r, &mut buf.g8, &mut buf.r8, &mut buf.mu] {
-            v.clear();
-        }
+        buf.t16.clear();
+        buf.t8.clear();
+        buf.h.clear();
+        buf.mu.clear();
         // One pass per layer gives the norm (x itself is built only if a score is refined), the
         // int16 counts, Σ c, Σ c² and max c. The SIMD pass estimates the norm within
         // `kernel::norm_rho` (the scores' intervals cover it; the rule's own norm is computed
@@ -203,13 +201,10 @@ impl LocalityModel {
             let mu = sum / e as f64;
             d2 += (sumsq - mu * sum).max(0.0) + (e as f64 + 4.0) * f64::EPSILON * sumsq;
             buf.mu.push(mu);
-            let t = pow2(m);
             let narrowed = if m == 0 { sum } else { narrow(c, m, c16) };
-            buf.tmul.push(t as f32);
             // The 1e-12 covers the rounding of the f64 sums (an upper bound is all the bound needs).
             buf.h.push(sum / 2.0 * (1.0 + 1e-12));
-            buf.g.push(if m == 0 { 0.0 } else { t / 2.0 });
-            buf.r.push(q.rounding() * t * narrowed * (1.0 + 1e-12));
+            buf.t16.push(m, narrowed, q.rounding());
             if u8_first {
                 // The same for the int8 table's u8 counts: t8 = 2^m8 with round(max / t8) ≤ 255
                 // (m8 = 0 for prompts of up to a few thousand tokens, and then c8 = c16 = c).
@@ -225,10 +220,7 @@ impl LocalityModel {
                 } else {
                     narrow(c, m8, c8)
                 };
-                let t8 = pow2(m8);
-                buf.tmul8.push(t8 as f32);
-                buf.g8.push(if m8 == 0 { 0.0 } else { t8 / 2.0 });
-                buf.r8.push(q.rounding() * t8 * narrowed8 * (1.0 + 1e-12));
+                buf.t8.push(m8, narrowed8, q.rounding());
             }
         }
         self.spec.check_sign(counts, negative)?;
@@ -253,7 +245,7 @@ impl LocalityModel {
         if buf.norm_range.1 == 0.0 {
             return Ok(false);
         }
-        q.estimate(&buf.c16, &buf.tmul, &buf.c8, &buf.tmul8, &mut buf.est32);
+        q.estimate(&buf.c16, &buf.t16.tmul, &buf.c8, &buf.t8.tmul, &mut buf.est32);
         if buf.est32.iter().any(|v| !v.is_finite()) {
             return self.exact_counts(counts, buf); // weights so large the f32 estimate overflowed
         }
@@ -261,8 +253,8 @@ impl LocalityModel {
         buf.est.clear();
         buf.rad.clear();
         buf.dnorm = d2.sqrt() * (1.0 + 1e-12);
-        let (g, r) = if u8_first { (&buf.g8, &buf.r8) } else { (&buf.g, &buf.r) };
-        let terms = Terms { h: &buf.h, g, r, mu: &buf.mu, dnorm: buf.dnorm };
+        let first = if u8_first { &buf.t8 } else { &buf.t16 };
+        let terms = Terms { h: &buf.h, g: &first.g, r: &first.r, mu: &buf.mu, dnorm: buf.dnorm };
         q.error_bounds(&terms, &mut buf.corr, &mut buf.bound);
         for k in 0..self.centroids.workers() {
             let (e, r) = interval(buf.est32[k] as f64 + buf.corr[k], buf.bound[k], buf.norm_range, rule);
@@ -282,7 +274,7 @@ impl LocalityModel {
             Some(data) => Box::new(move |x: &mut Vec<f64>| self.signature_of(data, x)),
             None => Box::new(|_: &mut Vec<f64>| {}),
         };
-        let ScoreBuf { x, x_ready, norm, norm_range, est, rad, c16, tmul, h, g, r, mu, dnorm, fine_done, fine_rows, fine_est, .. } = buf;
+        let ScoreBuf { x, x_ready, norm, norm_range, est, rad, c16, t16, h, mu, dnorm, fine_done, fine_rows, fine_est, .. } = buf;
         let fine = match (&self.quant, counts) {
             (Some(q), Some(_)) if q.has_fine() => {
                 fine_done.clear();
@@ -290,8 +282,8 @@ impl LocalityModel {
                 Some(Fine {
                     q,
                     c16,
-                    tmul,
-                    terms: Terms { h, g, r, mu, dnorm: *dnorm },
+                    tmul: &t16.tmul,
+                    terms: Terms { h, g: &t16.g, r: &t16.r, mu, dnorm: *dnorm },
                     range: *norm_range,
                     rule: exact::rule_error(self.spec.dim()),
                     done: fine_done,
@@ -403,15 +395,12 @@ pub(crate) struct ScoreBuf {
     c16: Vec<i16>,
     /// (experts, padded experts, layers) `c16` was laid out for.
     c16_shape: (usize, usize, usize),
-    tmul: Vec<f32>,
+    /// Per kept layer: the int16 counts' scaling terms, and Σ_e c / 2 (the bounds' `Terms::h`).
+    t16: CountTerms,
     h: Vec<f64>,
-    g: Vec<f64>,
-    r: Vec<f64>,
-    /// The int8 table's u8 counts and their t, g and r, where it takes them.
+    /// The int8 table's u8 counts and their scaling terms, where it takes them.
     c8: Vec<u8>,
-    tmul8: Vec<f32>,
-    g8: Vec<f64>,
-    r8: Vec<f64>,
+    t8: CountTerms,
     /// Per kept layer: the mean count; and ‖c − μ‖₂ over all of them (the bounds' `Terms`).
     mu: Vec<f64>,
     dnorm: f64,
@@ -426,6 +415,31 @@ pub(crate) struct ScoreBuf {
     fine_est: Vec<f32>,
     est: Vec<f64>,
     rad: Vec<f64>,
+}
+
+/// One count table's scaling terms per kept layer, for the kernel and the bounds' `Terms`: t_i
+/// (the counts were divided by t_i = 2^m), g_i = t_i / 2 where m > 0 (else 0) and
+/// r_i = ρ·t_i·Σ_e c' (ρ the kernel's rounding, c' the scaled counts).
+#[derive(Default)]
+struct CountTerms {
+    tmul: Vec<f32>,
+    g: Vec<f64>,
+    r: Vec<f64>,
+}
+
+impl CountTerms {
+    fn clear(&mut self) {
+        self.tmul.clear();
+        self.g.clear();
+        self.r.clear();
+    }
+    fn push(&mut self, m: u32, scaled_sum: f64, rho: f64) {
+        let t = pow2(m);
+        self.tmul.push(t as f32);
+        self.g.push(if m == 0 { 0.0 } else { t / 2.0 });
+        // The 1e-12 covers the rounding of the f64 sum.
+        self.r.push(rho * t * scaled_sum * (1.0 + 1e-12));
+    }
 }
 
 impl ScoreBuf {

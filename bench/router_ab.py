@@ -1,0 +1,69 @@
+"""Paired A/B of two builds of the router's decision loop (`router_check latency`).
+
+This shared machine is bimodal: the same binary gives 4.7 or 6.6 µs at W = 16 from one run to
+the next (RESULTS.md §1), so figures of two builds taken minutes apart do not compare. Here the two
+binaries alternate, in a random order within each alternation, and the verdict is the 95 %
+t-interval of the per-alternation ratio new / base of each point's p50.
+
+    cargo build --release -p eldr-router --example router_check   # once per build, then copy it
+    python bench/router_ab.py --base /tmp/rc_base --new /tmp/rc_new --workers 16 1024 --out X.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from intervals import t_interval  # noqa: E402
+
+
+def points(binary: Path, workers: int, mode: str) -> dict[tuple[int, int, int], float]:
+    """p50 (µs) per (W, L, E) of one `router_check latency W mode` run."""
+    out = subprocess.run([str(binary), "latency", str(workers), mode], check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {(r["workers"], r["layers"], r["experts"]): r["p50_us"] for r in rows if r["mode"] == mode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, required=True, help="router_check binary of the base build")
+    ap.add_argument("--new", type=Path, required=True, help="router_check binary of the build under test")
+    ap.add_argument("--workers", type=int, nargs="+", default=[16, 64, 1024])
+    ap.add_argument("--mode", default="certified", choices=["certified", "exact", "int8"])
+    ap.add_argument("--alternations", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    runs: dict[str, list[dict]] = {"base": [], "new": []}
+    for _ in range(args.alternations):
+        order = ["base", "new"]
+        rng.shuffle(order)
+        for build in order:
+            got: dict = {}
+            for w in args.workers:
+                got |= points(getattr(args, build), w, args.mode)
+            runs[build].append(got)
+    rows = []
+    for key in runs["base"][0]:
+        base = [r[key] for r in runs["base"]]
+        new = [r[key] for r in runs["new"]]
+        m, lo, hi = t_interval([n / b for n, b in zip(new, base)])
+        rows.append({"workers": key[0], "layers": key[1], "experts": key[2], "base_p50_us": base, "new_p50_us": new,
+                     "ratio_mean": m, "ci95_low": lo, "ci95_high": hi})
+        verdict = "faster" if hi < 1 else "slower" if lo > 1 else "unresolved"
+        print(f"W={key[0]:>5} ({key[1]},{key[2]}): base {min(base):8.2f}-{max(base):8.2f} µs  new {min(new):8.2f}-"
+              f"{max(new):8.2f} µs  ratio {m:.3f} [{lo:.3f}, {hi:.3f}] {verdict}")
+    args.out.write_text(json.dumps({"base": str(args.base), "new": str(args.new), "mode": args.mode,
+                                    "alternations": args.alternations, "points": rows}, indent=1) + "\n")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
