@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--c-scale", type=float, default=1.0,
                     help="the marginal policy's per-expert cost is the profile's times this (a mis-specified "
                          "profile; default 1: the profile the simulator runs)")
+    ap.add_argument("--sharpness", type=float, default=simulate.DEFAULT_SHARPNESS,
+                    help="the marginal policy's sharpness γ, q ∝ counts^γ (default: the router's, "
+                         f"{simulate.DEFAULT_SHARPNESS:g})")
     ap.add_argument("--quick", action="store_true", help="smoke mode: W=8, one load, cpu, 3 seeds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "policy_seeds.json")
     ap.add_argument("--records-out", type=Path, default=None,
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers, args.load, args.cost, args.seeds, args.requests_per_worker = [8], [0.85], ["cpu-small"], 3, 20
     policies = tuple(args.policies)
     simulate.MARGINAL_C_SCALE = args.c_scale
+    simulate.MARGINAL_SHARPNESS = args.sharpness
     simulate.MARGINAL_TOLD = args.marginal_told
     simulate.configure(args)
     if not set(simulate.BASELINES) <= set(policies):
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for rs in records for r in rs]
     meta = {"traces": str(args.traces), "seeds": args.seeds, "max_imbalance": simulate.MAX_IMBALANCE,
             "marginal_cap": simulate.MARGINAL_CAP,
-            "imbalance_fraction": simulate.IMBALANCE_FRACTION, "handoff": simulate.HANDOFF.__dict__ if simulate.HANDOFF else None, "c_scale": args.c_scale, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
+            "imbalance_fraction": simulate.IMBALANCE_FRACTION, "handoff": simulate.HANDOFF.__dict__ if simulate.HANDOFF else None, "c_scale": args.c_scale, "sharpness": args.sharpness, "marginal_told": args.marginal_told, "tau": args.tau, "max_batch": args.max_batch,
             "lengths": simulate.LENGTHS, "refit": simulate.REFIT.__dict__ if simulate.REFIT else None,
             "requests_per_worker": args.requests_per_worker, "costs": {c: costs[c].__dict__ for c in args.cost},
             "seconds": round(time.perf_counter() - started, 1)}

@@ -43,7 +43,7 @@ import numpy as np
 
 from sglang_eldr import fitting
 from sglang_eldr.signature import build_signatures
-from sglang_eldr.router_rs import BaselineRouter, LocalityBandRouter, MarginalCostRouter
+from sglang_eldr.router_rs import DEFAULT_SHARPNESS, BaselineRouter, LocalityBandRouter, MarginalCostRouter
 
 POLICIES = ("eldr", "marginal", "domain", "rr", "random", "jsq", "p2c")
 BASELINES = ("rr", "random", "jsq", "p2c")
@@ -383,6 +383,7 @@ IMBALANCE_FRACTION = 0.0  # set from --imbalance-fraction
 MARGINAL_C_SCALE = 1.0  # set from policy_seeds.py --c-scale
 MARGINAL_TOLD: tuple[float, float, float] | None = None  # policy_seeds.py --marginal-told: a fixed (a, b, c)
 MARGINAL_CAP = True  # --marginal-cap: the marginal router's batch cap is the decoders' max batch
+MARGINAL_SHARPNESS = DEFAULT_SHARPNESS  # policy_seeds.py --sharpness: q ∝ counts^γ
 
 
 def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, cost: CostModel,
@@ -397,7 +398,8 @@ def make_router(policy: str, workers: int, calib: Trace, tau: float, seed: int, 
         # (1: exact) to see how much it depends on knowing it.
         a, b, c = MARGINAL_TOLD or (cost.a, cost.b, cost.c * MARGINAL_C_SCALE)
         return MarginalCostRouter(a, b, c, num_workers=workers, layers=L, experts=E,
-                                  top_k=calib.decode[0].shape[2], batch_cap=max_batch if MARGINAL_CAP else None)
+                                  top_k=calib.decode[0].shape[2], batch_cap=max_batch if MARGINAL_CAP else None,
+                                  sharpness=MARGINAL_SHARPNESS)
     cs = fitting.fit(calib.prefill, workers, top_k=calib.decode[0].shape[2], seed=seed)
     router = LocalityBandRouter(cs.centroids, tau, idf=cs.idf, layer_mask=cs.layer_mask, max_imbalance=MAX_IMBALANCE,
                                 imbalance_fraction=IMBALANCE_FRACTION)

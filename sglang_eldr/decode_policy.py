@@ -12,7 +12,7 @@ import numpy as np
 
 from sglang_eldr.centroids import CentroidFileError, CentroidSet
 from sglang_eldr.refit import Refitter
-from sglang_eldr.router_rs import (BASELINES, DEFAULT_BREAKER_FAILURES, BaselineRouter, LocalityBandRouter,
+from sglang_eldr.router_rs import (BASELINES, DEFAULT_BREAKER_FAILURES, DEFAULT_SHARPNESS, BaselineRouter, LocalityBandRouter,
                                    MarginalCostRouter, Router)
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ class DecodeChooser:
         refit_every: int | None = None,
         step_cost: tuple[float, float, float] = DEFAULT_STEP_COST,
         batch_cap: int | None = None,
+        sharpness: float | None = None,
     ):
         """`decoders`: the decoders' keys (their URLs), in order."""
         if policy not in DECODE_POLICIES:
@@ -57,6 +58,8 @@ class DecodeChooser:
             raise ValueError(f"--refit is for the eldr policy (it refits centroids); {policy} has none")
         if batch_cap is not None and policy != "marginal":
             raise ValueError(f"--batch-cap is for the marginal policy; {policy} balances load itself")
+        if sharpness is not None and policy != "marginal":
+            raise ValueError(f"--sharpness is for the marginal policy; {policy} predicts no expert frequencies")
         if policy == "eldr-static" and online_refit:
             raise ValueError("policy eldr-static is eldr with the online refit off; use --policy eldr --refit online")
         self.policy = policy
@@ -66,7 +69,8 @@ class DecodeChooser:
         self.router: Router
         if policy == "marginal":
             self.router = MarginalCostRouter(*step_cost, keys=list(decoders), breaker_failures=breaker_failures,
-                                             batch_cap=batch_cap)
+                                             batch_cap=batch_cap,
+                                             sharpness=DEFAULT_SHARPNESS if sharpness is None else sharpness)
         elif self.locality:
             self.router = LocalityBandRouter(None, tau, keys=list(decoders), max_imbalance=max_imbalance,
                                              imbalance_fraction=imbalance_fraction, breaker_failures=breaker_failures)

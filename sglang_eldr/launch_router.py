@@ -37,6 +37,7 @@ from sglang_eldr.fleet import LBConfig, Worker
 from sglang_eldr.load_balancer import LoadBalancer
 from sglang_eldr.paths import local_path
 from sglang_eldr.prefill_policy import PREFILL_POLICIES, PrefillPicker
+from sglang_eldr.router_rs import DEFAULT_SHARPNESS
 
 DEFAULT_BOOTSTRAP_PORT = 8998
 
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="marginal: a decoder with N requests in flight is passed over while another has room (a "
                          "newcomer there would queue for a slot before its first token); set it to the decoders' "
                          "--max-running-requests (default: no cap)")
+    ap.add_argument("--sharpness", type=float, default=None, metavar="GAMMA",
+                    help="marginal: each request's expected expert frequencies are its prefill counts raised to "
+                         "GAMMA, normalised per layer; above 1 they lean on the experts the prompt uses most, which "
+                         f"predict its decode tokens' experts better than raw counts (default: {DEFAULT_SHARPNESS:g}, "
+                         "from the simulator on the tiny model's traces; 1 = raw counts)")
     ap.add_argument("--prefill-policy", choices=PREFILL_POLICIES, default="prefix-hash",
                     help="prefill choice: prefix-hash with a load gate (cache affinity) or rr (default: prefix-hash)")
     ap.add_argument("--prefill-load-gate", type=int, default=4,
@@ -177,7 +183,7 @@ def build_balancer(args: argparse.Namespace) -> LoadBalancer:
         max_imbalance=None if args.max_imbalance < 0 else args.max_imbalance,
         imbalance_fraction=args.imbalance_fraction, refit_every=args.refit_every,
         online_refit=None if args.refit is None else args.refit == "online", step_cost=args.step_cost,
-        batch_cap=args.batch_cap,
+        batch_cap=args.batch_cap, sharpness=args.sharpness,
     )
     return LoadBalancer(
         prefills=prefills, decoders=decoders, decode=chooser,

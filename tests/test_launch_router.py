@@ -103,3 +103,11 @@ def test_policies_without_centroids_refuse_a_centroid_file_and_bad_step_costs():
     assert r.returncode == 2 and "batch_cap" in r.stderr, r.stderr
     r = launch(*two, "--policy", "jsq", "--batch-cap", "4")
     assert r.returncode == 2 and "--batch-cap is for the marginal policy" in r.stderr, r.stderr
+    assert lb.decode.router.sharpness == 2.0
+    raw = launch_router.build_balancer(launch_router.build_parser().parse_args(
+        ["--prefill", "http://127.0.0.1:9", *two, "--policy", "marginal", "--sharpness", "1"]))
+    assert raw.decode.router.sharpness == 1.0
+    r = launch(*two, "--policy", "marginal", "--sharpness", "20")
+    assert r.returncode == 2 and "sharpness: must be in [0.125, 8]" in r.stderr, r.stderr
+    r = launch(*two, "--policy", "jsq", "--sharpness", "2")
+    assert r.returncode == 2 and "--sharpness is for the marginal policy" in r.stderr, r.stderr

@@ -16,8 +16,8 @@ from sglang_eldr.router_rs import BaselineRouter, MarginalCostRouter
 Q_MAX = 0.95
 
 
-def frequencies(counts: np.ndarray, top_k: int) -> np.ndarray:
-    c = counts.astype(np.float64)
+def frequencies(counts: np.ndarray, top_k: int, sharpness: float = 2.0) -> np.ndarray:
+    c = counts.astype(np.float64) ** sharpness
     total = c.sum(axis=1, keepdims=True)
     q = np.divide(top_k * c, total, out=np.zeros_like(c), where=total > 0)
     return np.minimum(q, Q_MAX).ravel()
@@ -47,10 +47,11 @@ class Reference:
 def test_matches_the_reference(workers, layers, experts, data, a, b, c):
     top_k = data.draw(st.integers(1, experts))
     cap = data.draw(st.one_of(st.none(), st.integers(1, 4)))
+    gamma = data.draw(st.one_of(st.just(1.0), st.just(2.0), st.floats(0.125, 8.0)))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     router = MarginalCostRouter(a, b, c, num_workers=workers, layers=layers, experts=experts, top_k=top_k,
-                                batch_cap=cap)
-    assert router.batch_cap == cap
+                                batch_cap=cap, sharpness=gamma)
+    assert router.batch_cap == cap and router.sharpness == gamma
     ref = Reference(workers, top_k, a, b, c, layers * experts)
     members = list(router.ids())  # ref.held[k] is members[k]
     where: dict[int, int] = {}  # ticket -> member id
@@ -83,7 +84,7 @@ def test_matches_the_reference(workers, layers, experts, data, a, b, c):
                 router.acquire_with_receipt(None)
             continue
         counts = None if rng.random() < 0.15 else rng.integers(0, 30, (layers, experts)).astype(np.int32)
-        q = np.zeros(layers * experts) if counts is None else frequencies(counts, top_k)
+        q = np.zeros(layers * experts) if counts is None else frequencies(counts, top_k, gamma)
         want = ref.costs(q, healthy)
         loads = [len(h) for h in ref.held]
         got = router.acquire_with_receipt(counts)
@@ -141,6 +142,32 @@ def test_bad_input_is_refused_and_changes_nothing():
             MarginalCostRouter(1.0, 1.0, 1.0, **bad)
     with pytest.raises(ValueError, match="cost.b"):
         MarginalCostRouter(1.0, -1.0, 1.0, num_workers=2)
+    for gamma in (0.0, -1.0, 9.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sharpness: must be in"):
+            MarginalCostRouter(num_workers=2, sharpness=gamma)
+
+
+def test_sharpness_changes_the_choice():
+    """Decoder 0 runs x, decoder 1 runs y; the newcomer's costs follow the reference at each
+    sharpness, and here the choice flips: raw counts (1) put it on decoder 0, squared ones (2, the
+    default) on decoder 1, where its heaviest experts overlap more."""
+    geometry = {"num_workers": 2, "layers": 1, "experts": 4, "top_k": 1}
+    x, y, new = (np.array([v], dtype=np.int32) for v in ([4, 8, 4, 2], [4, 6, 6, 1], [5, 2, 3, 7]))
+    picks = []
+    for gamma in (1.0, 2.0):
+        router = MarginalCostRouter(0.0, 0.0, 1.0, sharpness=gamma, **geometry)
+        assert router.sharpness == gamma
+        assert [router.acquire_with_receipt(r)["worker"] for r in (x, y)] == [0, 1]
+        ref = Reference(2, 1, 0.0, 0.0, 1.0, 4)
+        ref.held = [{1: frequencies(x, 1, gamma)}, {2: frequencies(y, 1, gamma)}]
+        got = router.acquire_with_receipt(new)
+        want = ref.costs(frequencies(new, 1, gamma), [True, True])
+        np.testing.assert_allclose(got["costs"], want, rtol=1e-12)
+        assert got["worker"] == int(np.argmin(want))
+        picks.append(got["worker"])
+    assert picks == [0, 1]
+    assert MarginalCostRouter(num_workers=2).sharpness == 2.0
+    assert BaselineRouter("jsq", 2).sharpness is None
 
 
 def test_geometry_can_come_later():

@@ -156,6 +156,22 @@ impl Router {
         }
     }
 
+    /// Marginal policy: the sharpness γ of its expected frequencies (`q ∝ counts^γ`).
+    pub fn set_sharpness(&self, gamma: f64) -> Result<()> {
+        match &mut self.lock().decider {
+            Decider::Marginal(m) => m.set_sharpness(gamma),
+            Decider::Policy(_) => Err(RouterError::Invalid { arg: "sharpness", reason: "only the marginal policy takes one".into() }),
+        }
+    }
+
+    /// Marginal policy: its sharpness (None for other policies).
+    pub fn sharpness(&self) -> Option<f64> {
+        match &self.lock().decider {
+            Decider::Marginal(m) => Some(m.sharpness()),
+            Decider::Policy(_) => None,
+        }
+    }
+
     /// Marginal policy: its batch cap (None without one, and for other policies).
     pub fn batch_cap(&self) -> Option<u32> {
         match &self.lock().decider {

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 
-use eldr_router::policy::{ExpertGeometry, LocalityBand, StepCost};
+use eldr_router::policy::{ExpertGeometry, LocalityBand, StepCost, DEFAULT_SHARPNESS};
 use eldr_router::{
     Precision, Receipt, Router as Core, RouterError, SignatureSpec, Signal,
     DEFAULT_BREAKER_FAILURES,
@@ -339,6 +339,13 @@ impl Router {
         self.core.batch_cap()
     }
 
+    /// Marginal policy: the sharpness γ of its expected frequencies, q ∝ counts^γ (None for other
+    /// policies).
+    #[getter]
+    fn sharpness(&self) -> Option<f64> {
+        self.core.sharpness()
+    }
+
     /// Marginal policy: expected distinct (layer, expert) pairs per decode step of each member's
     /// running requests (None for other policies).
     fn expected_distinct(&self) -> Option<Vec<f64>> {
@@ -551,11 +558,11 @@ struct MarginalCostRouter;
 impl MarginalCostRouter {
     #[new]
     #[pyo3(signature = (a=0.0, b=0.0, c=1.0, num_workers=None, keys=None, layers=None, experts=None, top_k=None,
-                        breaker_failures=DEFAULT_BREAKER_FAILURES, batch_cap=None))]
+                        breaker_failures=DEFAULT_BREAKER_FAILURES, batch_cap=None, sharpness=DEFAULT_SHARPNESS))]
     #[allow(clippy::too_many_arguments)]
     fn new(a: f64, b: f64, c: f64, num_workers: Option<usize>, keys: Option<Vec<String>>, layers: Option<usize>,
            experts: Option<usize>, top_k: Option<usize>, breaker_failures: u32,
-           batch_cap: Option<u32>) -> PyResult<PyClassInitializer<Self>> {
+           batch_cap: Option<u32>, sharpness: f64) -> PyResult<PyClassInitializer<Self>> {
         let keys = keys_for(keys, num_workers, "MarginalCostRouter")?;
         let geometry = match (layers, experts, top_k) {
             (Some(l), Some(e), Some(k)) => Some(ExpertGeometry::new(l, e, k).map_err(value_error)?),
@@ -564,6 +571,7 @@ impl MarginalCostRouter {
         };
         let core = Core::marginal(&keys, StepCost { a, b, c }, geometry, breaker_failures).map_err(value_error)?;
         core.set_batch_cap(batch_cap).map_err(value_error)?;
+        core.set_sharpness(sharpness).map_err(value_error)?;
         Ok(PyClassInitializer::from(Router { core }).add_subclass(MarginalCostRouter))
     }
 }
@@ -576,5 +584,6 @@ fn router_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MarginalCostRouter>()?;
     m.add("BASELINES", eldr_router::policy::BASELINES.to_vec())?;
     m.add("DEFAULT_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES)?;
+    m.add("DEFAULT_SHARPNESS", DEFAULT_SHARPNESS)?;
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! One decode step of a decoder costs `S = a + b·n + c·D` (the simulator's cost model and the
 //! measured profiles): `n` requests in its batch, `D` the distinct (layer, expert) pairs they read.
 //! A running request `r` is modelled by its prefill's expert frequencies
-//! `q_r[l,e] = k · counts[l,e] / Σ_e' counts[l,e']` (the chance one of its decode tokens picks
-//! expert `e` at layer `l`, top-`k` routing), so a batch's expected distinct pairs are
+//! `q_r[l,e] = k · counts[l,e]^γ / Σ_e' counts[l,e']^γ` (the chance one of its decode tokens picks
+//! expert `e` at layer `l`, top-`k` routing; γ is the sharpness, below), so a batch's expected
+//! distinct pairs are
 //! `D = Σ (1 − Π_r (1 − q_r))`, and a new request `q` adds `ΔD = Σ q · Π_r (1 − q_r)`.
 //! Joining decoder `d` costs the new request that decoder's step time and each of its `n_d`
 //! running requests the increase:
@@ -19,6 +20,11 @@
 //! The load term is in the model itself: every running request pays for a newcomer, so a busy
 //! decoder must save more distinct experts than an idle one to win. A request without counts has
 //! `q = 0` (it is placed by load alone).
+//!
+//! The sharpness γ weighs a request's most used experts up: γ = 1 is the raw frequencies, the best
+//! calibrated per-token guess (the tiny model's traces give decode choices a higher likelihood
+//! under γ = 1 than under 2), but placement only needs the ranking of overlaps, and in the
+//! simulator γ = 2 (the default) saves more distinct experts and more TPOT (RESULTS.md §5d).
 //!
 //! State per decoder: `Π_r (1 − q_r)` per pair (multiplied in on acquire, divided out on release;
 //! `q` is capped at [`Q_MAX`] so the division stays well conditioned) and `D`, recomputed from it.
@@ -37,6 +43,11 @@ use crate::signature::CountValue;
 
 /// Cap on one pair's per-token probability (a request whose tokens all pick one expert).
 pub const Q_MAX: f64 = 0.95;
+/// The default sharpness γ of the expected frequencies (see the module doc).
+pub const DEFAULT_SHARPNESS: f64 = 2.0;
+/// The range a sharpness must lie in: flatter than 1/8 or sharper than 8 predicts nothing a
+/// uniform or a one-hot guess would not.
+pub const SHARPNESS_RANGE: (f64, f64) = (0.125, 8.0);
 
 /// Step-time coefficients: seconds per step, per request in the batch, per distinct pair.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,7 +101,14 @@ pub struct MarginalCost {
     tickets: HashMap<u64, (WorkerId, Vec<f64>)>,
     next_ticket: u64,
     batch_cap: Option<u32>,
+    sharpness: f64,
+    /// n^γ for the counts n below its length, where γ is neither 1 nor 2 (`powf` on each of
+    /// thousands of counts would cost tens of microseconds a decision).
+    powers: Vec<f64>,
 }
+
+/// Counts below this take n^γ from a table.
+const POWER_TABLE: usize = 4096;
 
 impl MarginalCost {
     /// For `members` decoders; without a geometry requests are placed by load alone until
@@ -104,6 +122,8 @@ impl MarginalCost {
             tickets: HashMap::new(),
             next_ticket: 1,
             batch_cap: None,
+            sharpness: DEFAULT_SHARPNESS,
+            powers: Vec::new(),
         };
         if let Some(g) = geometry {
             m.set_geometry(g)?;
@@ -123,6 +143,24 @@ impl MarginalCost {
             return Err(RouterError::Invalid { arg: "batch_cap", reason: "must be >= 1 (or none)".into() });
         }
         self.batch_cap = cap;
+        Ok(())
+    }
+    pub fn sharpness(&self) -> f64 {
+        self.sharpness
+    }
+    /// The exponent γ of `q ∝ counts^γ`, for requests admitted from now on (those in flight keep
+    /// the frequencies they were admitted with, so their release undoes exactly what was added).
+    pub fn set_sharpness(&mut self, gamma: f64) -> Result<()> {
+        let (lo, hi) = SHARPNESS_RANGE;
+        if !(lo..=hi).contains(&gamma) {
+            return Err(RouterError::Invalid { arg: "sharpness", reason: format!("must be in [{lo}, {hi}], got {gamma}") });
+        }
+        self.sharpness = gamma;
+        self.powers = if gamma == 1.0 || gamma == 2.0 {
+            Vec::new()
+        } else {
+            (0..POWER_TABLE).map(|n| (n as f64).powf(gamma)).collect()
+        };
         Ok(())
     }
     pub fn geometry(&self) -> Option<ExpertGeometry> {
@@ -179,14 +217,24 @@ impl MarginalCost {
         if let Some(index) = counts.iter().position(|c| c.is_negative()) {
             return Err(RouterError::Negative { arg: "counts", index, value: counts[index].as_f64() });
         }
-        let mut q = vec![0.0; counts.len()];
-        for (row, out) in counts.chunks_exact(cols).zip(q.chunks_exact_mut(cols)) {
-            let total: f64 = row.iter().map(|c| c.as_f64()).sum();
-            if total > 0.0 {
+        let mut q: Vec<f64> = counts.iter().map(|c| c.as_f64()).collect();
+        let gamma = self.sharpness;
+        if gamma == 2.0 {
+            q.iter_mut().for_each(|v| *v *= *v);
+        } else if gamma != 1.0 {
+            for v in q.iter_mut() {
+                let n = *v as usize;
+                *v = if n as f64 == *v && n < self.powers.len() { self.powers[n] } else { v.powf(gamma) };
+            }
+        }
+        for row in q.chunks_exact_mut(cols) {
+            let total: f64 = row.iter().sum();
+            if total > 0.0 && total.is_finite() {
                 let scale = g.top_k as f64 / total;
-                for (o, c) in out.iter_mut().zip(row) {
-                    *o = (c.as_f64() * scale).min(Q_MAX);
-                }
+                row.iter_mut().for_each(|v| *v = (*v * scale).min(Q_MAX));
+            } else {
+                // No counts in this layer, or counts so large that c^γ overflowed: nothing known.
+                row.fill(0.0);
             }
         }
         Ok(q)
@@ -215,7 +263,7 @@ impl MarginalCost {
         let costs = self.costs(q, fleet);
         let best = |room: bool| {
             (0..fleet.workers())
-                .filter(|&d| costs[d].is_finite() && (!room || self.batch_cap.map_or(true, |cap| fleet.loads[d] < i64::from(cap))))
+                .filter(|&d| costs[d].is_finite() && (!room || self.batch_cap.is_none_or(|cap| fleet.loads[d] < i64::from(cap))))
                 .min_by(|&x, &y| costs[x].total_cmp(&costs[y]).then(fleet.loads[x].cmp(&fleet.loads[y])).then(x.cmp(&y)))
         };
         let worker = best(true).or_else(|| best(false)).ok_or(RouterError::AllUnhealthy(fleet.workers()))?;
@@ -253,7 +301,7 @@ impl MarginalCost {
     /// A member was added at the end.
     pub fn push_member(&mut self) {
         let pairs = self.geometry.map_or(0, |g| g.pairs());
-        self.keep.extend(std::iter::repeat(1.0).take(pairs));
+        self.keep.extend(std::iter::repeat_n(1.0, pairs));
         self.distinct.push(0.0);
     }
 
@@ -370,6 +418,29 @@ mod tests {
         r.healthy[1] = false;
         assert_eq!(r.acquire(counts(&x)).unwrap().0, 0);
         assert!(r.m.set_batch_cap(Some(0)).is_err());
+    }
+
+    #[test]
+    fn sharpness_raises_counts_to_its_power() {
+        let mut r = Bench::new(1, StepCost { a: 0.0, b: 0.0, c: 1.0 });
+        let x: [u32; 8] = [1, 3, 0, 0, 0, 0, 0, 0];
+        let q = |r: &Bench| r.m.frequencies(counts(&x)).unwrap();
+        assert_eq!(r.m.sharpness(), DEFAULT_SHARPNESS);
+        assert_eq!(q(&r)[..2], [0.1, 0.9]); // 1² : 3², top-1
+        assert!(q(&r)[2..].iter().all(|&v| v == 0.0)); // the empty layer predicts nothing
+        r.m.set_sharpness(1.0).unwrap();
+        assert_eq!(q(&r)[..2], [0.25, 0.75]);
+        r.m.set_sharpness(0.5).unwrap();
+        assert!((q(&r)[0] - 1.0 / (1.0 + 3f64.sqrt())).abs() < 1e-15);
+        // Counts past the table take powf: the same values as the table's.
+        let big: [u32; 8] = [1, 3, 0, 0, 5000, 15000, 0, 0];
+        let qb = r.m.frequencies(counts(&big)).unwrap();
+        assert_eq!(qb[..2], q(&r)[..2]);
+        assert!((qb[4] - 1.0 / (1.0 + 3f64.sqrt())).abs() < 1e-12);
+        for bad in [0.0, -1.0, 8.5, f64::NAN, f64::INFINITY] {
+            assert!(matches!(r.m.set_sharpness(bad), Err(RouterError::Invalid { arg: "sharpness", .. })));
+        }
+        assert_eq!(r.m.sharpness(), 0.5);
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod rr;
 
 pub use eldr::LocalityBand;
 pub use jsq::JoinShortestQueue;
-pub use marginal::{ExpertGeometry, MarginalCost, StepCost, Q_MAX};
+pub use marginal::{ExpertGeometry, MarginalCost, StepCost, DEFAULT_SHARPNESS, Q_MAX, SHARPNESS_RANGE};
 pub use p2c::PowerOfTwo;
 pub use random::Random;
 pub use rr::RoundRobin;
