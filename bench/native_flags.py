@@ -32,9 +32,23 @@ def build(name: str, flags: str) -> Path:
     return target / "release" / "examples" / "router_check"
 
 
-def sweep(binary: Path) -> list[dict]:
-    out = subprocess.run([str(binary), "latency"], check=True, capture_output=True, text=True).stdout
+def sweep(binary: Path, *args: str) -> list[dict]:
+    """The JSON lines of one `router_check latency [ARGS]` run."""
+    out = subprocess.run([str(binary), "latency", *args], check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def alternate(binaries: dict[str, Path], repeats: int, seed: int, *args: str) -> dict[str, list[list[dict]]]:
+    """`repeats` sweeps of every binary, in a random order within each repeat, so the machine's
+    drift falls on every build alike: per build, one list of JSON lines per repeat."""
+    runs: dict[str, list[list[dict]]] = {name: [] for name in binaries}
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        order = list(binaries)
+        rng.shuffle(order)
+        for name in order:
+            runs[name].append(sweep(binaries[name], *args))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     binaries = {name: build(name, flags) for name, flags in BUILDS.items()}
-    runs: dict[str, list[list[dict]]] = {name: [] for name in BUILDS}
-    rng = random.Random(0)
-    for _ in range(repeats):
-        order = list(BUILDS)
-        rng.shuffle(order)
-        for name in order:
-            runs[name].append(sweep(binaries[name]))
+    runs = alternate(binaries, repeats, 0)
     records, worst = [], 0.0
     print(f"{'mode':9} {'W':>5} {'L':>3} {'E':>4}  {'generic p50 µs':>14} {'native p50 µs':>14} {'ratio':>6}")
     for i, cell in enumerate(runs["generic"][0]):

@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from intervals import t_interval  # noqa: E402
-
-
-def points(binary: Path, workers: int, mode: str) -> dict[tuple[int, int, int], float]:
-    """p50 (µs) per (W, L, E) of one `router_check latency W mode` run."""
-    out = subprocess.run([str(binary), "latency", str(workers), mode], check=True, capture_output=True, text=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {(r["workers"], r["layers"], r["experts"]): r["p50_us"] for r in rows if r["mode"] == mode}
+from native_flags import alternate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,16 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    rng = random.Random(args.seed)
-    runs: dict[str, list[dict]] = {"base": [], "new": []}
-    for _ in range(args.alternations):
-        order = ["base", "new"]
-        rng.shuffle(order)
-        for build in order:
-            got: dict = {}
-            for w in args.workers:
-                got |= points(getattr(args, build), w, args.mode)
-            runs[build].append(got)
+    sweeps = {str(w): alternate({"base": args.base, "new": args.new}, args.alternations, args.seed + w, str(w),
+                                args.mode) for w in args.workers}
+    # Per build, per alternation: p50 (µs) per (W, L, E) of the mode asked for.
+    runs = {build: [{(r["workers"], r["layers"], r["experts"]): r["p50_us"]
+                     for w in args.workers for r in sweeps[str(w)][build][i] if r["mode"] == args.mode}
+                    for i in range(args.alternations)] for build in ("base", "new")}
     rows = []
     for key in runs["base"][0]:
         base = [r[key] for r in runs["base"]]

@@ -95,19 +95,15 @@ def test_policies_without_centroids_refuse_a_centroid_file_and_bad_step_costs():
     lb = launch_router.build_balancer(args)
     assert lb.decode.routing == "expected experts"
     assert lb.decode.router.step_cost == (0.007, 0.0008, 0.0015) and lb.decode.router.geometry is None
-    assert lb.decode.router.batch_cap is None
-    capped = launch_router.build_balancer(launch_router.build_parser().parse_args(
-        ["--prefill", "http://127.0.0.1:9", *two, "--policy", "marginal", "--batch-cap", "16"]))
-    assert capped.decode.router.batch_cap == 16
-    r = launch(*two, "--policy", "marginal", "--batch-cap", "0")
-    assert r.returncode == 2 and "batch_cap" in r.stderr, r.stderr
-    r = launch(*two, "--policy", "jsq", "--batch-cap", "4")
-    assert r.returncode == 2 and "--batch-cap is for the marginal policy" in r.stderr, r.stderr
-    assert lb.decode.router.sharpness == 2.0
-    raw = launch_router.build_balancer(launch_router.build_parser().parse_args(
-        ["--prefill", "http://127.0.0.1:9", *two, "--policy", "marginal", "--sharpness", "1"]))
-    assert raw.decode.router.sharpness == 1.0
-    r = launch(*two, "--policy", "marginal", "--sharpness", "20")
-    assert r.returncode == 2 and "sharpness: must be in [0.125, 8]" in r.stderr, r.stderr
-    r = launch(*two, "--policy", "jsq", "--sharpness", "2")
-    assert r.returncode == 2 and "--sharpness is for the marginal policy" in r.stderr, r.stderr
+    assert lb.decode.router.batch_cap is None and lb.decode.router.sharpness == 2.0
+    # The marginal policy's own options: a value taken, an out-of-range one refused, and refused on jsq.
+    for flag, good, attr, value, bad, refusal, on_jsq in [
+            ("--batch-cap", "16", "batch_cap", 16, "0", "batch_cap", "4"),
+            ("--sharpness", "1", "sharpness", 1.0, "20", "sharpness: must be in [0.125, 8]", "2")]:
+        taken = launch_router.build_balancer(launch_router.build_parser().parse_args(
+            ["--prefill", "http://127.0.0.1:9", *two, "--policy", "marginal", flag, good]))
+        assert getattr(taken.decode.router, attr) == value
+        r = launch(*two, "--policy", "marginal", flag, bad)
+        assert r.returncode == 2 and refusal in r.stderr, r.stderr
+        r = launch(*two, "--policy", "jsq", flag, on_jsq)
+        assert r.returncode == 2 and f"{flag} is for the marginal policy" in r.stderr, r.stderr

@@ -284,6 +284,7 @@ impl LocalityModel {
                     c16,
                     tmul: &t16.tmul,
                     terms: Terms { h, g: &t16.g, r: &t16.r, mu, dnorm: *dnorm },
+                    scaled: t16.g.iter().any(|&v| v != 0.0),
                     range: *norm_range,
                     rule: exact::rule_error(self.spec.dim()),
                     done: fine_done,
@@ -471,6 +472,8 @@ struct Fine<'a> {
     c16: &'a [i16],
     tmul: &'a [f32],
     terms: Terms<'a>,
+    /// Whether any layer's int16 counts were divided (`terms.g` not all zero).
+    scaled: bool,
     range: (f64, f64),
     rule: f64,
     done: &'a mut Vec<bool>,
@@ -552,7 +555,7 @@ impl<'a> Scores<'a> {
         }
         f.q.estimate_fine(f.rows, f.c16, f.tmul, f.est).expect("a fine table");
         for (i, &k) in f.rows.iter().enumerate() {
-            let (e, r) = f.q.bound_fine(k, f.est[i], &f.terms);
+            let (e, r) = f.q.bound_fine(k, f.est[i], &f.terms, f.scaled);
             let (e, r) = interval(e, r, f.range, f.rule);
             if r < self.rad[k] {
                 (self.est[k], self.rad[k]) = (e, r);

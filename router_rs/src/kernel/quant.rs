@@ -323,10 +323,11 @@ impl Quantized {
     }
 
     /// Decoder k's int16 estimate `est` with its correction added, and its bound (as
-    /// [`error_bounds`](Self::error_bounds)). Needs the int16 table beside an int8 one.
-    pub fn bound_fine(&self, k: usize, est: f32, t: &Terms) -> (f64, f64) {
+    /// [`error_bounds`](Self::error_bounds); `scaled`: whether any layer's counts were divided,
+    /// `t.g` not all zero, known once per request). Needs the int16 table beside an int8 one.
+    pub fn bound_fine(&self, k: usize, est: f32, t: &Terms, scaled: bool) -> (f64, f64) {
         let fine = self.fine.as_ref().expect("an int16 table beside the int8 one");
-        let (corr, bound) = fine.bound(k, self.layers, t, t.g.iter().any(|&v| v != 0.0));
+        let (corr, bound) = fine.bound(k, self.layers, t, scaled);
         (est as f64 + corr, bound)
     }
 
