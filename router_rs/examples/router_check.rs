@@ -1,5 +1,6 @@
 //! Quick checks of the router core without criterion, for CI and for comparing builds:
 //!   router_check latency          p50/p99 of `select` from raw counts per (W, L, E), JSON lines
+//!                                 (ROUTER_CHECK_REPEAT=N times as many iterations, for `perf`)
 //!   router_check marginal         p50/p99 of the marginal policy's acquire + release per W, with
 //!                                 8 requests already running on each decoder, JSON lines
 //!   router_check agreement N      certified vs exact decisions on N random cases; prints the
@@ -23,6 +24,8 @@ fn prompt_counts(rng: &mut fastrand::Rng, layers: usize, experts: usize, k: usiz
 }
 
 fn latency(only: Option<usize>, mode: Option<&str>) {
+    // More iterations for a profiler to sample (ROUTER_CHECK_REPEAT=50 runs 50 times as many).
+    let repeat: usize = std::env::var("ROUTER_CHECK_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let mut rng = fastrand::Rng::with_seed(42);
     for (workers, layers, experts) in [(16, 48, 128), (64, 48, 128), (256, 48, 128), (1024, 48, 128), (1024, 58, 256)] {
         if only.is_some_and(|w| w != workers) {
@@ -42,7 +45,7 @@ fn latency(only: Option<usize>, mode: Option<&str>) {
             let model = LocalityModel::with_precision(spec.clone(), Centroids::new(&data, workers, dim).unwrap(), precision).unwrap();
             let kernel = model.kernel();
             let router = Router::with_model(model, 0.1, None).unwrap();
-            let iters = (2_000_000 / (workers * dim / 64).max(1)).clamp(200, 20_000);
+            let iters = (2_000_000 / (workers * dim / 64).max(1)).clamp(200, 20_000) * repeat;
             for _ in 0..iters / 10 {
                 black_box(router.select(signal, &loads, None).unwrap());
             }

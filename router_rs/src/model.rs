@@ -165,25 +165,27 @@ impl LocalityModel {
         // with the first exact score); the generic loop adds the rule's f64 squares.
         let mut squares = [0.0f64; exact::LANES];
         let mut sq_fast = [0.0f64; 16];
-        let mut fast_any = false;
         let limit = q.count_limit();
-        let mut offset = 0;
+        let fast_any = T::as_i32s(counts).is_some_and(|c32| {
+            let c8 = u8_first.then_some(&mut buf.c8[..]);
+            kernel::prepare_i32(q.isa(), c32, kept, (e, epad), &self.idf32, &mut sq_fast, &mut buf.c16, c8, &mut buf.folds)
+        });
+        if !fast_any {
+            buf.folds.clear();
+            for (i, &l) in kept.iter().enumerate() {
+                let c16 = &mut buf.c16[i * epad..][..e];
+                buf.folds.push(prepare_layer(&counts[l * e..(l + 1) * e], &self.idf64[i * e..][..e], i * e % exact::LANES, &mut squares, c16));
+            }
+        }
         let mut negative = self.spec.dropped_negative(counts);
         let mut d2 = 0.0f64;
-        for (i, &l) in kept.iter().enumerate() {
+        for (i, (&l, f)) in kept.iter().zip(&buf.folds).enumerate() {
             let c = &counts[l * e..(l + 1) * e];
-            let c16 = &mut buf.c16[i * epad..][..e];
-            let c8 = u8_first.then(|| &mut buf.c8[i * epad..][..e]);
-            let fast = T::as_i32s(c).and_then(|c32| kernel::prepare_i32(q.isa(), c32, &self.idf32[i * e..][..e], &mut sq_fast, c16, c8));
-            let fast_layer = fast.is_some();
-            fast_any |= fast_layer;
-            let f = fast.unwrap_or_else(|| prepare_layer(c, &self.idf64[i * e..][..e], offset, &mut squares, c16));
-            let (sum16, min16, max16) = (f.sum, f.min, f.max);
-            negative |= min16 < 0;
+            let (sum16, max16) = (f.sum, f.max);
+            negative |= f.negative;
             if negative {
                 continue;
             }
-            offset = (offset + e) % exact::LANES;
             // t = 2^m, the smallest with round(max / t) ≤ limit: m = 0 for all but huge prompts,
             // and then nothing was clamped and the int16 sums are the counts' own.
             let mut m = 0u32;
@@ -201,7 +203,7 @@ impl LocalityModel {
             let mu = sum / e as f64;
             d2 += (sumsq - mu * sum).max(0.0) + (e as f64 + 4.0) * f64::EPSILON * sumsq;
             buf.mu.push(mu);
-            let narrowed = if m == 0 { sum } else { narrow(c, m, c16) };
+            let narrowed = if m == 0 { sum } else { narrow(c, m, &mut buf.c16[i * epad..][..e]) };
             // The 1e-12 covers the rounding of the f64 sums (an upper bound is all the bound needs).
             buf.h.push(sum / 2.0 * (1.0 + 1e-12));
             buf.t16.push(m, narrowed, q.rounding());
@@ -211,7 +213,7 @@ impl LocalityModel {
                 let m8 = shift_for(max, u8::MAX as u64);
                 let c8 = &mut buf.c8[i * epad..][..e];
                 let narrowed8 = if m8 == 0 && m == 0 {
-                    if !fast_layer {
+                    if !fast_any {
                         for (o, &v) in c8.iter_mut().zip(&buf.c16[i * epad..][..e]) {
                             *o = v as u8;
                         }
@@ -303,8 +305,8 @@ impl LocalityModel {
 /// One pass over a layer's non-negative counts: adds (c · idf)² to the rule's lanes, the first
 /// element at lane `offset` (the same operations in the same order as `exact::sum_squares` over
 /// the signature), and writes min(c, i16::MAX) (−1 for a negative c) to `c16`. Returns Σ c16,
-/// Σ c16², min c16 and max c16: Σ c, Σ c² and max c themselves whenever 0 ≤ min c16 and
-/// max c16 < i16::MAX.
+/// Σ c16², max c16 and whether a count was negative: Σ c, Σ c² and max c themselves whenever
+/// none was and max c16 < i16::MAX.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> Folds {
     const N: usize = exact::LANES;
@@ -328,7 +330,7 @@ fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &m
     for (o, v) in c16.iter_mut().zip(c) {
         *o = v.clamp_i16();
     }
-    let min = c16.iter().fold(0i16, |m, &v| m.min(v));
+    let negative = c16.iter().any(|&v| v < 0);
     let max = c16.iter().fold(0i16, |m, &v| m.max(v));
     // i32 holds 65 536 values of at most i16::MAX.
     let sum = if c16.len() <= 1 << 16 {
@@ -337,7 +339,7 @@ fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &m
         c16.iter().map(|&v| v as i64).sum()
     };
     let sumsq = c16.iter().fold(0i32, |a, &v| a.wrapping_add(v as i32 * v as i32));
-    Folds { sum, sumsq, min, max }
+    Folds { sum, sumsq, max, negative }
 }
 
 /// A score's interval (centre, radius) from the estimate of Σ c·w, its bound, the range the norm
@@ -394,6 +396,8 @@ pub(crate) struct ScoreBuf {
     /// An interval holding it.
     norm_range: (f64, f64),
     c16: Vec<i16>,
+    /// Per kept layer: what the counts pass folded out of its int16 counts.
+    folds: Vec<Folds>,
     /// (experts, padded experts, layers) `c16` was laid out for.
     c16_shape: (usize, usize, usize),
     /// Per kept layer: the int16 counts' scaling terms, and Σ_e c / 2 (the bounds' `Terms::h`).
@@ -608,10 +612,12 @@ mod tests {
                 let c32 = <i32 as CountValue>::as_i32s(&c).expect("i32 counts take the SIMD pass");
                 let mut c8 = vec![0u8; n];
                 let want8 = isa == Isa::Avx512Vnni;
-                let Some(fast) = kernel::prepare_i32(isa, c32, &idf, &mut sq_fast, &mut c16_fast, want8.then_some(&mut c8[..])) else {
+                let mut folds = Vec::new();
+                if !kernel::prepare_i32(isa, c32, &[0], (n, n), &idf, &mut sq_fast, &mut c16_fast, want8.then_some(&mut c8[..]), &mut folds) {
                     assert_eq!(isa, Isa::Portable);
                     continue;
-                };
+                }
+                let fast = folds[0];
                 let reference = prepare_layer(&c, &idf64, 0, &mut sq_ref, &mut c16_ref);
                 assert_eq!(fast, reference, "{isa:?} n={n}");
                 assert_eq!(c16_fast, c16_ref, "{isa:?} n={n}");
@@ -640,7 +646,9 @@ mod tests {
             let (layers, experts) = ([1, 3, 6][case % 3], [64, 100, 128, 256][rng.usize(..4)]);
             let workers = rng.usize(1..24);
             let idf: Vec<f32> = (0..layers * experts).map(|_| if rng.u8(..10) == 0 { 0.0 } else { 0.05 + rng.f32() * 3.0 }).collect();
-            let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
+            // Every fifth case drops layer 1, so kept layer i reads counts of layer i + 1 past it.
+            let mask: Vec<bool> = (0..layers).map(|l| case % 5 != 0 || l != 1 || layers == 1).collect();
+            let spec = SignatureSpec::new(layers, experts, Some(&idf), Some(&mask)).unwrap();
             let dim = spec.dim();
             let base: Vec<f32> = (0..dim).map(|_| rng.f32()).collect();
             let spread = [1e-4f32, 0.05, 1.0][rng.usize(..3)];

@@ -46,39 +46,66 @@ impl Isa {
     }
 }
 
-/// What the counts pass folds out of one layer's int16 counts c16: Σ, Σ c16², min and max, each
-/// starting at 0. `sumsq` is summed in wrapping i32 (the same bits in any order): exact while
-/// len · max² < 2^31 (the caller recomputes it from the counts otherwise).
+/// What the counts pass folds out of one layer's int16 counts c16: Σ, Σ c16² and max (from 0),
+/// and whether a count was negative. `sumsq` is summed in wrapping i32 (the same bits in any
+/// order): exact while len · max² < 2^31 (the caller recomputes it from the counts otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Folds {
     pub sum: i64,
     pub sumsq: i32,
-    pub min: i16,
     pub max: i16,
+    pub negative: bool,
 }
 
-/// The explicit-SIMD counts pass for one layer's i32 counts (`x86::prepare_i32_avx512`): an f32
-/// estimate of Σ (c·idf)² added to `sq` (relative error within [`norm_rho`]), the int16 counts (and
-/// the u8 ones, min(c, 255), where `c8` is given: AVX-512 only) and their folds; None where it
-/// does not apply (then the caller's generic loop computes the rule's
-/// own f64 squares).
-pub(crate) fn prepare_i32(isa: Isa, c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], c8: Option<&mut [u8]>) -> Option<Folds> {
-    if c.len() > 1 << 16 || c.len() != idf.len() || c.len() != c16.len() || c8.as_ref().is_some_and(|c8| c8.len() != c.len()) {
-        return None;
+/// The explicit-SIMD counts pass over the kept layers of i32 counts `[layers][e]`
+/// (`x86::prepare_i32_avx512`), one call per request: for the i-th kept layer l, an f32 estimate
+/// of Σ (c_l·idf_i)² added to `sq` (relative error within [`norm_rho`]), the int16 counts at
+/// `c16[i·epad..][..e]` (and the u8 ones, min(c, 255), in `c8` where given: AVX-512 only), and
+/// the layer's folds pushed to `folds`. False where it does not apply (then the caller's generic
+/// loop computes the rule's own f64 squares).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prepare_i32(
+    isa: Isa,
+    c: &[i32],
+    kept: &[usize],
+    (e, epad): (usize, usize),
+    idf: &[f32],
+    sq: &mut [f64; 16],
+    c16: &mut [i16],
+    c8: Option<&mut [u8]>,
+    folds: &mut Vec<Folds>,
+) -> bool {
+    let n = kept.len();
+    if e > 1 << 16
+        || epad < e
+        || idf.len() != n * e
+        || c16.len() < n * epad
+        || c8.as_ref().is_some_and(|c8| c8.len() < n * epad)
+        || kept.iter().any(|&l| (l + 1) * e > c.len())
+    {
+        return false;
     }
+    folds.clear();
+    folds.reserve(n);
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: the ISA was detected at run time and the slices have equal lengths ≤ 2^16.
+        // SAFETY: the ISA was detected at run time and every layer's slices were checked above.
         unsafe {
             match isa {
-                Isa::Avx512Vnni => return Some(x86::prepare_i32_avx512(c, idf, sq, c16, c8)),
-                Isa::Avx2 if c8.is_none() => return Some(x86::prepare_i32_avx2(c, idf, sq, c16)),
+                Isa::Avx512Vnni => {
+                    x86::prepare_layers_avx512(c, kept, (e, epad), idf, sq, c16, c8, folds);
+                    return true;
+                }
+                Isa::Avx2 if c8.is_none() => {
+                    x86::prepare_layers_avx2(c, kept, (e, epad), idf, sq, c16, folds);
+                    return true;
+                }
                 Isa::Avx2 | Isa::Portable => {}
             }
         }
     }
     let _ = (isa, sq, c8);
-    None
+    false
 }
 
 /// Bound on the relative error of [`prepare_i32`]'s Σ (c·idf)² for layers of `experts` counts:

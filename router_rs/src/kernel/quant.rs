@@ -9,7 +9,8 @@
 //! several times tighter for counts spread over many experts); the counts' rounding
 //! (|c − t·c'| ≤ t/2) contributes Σ_i s_ki·t_i/2·Σ_e |Q|; the kernel's f32 rounding a term of its
 //! own. Powers of two keep every scaling exact.
-use super::{lane_dot, Isa};
+use super::Isa;
+use multiversion::multiversion;
 
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub enum Precision {
     Exact,
 }
 
+/// Decoders per step of [`bounds_all`] (one AVX-512 register of f64).
+const BOUND_LANES: usize = 8;
 /// Above this many weights (W × D) `Auto` stores int8 + int16 on AVX-512 VNNI ...
 pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 18;
 /// ... and on other CPUs.
@@ -48,15 +51,25 @@ struct Level {
     table: Table,
     /// s_ki, `[W][layers]`.
     scale: Vec<f32>,
-    /// s_ki, s_ki·Σ_e |Q_kie| and s_ki·max_e |Q_kie| as f64 (exact: s is a power of two),
-    /// `[W][layers]`.
-    scale64: Vec<f64>,
-    abs_q: Vec<f64>,
-    max_q: Vec<f64>,
-    /// ‖ε_k‖₂ rounded up, `[W]`, and Σ_e ε_kie, `[W][layers]`, of the rounding errors
-    /// ε = w − s·Q (exact in f64: Sterbenz), for the Cauchy–Schwarz bound.
+    /// The bound terms per decoder and layer, `[W][layers]`: s_ki·Σ_e |Q_kie| (rounded up;
+    /// exact while E·32767 < 2^24) and s_ki·max_e |Q_kie| (exact: s is a power of two). f32: at
+    /// 1024 decoders they are read for every decoder per decision, and f64 doubled their bytes.
+    abs_q: Vec<f32>,
+    max_q: Vec<f32>,
+    /// ‖ε_k‖₂ rounded up, `[W]`, and Σ_e ε_kie rounded to f32, `[W][layers]`, of the rounding
+    /// errors ε = w − s·Q, for the Cauchy–Schwarz bound. |Σ_e ε| ≤ E·s/2, so the f32 rounding
+    /// moves Σ_i μ_i·Σ_e ε by at most 2⁻²⁴ of the worst-case bound Σ_i s·Σ_e c/2 (underflow
+    /// included, s ≥ 2⁻¹²⁰); the bounds' margin covers it.
     eps_norm: Vec<f64>,
-    eps_sum: Vec<f64>,
+    eps_sum: Vec<f32>,
+    /// `scale`, `abs_q`, `max_q` and `eps_sum` in blocks of [`BOUND_LANES`] decoders,
+    /// `[W/8][layers][8]` (zeros beyond W), so [`bounds_all`] reads each block's terms as one
+    /// contiguous run with eight decoders per load; the row-major copies serve one decoder's
+    /// bound.
+    scale_t: Vec<f32>,
+    abs_q_t: Vec<f32>,
+    max_q_t: Vec<f32>,
+    eps_sum_t: Vec<f32>,
 }
 
 /// What a request's error bounds need, per kept layer (see [`Quantized::error_bounds`]).
@@ -149,9 +162,9 @@ impl Level {
                     sq += eps * eps;
                 }
                 scale.push(pow2_f32(ex));
-                abs_q.push(a * s);
-                max_q.push(mx * s);
-                eps_sum.push(es);
+                abs_q.push(up_f32(a * s));
+                max_q.push((mx * s) as f32);
+                eps_sum.push(es as f32);
             }
             // Σ ε² in f64: relative rounding ≤ (D + 1)·ε_f64, far inside the margin (D < 2^20).
             eps_norm.push((sq * (1.0 + 1e-9)).sqrt() * (1.0 + 1e-15) + 1e-300);
@@ -161,8 +174,14 @@ impl Level {
         } else {
             Table::I16(q.iter().map(|&v| v as i16).collect())
         };
-        let scale64 = scale.iter().map(|&v| v as f64).collect();
-        Some(Self { table, scale, scale64, abs_q, max_q, eps_norm, eps_sum })
+        // Block b, layer i, lane l holds decoder k = b·8 + l.
+        let blocks = workers.div_ceil(BOUND_LANES);
+        let t = |v: &[f32]| -> Vec<f32> {
+            let at = |j: usize| (j / (layers * BOUND_LANES) * BOUND_LANES + j % BOUND_LANES, j / BOUND_LANES % layers);
+            (0..blocks * layers * BOUND_LANES).map(at).map(|(k, i)| if k < workers { v[k * layers + i] } else { 0.0 }).collect()
+        };
+        let (scale_t, abs_q_t, max_q_t, eps_sum_t) = (t(&scale), t(&abs_q), t(&max_q), t(&eps_sum));
+        Some(Self { table, scale, abs_q, max_q, eps_norm, eps_sum, scale_t, abs_q_t, max_q_t, eps_sum_t })
     }
 
     /// Estimated Σ c·w of decoders `rows` into `est` (the same length).
@@ -193,22 +212,87 @@ impl Level {
         }
     }
 
-    /// Decoder k's (correction, bound) of [`Quantized::error_bounds`].
+    /// Decoder k's (correction, bound) of [`Quantized::error_bounds`], alone (narrowing a few
+    /// decoders; [`bounds_all`] gives every decoder's at once).
     fn bound(&self, k: usize, layers: usize, t: &Terms, narrowed: bool) -> (f64, f64) {
         let at = k * layers..(k + 1) * layers;
-        let worst = lane_dot(&self.scale64[at.clone()], t.h);
-        let mut rest = lane_dot(&self.max_q[at.clone()], t.r);
-        if narrowed {
-            rest += lane_dot(&self.abs_q[at.clone()], t.g);
-        }
-        // The correction's own f64 rounding is ≤ (E + layers + 2)·ε_f64·worst (|ε| ≤ s/2 and
-        // μ_i·E = Σ_e c): 1e-9·worst covers it.
-        let cs = t.dnorm * self.eps_norm[k] + 1e-9 * worst;
+        let worst = dot32(&self.scale[at.clone()], t.h);
+        let rest = dot32(&self.max_q[at.clone()], t.r) + if narrowed { dot32(&self.abs_q[at.clone()], t.g) } else { 0.0 };
+        let cs = cs_bound(t.dnorm, self.eps_norm[k], worst);
         if cs < worst {
-            (lane_dot(&self.eps_sum[at], t.mu), cs + rest)
+            (dot32(&self.eps_sum[at], t.mu), cs + rest)
         } else {
             (0.0, worst + rest)
         }
+    }
+}
+
+/// Σ a·b in four chains (a bound needs no fixed order; one chain was latency-bound).
+fn dot32(a: &[f32], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(&x, y)| x as f64 * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..4 {
+            acc[l] += x[l] as f64 * y[l];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// The Cauchy–Schwarz part of a decoder's bound: ‖c − μ‖₂·‖ε_k‖₂ plus a margin for the
+/// correction's own rounding, ≤ 2⁻²⁴·worst from `eps_sum_t`'s f32 (see there) and ≤
+/// (E + layers + 2)·ε_f64·worst from f64 (|ε| ≤ s/2 and μ_i·E = Σ_e c): 1e-7·worst covers both.
+#[inline]
+fn cs_bound(dnorm: f64, eps_norm: f64, worst: f64) -> f64 {
+    dnorm * eps_norm + 1e-7 * worst
+}
+
+/// Every decoder's (correction, bound) of [`Quantized::error_bounds`] into `corr` and `out`:
+/// eight decoders at a time, their sums in registers, along the transposed terms (no
+/// per-decoder horizontal sums).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
+fn bounds_all(level: &Level, t: &Terms, narrowed: bool, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
+    const N: usize = BOUND_LANES;
+    let w = level.eps_norm.len();
+    let layers = t.h.len();
+    corr.clear();
+    out.clear();
+    for k0 in (0..w).step_by(N) {
+        let block = k0 * layers..(k0 + N) * layers;
+        let (s, e, m) = (&level.scale_t[block.clone()], &level.eps_sum_t[block.clone()], &level.max_q_t[block.clone()]);
+        let (mut worst, mut cor, mut rest) = ([0.0f64; N], [0.0f64; N], [0.0f64; N]);
+        let terms = s.chunks_exact(N).zip(e.chunks_exact(N)).zip(m.chunks_exact(N));
+        for (((s, e), m), ((&h, &mu), &r)) in terms.zip(t.h.iter().zip(t.mu).zip(t.r)) {
+            for l in 0..N {
+                worst[l] += s[l] as f64 * h;
+                cor[l] += e[l] as f64 * mu;
+                rest[l] += m[l] as f64 * r;
+            }
+        }
+        if narrowed {
+            for (a, &g) in level.abs_q_t[block].chunks_exact(N).zip(t.g) {
+                for l in 0..N {
+                    rest[l] += a[l] as f64 * g;
+                }
+            }
+        }
+        for l in 0..N.min(w - k0) {
+            let cs = cs_bound(t.dnorm, level.eps_norm[k0 + l], worst[l]);
+            let (c, b) = if cs < worst[l] { (cor[l], cs) } else { (0.0, worst[l]) };
+            corr.push(c);
+            out.push(b + rest[l]);
+        }
+    }
+}
+
+/// The smallest f32 ≥ x (x ≥ 0 finite, within f32's range).
+fn up_f32(x: f64) -> f32 {
+    let f = x as f32;
+    if (f as f64) < x {
+        f.next_up()
+    } else {
+        f
     }
 }
 
@@ -301,13 +385,7 @@ impl Quantized {
     /// counts spread over many experts; the first for counts piled on a few.
     pub fn error_bounds(&self, t: &Terms, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
         let narrowed = t.g.iter().any(|&v| v != 0.0);
-        out.clear();
-        corr.clear();
-        for k in 0..self.workers {
-            let (c, b) = self.first.bound(k, self.layers, t, narrowed);
-            corr.push(c);
-            out.push(b);
-        }
+        bounds_all(&self.first, t, narrowed, corr, out);
     }
 
     /// Decoders `ks`' estimates from the int16 table into `est` (resized to `ks`), or None without

@@ -127,23 +127,54 @@ vnni_kernel!(vnni_u8, u8, i8, load512_i8, 64, _mm512_dpbusd_epi32);
 avx2_kernel!(avx2_i16, i16, load256_i16);
 avx2_kernel!(avx2_i8, i8, load256_i8);
 
+/// [`super::prepare_i32`] on AVX-512: [`prepare_i32_avx512`] per kept layer, inlined into one
+/// loop (a call per layer, with its folds returned through memory, cost more than the pass).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn prepare_layers_avx512(
+    c: &[i32],
+    kept: &[usize],
+    (e, epad): (usize, usize),
+    idf: &[f32],
+    sq: &mut [f64; 16],
+    c16: &mut [i16],
+    mut c8: Option<&mut [u8]>,
+    folds: &mut Vec<Folds>,
+) {
+    for (i, &l) in kept.iter().enumerate() {
+        let c8 = c8.as_deref_mut().map(|c8| &mut c8[i * epad..][..e]);
+        folds.push(prepare_i32_avx512(&c[l * e..][..e], &idf[i * e..][..e], sq, &mut c16[i * epad..][..e], c8));
+    }
+}
+
+/// [`prepare_layers_avx512`] on AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn prepare_layers_avx2(c: &[i32], kept: &[usize], (e, epad): (usize, usize), idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], folds: &mut Vec<Folds>) {
+    for (i, &l) in kept.iter().enumerate() {
+        folds.push(prepare_i32_avx2(&c[l * e..][..e], &idf[i * e..][..e], sq, &mut c16[i * epad..][..e]));
+    }
+}
+
 /// The counts pass for one layer's i32 counts: adds an f32 estimate of Σ (c·idf)² to `sq` (f32
 /// products and sums within the call, two chains, flushed to 16 f64 lanes at its end; each
 /// lane's f32 part takes at most ⌈len/32⌉ + 1 roundings, `super::norm_rho` bounds the relative
 /// error), writes clamp(c, −1, i16::MAX) to `c16` (and min(c, 255) to `c8` if given; a negative
 /// count, which the caller refuses, leaves its u8 unspecified) and returns the folds of what it
-/// wrote to `c16`.
+/// wrote to `c16`. Per 32 counts: one saturating pack to int16 (`vpmovsdw`), then Σ and Σ c² of
+/// the packed pairs (`vpmaddwd` with ones and with itself), the sign bits OR-ed, and the u8
+/// counts from the packed ones (`vpmovuswb`).
 /// Needs `c.len() ≤ 65 536` (the i32 sum).
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], c8: Option<&mut [u8]>) -> Folds {
+unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], c8: Option<&mut [u8]>) -> Folds {
     debug_assert!(c.len() == idf.len() && c.len() == c16.len() && c.len() <= 1 << 16);
     debug_assert!(c8.as_ref().is_none_or(|c8| c8.len() == c.len()));
     let n = c.len() / 32 * 32;
     let (cp, wp, op) = (c.as_ptr(), idf.as_ptr(), c16.as_mut_ptr());
     let u8p = c8.map(|c8| c8.as_mut_ptr());
     let mut acc = [_mm512_setzero_ps(); 2];
-    let (lo, hi) = (_mm512_set1_epi32(-1), _mm512_set1_epi32(i16::MAX as i32));
-    let (mut vmin, mut vmax, mut vsum, mut vsq) = (_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512());
+    let (lo, ones) = (_mm512_set1_epi32(-1), _mm512_set1_epi16(1));
+    let (mut vmax, mut vneg, mut vsum, mut vsq) = (_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512());
     let mut j = 0;
     while j < n {
         let mut packed = [_mm256_setzero_si256(); 2];
@@ -151,18 +182,18 @@ pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 1
             let v = _mm512_loadu_si512(cp.add(j + 16 * h) as *const _);
             let x = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(wp.add(j + 16 * h)));
             acc[h] = _mm512_fmadd_ps(x, x, acc[h]);
-            let k = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
-            vmin = _mm512_min_epi32(vmin, k);
+            let k = _mm512_max_epi32(v, lo);
             vmax = _mm512_max_epi32(vmax, k);
-            vsum = _mm512_add_epi32(vsum, k);
-            *out = _mm512_cvtepi32_epi16(k);
-            _mm256_storeu_si256(op.add(j + 16 * h) as *mut __m256i, *out);
-            if let Some(p) = u8p {
-                _mm_storeu_si128(p.add(j + 16 * h) as *mut __m128i, _mm512_cvtusepi32_epi8(k));
-            }
+            *out = _mm512_cvtsepi32_epi16(k);
         }
         let v16 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed[0]), packed[1]);
+        _mm512_storeu_si512(op.add(j) as *mut _, v16);
+        vneg = _mm512_or_si512(vneg, v16);
+        vsum = _mm512_add_epi32(vsum, _mm512_madd_epi16(v16, ones));
         vsq = _mm512_add_epi32(vsq, _mm512_madd_epi16(v16, v16));
+        if let Some(p) = u8p {
+            _mm256_storeu_si256(p.add(j) as *mut __m256i, _mm512_cvtusepi16_epi8(v16));
+        }
         j += 32;
     }
     let total = _mm512_add_ps(acc[0], acc[1]);
@@ -173,8 +204,8 @@ pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 1
     let folds = Folds {
         sum: _mm512_reduce_add_epi32(vsum) as i64,
         sumsq: _mm512_reduce_add_epi32(vsq),
-        min: _mm512_reduce_min_epi32(vmin) as i16,
-        max: _mm512_reduce_max_epi32(vmax) as i16,
+        max: _mm512_reduce_max_epi32(vmax).min(i16::MAX as i32) as i16,
+        negative: _mm512_movepi16_mask(vneg) != 0,
     };
     if let Some(p) = u8p {
         for (t, &v) in c.iter().enumerate().skip(n) {
@@ -185,8 +216,9 @@ pub(crate) unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 1
 }
 
 /// [`prepare_i32_avx512`] on AVX2 (eight-lane chains, flushed to the same 16 f64 lanes).
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn prepare_i32_avx2(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16]) -> Folds {
+unsafe fn prepare_i32_avx2(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16]) -> Folds {
     debug_assert!(c.len() == idf.len() && c.len() == c16.len() && c.len() <= 1 << 16);
     let n = c.len() / 32 * 32;
     let (cp, wp, op) = (c.as_ptr(), idf.as_ptr(), c16.as_mut_ptr());
@@ -229,14 +261,15 @@ pub(crate) unsafe fn prepare_i32_avx2(c: &[i32], idf: &[f32], sq: &mut [f64; 16]
     let folds = Folds {
         sum: lanes[0].iter().map(|&v| v as i64).sum(),
         sumsq: lanes[3].iter().fold(0i32, |a, &v| a.wrapping_add(v)),
-        min: lanes[1].iter().fold(0, |m, &v| m.min(v)) as i16,
         max: lanes[2].iter().fold(0, |m, &v| m.max(v)) as i16,
+        negative: lanes[1].iter().any(|&v| v < 0),
     };
     prepare_tail(c, idf, n, sq, c16, folds)
 }
 
 /// The elements from `n` on (fewer than 32), scalar, continuing the folds (at most two
 /// more roundings per lane: one square, one add).
+#[inline]
 fn prepare_tail(c: &[i32], idf: &[f32], n: usize, sq: &mut [f64; 16], c16: &mut [i16], mut f: Folds) -> Folds {
     for t in n..c.len() {
         let x = c[t] as f32 * idf[t];
@@ -245,7 +278,7 @@ fn prepare_tail(c: &[i32], idf: &[f32], n: usize, sq: &mut [f64; 16], c16: &mut 
         c16[t] = k;
         f.sum += k as i64;
         f.sumsq = f.sumsq.wrapping_add(k as i32 * k as i32);
-        f.min = f.min.min(k);
+        f.negative |= k < 0;
         f.max = f.max.max(k);
     }
     f
