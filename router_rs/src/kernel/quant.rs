@@ -196,11 +196,12 @@ impl Level {
             // SAFETY: the ISA was detected at run time, every slice holds what `d` says and every
             // row is a decoder of the table.
             unsafe {
+                let unit = unit_t(tmul, d.layers);
                 match (isa, &self.table) {
-                    (Isa::Avx512Vnni, Table::I16(q)) => return x86::vnni_i16(d, counts, q, scale, tmul, rows, est),
+                    (Isa::Avx512Vnni, Table::I16(q)) => return by_unit!(unit, x86::vnni_i16(d, counts, q, scale, tmul, rows, est)),
                     (Isa::Avx512Vnni, Table::I8(_)) => unreachable!("an int8 table on VNNI takes u8 counts"),
-                    (Isa::Avx2, Table::I16(q)) => return x86::avx2_i16(d, counts, q, scale, tmul, rows, est),
-                    (Isa::Avx2, Table::I8(q)) => return x86::avx2_i8(d, counts, q, scale, tmul, rows, est),
+                    (Isa::Avx2, Table::I16(q)) => return by_unit!(unit, x86::avx2_i16(d, counts, q, scale, tmul, rows, est)),
+                    (Isa::Avx2, Table::I8(q)) => return by_unit!(unit, x86::avx2_i8(d, counts, q, scale, tmul, rows, est)),
                     (Isa::Portable, _) => {}
                 }
             }
@@ -286,6 +287,22 @@ fn bounds_all(level: &Level, t: &Terms, narrowed: bool, corr: &mut Vec<f64>, out
     }
 }
 
+/// Whether every count divisor t_i is 1 (every prompt but a huge one): the kernels then skip
+/// the multiply by t_i.
+fn unit_t(tmul: &[f32], layers: usize) -> bool {
+    tmul[..layers].iter().all(|&t| t == 1.0)
+}
+
+/// Calls a kernel with `UNIT_T` = the value given.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_unit {
+    ($unit:expr, $($f:ident)::+($($arg:expr),*)) => {
+        if $unit { $($f)::+::<true>($($arg),*) } else { $($f)::+::<false>($($arg),*) }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_unit;
+
 /// The smallest f32 ≥ x (x ≥ 0 finite, within f32's range).
 fn up_f32(x: f64) -> f32 {
     let f = x as f32;
@@ -364,7 +381,8 @@ impl Quantized {
             if let Table::I8(q) = &self.first.table {
                 // SAFETY: VNNI was detected at run time; the slices hold what `dims` says and
                 // epad is a multiple of 64.
-                unsafe { super::x86::vnni_u8(self.dims(), c8, q, &self.first.scale, tmul8, &self.all, est) };
+                let (d, scale, unit) = (self.dims(), &self.first.scale, unit_t(tmul8, self.layers));
+                unsafe { by_unit!(unit, super::x86::vnni_u8(d, c8, q, scale, tmul8, &self.all, est)) };
                 return;
             }
             unreachable!("u8 counts only with an int8 table on x86-64");

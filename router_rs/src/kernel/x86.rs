@@ -7,13 +7,15 @@ use super::quant::Dims;
 use super::Folds;
 use std::arch::x86_64::*;
 
+/// Every kernel takes `UNIT_T`: true only where every t_i in `tmul` is 1 (the caller checks).
+///
 /// Decoders per pass: each counts vector loaded serves this many weight rows.
 const GROUP: usize = 4;
 
 macro_rules! vnni_kernel {
     ($name:ident, $c:ty, $t:ty, $load:expr, $step:expr, $dot:ident) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-        pub(crate) unsafe fn $name(
+        pub(crate) unsafe fn $name<const UNIT_T: bool>(
             d: Dims,
             counts: &[$c],
             q: &[$t],
@@ -40,7 +42,7 @@ macro_rules! vnni_kernel {
                         e += $step;
                     }
                     for j in 0..g {
-                        let s = _mm512_set1_ps(*scale.get_unchecked(row[j] * d.layers + i) * *tmul.get_unchecked(i));
+                        let s = _mm512_set1_ps(scaled::<UNIT_T>(scale, row[j] * d.layers + i, tmul, i));
                         acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j]), s, acc[j]);
                     }
                 }
@@ -56,7 +58,7 @@ macro_rules! vnni_kernel {
 macro_rules! avx2_kernel {
     ($name:ident, $t:ty, $load:expr) => {
         #[target_feature(enable = "avx2")]
-        pub(crate) unsafe fn $name(
+        pub(crate) unsafe fn $name<const UNIT_T: bool>(
             d: Dims,
             counts: &[i16],
             q: &[$t],
@@ -83,7 +85,7 @@ macro_rules! avx2_kernel {
                         e += 16;
                     }
                     for j in 0..g {
-                        let s = _mm256_set1_ps(*scale.get_unchecked(row[j] * d.layers + i) * *tmul.get_unchecked(i));
+                        let s = _mm256_set1_ps(scaled::<UNIT_T>(scale, row[j] * d.layers + i, tmul, i));
                         acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_cvtepi32_ps(dot[j]), s));
                     }
                 }
@@ -94,6 +96,18 @@ macro_rules! avx2_kernel {
             }
         }
     };
+}
+
+/// s_ki·t_i; with `UNIT_T` (every t_i is 1, the caller checked) s_ki alone, one load and no
+/// multiply per decoder and layer: measurable where E = 128 gives only two `vpdpbusd` per layer.
+#[inline(always)]
+unsafe fn scaled<const UNIT_T: bool>(scale: &[f32], at: usize, tmul: &[f32], i: usize) -> f32 {
+    let s = *scale.get_unchecked(at);
+    if UNIT_T {
+        s
+    } else {
+        s * *tmul.get_unchecked(i)
+    }
 }
 
 #[target_feature(enable = "avx2")]
