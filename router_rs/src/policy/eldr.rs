@@ -147,22 +147,16 @@ fn floor(s: &Scores, ks: impl Iterator<Item = usize>) -> f64 {
 }
 
 /// [`floor`] after narrowing every interval that reaches it (two-level tables: the int16 row of
-/// each contender; elsewhere the floor itself). The four highest upper ends go first, in one
-/// kernel pass: their int16 intervals lift the floor to about the maximum itself, which most of
-/// the other int8 intervals (a band of two int8 radii below the best estimate) no longer reach.
+/// each contender; elsewhere the floor itself). The highest upper end goes first: its int16
+/// interval lifts the floor to about the maximum itself, which most of the other int8 intervals
+/// (those within two int8 radii of the best estimate) then no longer reach.
 fn narrowed_floor(s: &mut Scores, ks: impl Iterator<Item = usize> + Clone) -> f64 {
     if !s.can_narrow() {
         return floor(s, ks);
     }
-    let mut top = [(f64::NEG_INFINITY, usize::MAX); 4];
-    for k in ks.clone() {
-        let hi = s.hi(k);
-        if hi > top[3].0 {
-            top[3] = (hi, k);
-            top.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-        }
+    if let Some(top) = ks.clone().max_by(|&a, &b| s.hi(a).total_cmp(&s.hi(b))) {
+        s.narrow([top]);
     }
-    s.narrow(top.iter().filter(|t| t.1 != usize::MAX).map(|t| t.1));
     let f = floor(s, ks.clone());
     s.narrow_reaching(ks.clone(), f);
     floor(s, ks)
