@@ -66,10 +66,10 @@ struct Level {
     /// `[W/8][layers][8]` (zeros beyond W), so [`bounds_all`] reads each block's terms as one
     /// contiguous run with eight decoders per load; the row-major copies serve one decoder's
     /// bound.
-    scale_t: Vec<f32>,
-    abs_q_t: Vec<f32>,
-    max_q_t: Vec<f32>,
-    eps_sum_t: Vec<f32>,
+    scale_blk: Vec<f32>,
+    abs_q_blk: Vec<f32>,
+    max_q_blk: Vec<f32>,
+    eps_sum_blk: Vec<f32>,
 }
 
 /// What a request's error bounds need, per kept layer (see [`Quantized::error_bounds`]).
@@ -128,7 +128,7 @@ fn exponent(m: f64, qmax: f64) -> Option<i32> {
 
 impl Level {
     /// The weights idf · row quantised to at most `qmax` in magnitude, or None when one is out of
-    /// the range a power-of-two scale covers.
+    /// the range a power-of-two scale covers (or a bound term out of f32's).
     fn new(rows: &[f32], idf: &[f32], workers: usize, layers: usize, experts: usize, epad: usize, int8: bool) -> Option<Self> {
         let dim = layers * experts;
         let qmax = if int8 { 127.0 } else { 32767.0 };
@@ -174,14 +174,18 @@ impl Level {
         } else {
             Table::I16(q.iter().map(|&v| v as i16).collect())
         };
+        // f32 terms past f32's range (weights near f32::MAX): every score is computed exactly.
+        if abs_q.iter().chain(&max_q).chain(&eps_sum).any(|v| !v.is_finite()) {
+            return None;
+        }
         // Block b, layer i, lane l holds decoder k = b·8 + l.
         let blocks = workers.div_ceil(BOUND_LANES);
         let t = |v: &[f32]| -> Vec<f32> {
             let at = |j: usize| (j / (layers * BOUND_LANES) * BOUND_LANES + j % BOUND_LANES, j / BOUND_LANES % layers);
             (0..blocks * layers * BOUND_LANES).map(at).map(|(k, i)| if k < workers { v[k * layers + i] } else { 0.0 }).collect()
         };
-        let (scale_t, abs_q_t, max_q_t, eps_sum_t) = (t(&scale), t(&abs_q), t(&max_q), t(&eps_sum));
-        Some(Self { table, scale, abs_q, max_q, eps_norm, eps_sum, scale_t, abs_q_t, max_q_t, eps_sum_t })
+        let (scale_blk, abs_q_blk, max_q_blk, eps_sum_blk) = (t(&scale), t(&abs_q), t(&max_q), t(&eps_sum));
+        Some(Self { table, scale, abs_q, max_q, eps_norm, eps_sum, scale_blk, abs_q_blk, max_q_blk, eps_sum_blk })
     }
 
     /// Estimated Σ c·w of decoders `rows` into `est` (the same length).
@@ -242,7 +246,7 @@ fn dot32(a: &[f32], b: &[f64]) -> f64 {
 }
 
 /// The Cauchy–Schwarz part of a decoder's bound: ‖c − μ‖₂·‖ε_k‖₂ plus a margin for the
-/// correction's own rounding, ≤ 2⁻²⁴·worst from `eps_sum_t`'s f32 (see there) and ≤
+/// correction's own rounding, ≤ 2⁻²⁴·worst from `eps_sum`'s f32 (see there) and ≤
 /// (E + layers + 2)·ε_f64·worst from f64 (|ε| ≤ s/2 and μ_i·E = Σ_e c): 1e-7·worst covers both.
 #[inline]
 fn cs_bound(dnorm: f64, eps_norm: f64, worst: f64) -> f64 {
@@ -250,8 +254,8 @@ fn cs_bound(dnorm: f64, eps_norm: f64, worst: f64) -> f64 {
 }
 
 /// Every decoder's (correction, bound) of [`Quantized::error_bounds`] into `corr` and `out`:
-/// eight decoders at a time, their sums in registers, along the transposed terms (no
-/// per-decoder horizontal sums).
+/// eight decoders at a time, their sums in registers, along the blocked terms (no per-decoder
+/// horizontal sums).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
 fn bounds_all(level: &Level, t: &Terms, narrowed: bool, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
     const N: usize = BOUND_LANES;
@@ -261,7 +265,7 @@ fn bounds_all(level: &Level, t: &Terms, narrowed: bool, corr: &mut Vec<f64>, out
     out.clear();
     for k0 in (0..w).step_by(N) {
         let block = k0 * layers..(k0 + N) * layers;
-        let (s, e, m) = (&level.scale_t[block.clone()], &level.eps_sum_t[block.clone()], &level.max_q_t[block.clone()]);
+        let (s, e, m) = (&level.scale_blk[block.clone()], &level.eps_sum_blk[block.clone()], &level.max_q_blk[block.clone()]);
         let (mut worst, mut cor, mut rest) = ([0.0f64; N], [0.0f64; N], [0.0f64; N]);
         let terms = s.chunks_exact(N).zip(e.chunks_exact(N)).zip(m.chunks_exact(N));
         for (((s, e), m), ((&h, &mu), &r)) in terms.zip(t.h.iter().zip(t.mu).zip(t.r)) {
@@ -272,7 +276,7 @@ fn bounds_all(level: &Level, t: &Terms, narrowed: bool, corr: &mut Vec<f64>, out
             }
         }
         if narrowed {
-            for (a, &g) in level.abs_q_t[block].chunks_exact(N).zip(t.g) {
+            for (a, &g) in level.abs_q_blk[block].chunks_exact(N).zip(t.g) {
                 for l in 0..N {
                     rest[l] += a[l] as f64 * g;
                 }

@@ -2,13 +2,12 @@
 //! `-C target-cpu=native` build runs the same code as a generic one. Each (decoder, layer) dot of
 //! int16 counts with int16/int8 weights (u8 counts with int8 weights on VNNI) accumulates in i32
 //! lanes (no overflow: counts are kept under `Quantized::count_limit`), is converted to f32 and
-//! scaled by an exact power of two.
+//! scaled by an exact power of two. Each kernel takes `UNIT_T`: true only where every count
+//! divisor t_i in `tmul` is 1 (the caller checks).
 use super::quant::Dims;
 use super::Folds;
 use std::arch::x86_64::*;
 
-/// Every kernel takes `UNIT_T`: true only where every t_i in `tmul` is 1 (the caller checks).
-///
 /// Decoders per pass: each counts vector loaded serves this many weight rows.
 const GROUP: usize = 4;
 
