@@ -9,6 +9,8 @@ streaming /generate, the held-out prompts) measures four routes in shuffled orde
   SGLang's default decode allocation policy (`early`), behind smg 1.13.0 (SGLang Model Gateway) in
   PD mode with round_robin: it sends each request to a prefill and a decoder at once.
 * `eldr-servers-smg`: this project's servers (capture on, `prefill_complete`) behind the same smg.
+* `stock-smg-b` (interleaved runs only): an A/A control, the second cluster started with the stock
+  servers too; its ratio to `stock-smg` is the bias between two identical clusters on these cores.
 * `eldr-router-eldr`, `eldr-router-jsq`: those servers behind this router, deciding after prefill
   (`--no-early-first-token`: the client's first token comes from the decoder, as in stock PD).
 * `eldr-router-eldr-early`: the same with the early first token (the prefill's own first chunk is
@@ -59,6 +61,9 @@ EVAL = ROOT / "bench" / "data" / "prompts_eval.jsonl"
 SMG = ROOT / ".venv" / "smg" / "bin" / "smg"
 ROUTES = ["stock-smg", "eldr-servers-smg", "eldr-router-eldr", "eldr-router-jsq", "eldr-router-eldr-early"]
 DEFAULT_ROUTES = ROUTES[:4]
+# `stock-smg-b`: stock servers on the second cluster too, behind its own smg (interleaved runs only):
+# an A/A control whose ratio to stock-smg is the bias between the two clusters' processes.
+INTERLEAVE_ROUTES = ROUTES[:4] + ["stock-smg-b"]
 METRICS = {"ttft_p50_ms": "median_ttft_ms", "ttft_p99_ms": "p99_ttft_ms", "tpot_p50_ms": "median_tpot_ms",
            "tpot_p99_ms": "p99_tpot_ms", "output_tok_s": "output_throughput", "e2e_p50_ms": "median_e2e_latency_ms",
            "e2e_p99_ms": "p99_e2e_latency_ms", "itl_p50_ms": "median_itl_ms"}
@@ -216,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                          "--interleave-routes at once on the same prompts, each prompt once per route in a random "
                          "order, so the machine's drift cancels in the paired ratio (default: 0; --repeats 0 runs "
                          "only these)")
-    ap.add_argument("--interleave-routes", nargs="+", choices=ROUTES[:4], default=["stock-smg", "eldr-router-eldr"],
-                    help="routes of the interleaved runs, at most one eldr-router-* (default: stock-smg eldr-router-eldr)")
+    ap.add_argument("--interleave-routes", nargs="+", choices=INTERLEAVE_ROUTES, default=["stock-smg", "eldr-router-eldr"],
+                    help="routes of the interleaved runs, at most one eldr-router-* (default: stock-smg eldr-router-eldr); "
+                         "stock-smg stock-smg-b runs an A/A pair: the second cluster with the stock servers too "
+                         "(with --repeats 0 only)")
     ap.add_argument("--interleave-rates", type=float, nargs="+", default=[1.0],
                     help="Poisson rate per route of the interleaved runs, req/s; 0 means one request at a time, "
                          "each route's bare path with nothing queued (default: 1)")
@@ -247,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         args.interleave, args.interleave_groups, args.interleave_rates = 1, 6, [1.0]
     if sum(r.startswith("eldr-router-") for r in args.interleave_routes) > 1:
         ap.error("--interleave-routes takes at most one eldr-router-* route (one router runs at a time)")
+    aa = "stock-smg-b" in args.interleave_routes
+    if aa and (args.repeats or set(args.interleave_routes) != {"stock-smg", "stock-smg-b"}):
+        ap.error("stock-smg-b is an A/A control: --interleave-routes stock-smg stock-smg-b with --repeats 0")
     if "eldr-router-eldr-early" in args.routes and args.backend != "sglang-oai-chat":
         ap.error("eldr-router-eldr-early needs --backend sglang-oai-chat (the early first token is for OpenAI endpoints)")
     work = Path(tempfile.mkdtemp(prefix="eldr-ttft-"))
@@ -254,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     custom_dataset(EVAL, dataset)
     started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stock_args = {"extra_server_args": ["--no-eldr-capture"], "decode_allocation_policy": None, "policy": "jsq"}
     stock = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, host=args.host,
-                    log_dir=work / "stock", extra_server_args=["--no-eldr-capture"], decode_allocation_policy=None,
-                    policy="jsq")
+                    log_dir=work / "stock", **stock_args)
     eldr = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, host=args.host,
-                   log_dir=work / "eldr")
+                   log_dir=work / "eldr", **(stock_args if aa else {}))
     for c in (stock, eldr):
         c.log_dir.mkdir(parents=True, exist_ok=True)
     centroids = MODEL / f"eldr-centroids-{args.decoders}d.eldr"
@@ -272,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             smgs.append(smg_stock)
             smg_eldr = Smg(eldr, args.host, work / "smg-eldr.log")
             smgs.append(smg_eldr)
-            if not centroids.exists():
+            if not aa and not centroids.exists():
                 centroids = eldr.calibrate(ROOT / "bench" / "data" / "prompts_calib.jsonl")
             print(f"clusters and smg up in {time.monotonic() - started:.0f} s", flush=True)
             rng = random.Random(args.seed)
@@ -328,7 +338,7 @@ def run_interleaved_mode(args: argparse.Namespace, stock: Cluster, eldr: Cluster
                          centroids: Path) -> dict:
     """The interleaved runs: every route up at once (one router), caches flushed before each run,
     two unrecorded warm-up groups first."""
-    urls = {"stock-smg": smg_stock.url, "eldr-servers-smg": smg_eldr.url}
+    urls = {"stock-smg": smg_stock.url, "eldr-servers-smg": smg_eldr.url, "stock-smg-b": smg_eldr.url}
     router = next((r for r in args.interleave_routes if r.startswith("eldr-router-")), None)
     if router:
         urls[router] = eldr.start_router(policy=router.removeprefix("eldr-router-"), centroids=str(centroids),
