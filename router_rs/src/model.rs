@@ -5,7 +5,7 @@ use crate::centroids::Centroids;
 use crate::error::{Result, RouterError};
 use crate::kernel::{self, exact};
 use crate::kernel::quant::{Precision, Quantized, Terms};
-use crate::kernel::Folds;
+use crate::kernel::{Extremes, Folds};
 use crate::signature::{check_finite, CountValue, SignatureSpec};
 use multiversion::multiversion;
 
@@ -166,66 +166,88 @@ impl LocalityModel {
         let mut squares = [0.0f64; exact::LANES];
         let mut sq_fast = [0.0f64; 16];
         let limit = q.count_limit();
-        let fast_any = T::as_i32s(counts).is_some_and(|c32| {
+        let fast = T::as_i32s(counts).and_then(|c32| {
             let c8 = u8_first.then_some(&mut buf.c8[..]);
             kernel::prepare_i32(q.isa(), c32, kept, (e, epad), &self.idf32, &mut sq_fast, &mut buf.c16, c8, &mut buf.folds)
         });
-        if !fast_any {
+        let fast_any = fast.is_some();
+        let extremes = fast.unwrap_or_else(|| {
             buf.folds.clear();
+            let mut x = Extremes::default();
             for (i, &l) in kept.iter().enumerate() {
                 let c16 = &mut buf.c16[i * epad..][..e];
-                buf.folds.push(prepare_layer(&counts[l * e..(l + 1) * e], &self.idf64[i * e..][..e], i * e % exact::LANES, &mut squares, c16));
+                let (f, fx) = prepare_layer(&counts[l * e..(l + 1) * e], &self.idf64[i * e..][..e], i * e % exact::LANES, &mut squares, c16);
+                buf.folds.push(f);
+                x = x.merge(fx);
             }
-        }
-        let mut negative = self.spec.dropped_negative(counts);
-        let mut d2 = 0.0f64;
-        for (i, (&l, f)) in kept.iter().zip(&buf.folds).enumerate() {
-            let c = &counts[l * e..(l + 1) * e];
-            let (sum16, max16) = (f.sum, f.max);
-            negative |= f.negative;
-            if negative {
-                continue;
-            }
-            // t = 2^m, the smallest with round(max / t) ≤ limit: m = 0 for all but huge prompts,
-            // and then nothing was clamped and the int16 sums are the counts' own.
-            let mut m = 0u32;
-            let (mut sum, mut sumsq, mut max) = (sum16 as f64, f.sumsq as f64, max16 as u64);
-            if max16 as u64 > limit || max16 == i16::MAX {
-                max = c.iter().fold(0u64, |a, v| a.max(v.as_u64()));
-                m = shift_for(max, limit);
-                sum = c.iter().map(|v| v.as_f64()).sum();
-                sumsq = c.iter().map(|v| v.as_f64() * v.as_f64()).sum();
-            } else if e as u64 * max * max > i32::MAX as u64 {
-                sumsq = c.iter().map(|v| v.as_f64() * v.as_f64()).sum(); // the i32 fold may have wrapped
-            }
-            // ‖c − μ‖² = Σc² − μ·Σc, plus a margin for its f64 rounding (and for Σc, Σc² summed in
-            // f64 above): (E + 4)·ε_f64·Σc² bounds both.
-            let mu = sum / e as f64;
-            d2 += (sumsq - mu * sum).max(0.0) + (e as f64 + 4.0) * f64::EPSILON * sumsq;
-            buf.mu.push(mu);
-            let narrowed = if m == 0 { sum } else { narrow(c, m, &mut buf.c16[i * epad..][..e]) };
-            // The 1e-12 covers the rounding of the f64 sums (an upper bound is all the bound needs).
-            buf.h.push(sum / 2.0 * (1.0 + 1e-12));
-            buf.t16.push(m, narrowed, q.rounding());
-            if u8_first {
-                // The same for the int8 table's u8 counts: t8 = 2^m8 with round(max / t8) ≤ 255
-                // (m8 = 0 for prompts of up to a few thousand tokens, and then c8 = c16 = c).
-                let m8 = shift_for(max, u8::MAX as u64);
-                let c8 = &mut buf.c8[i * epad..][..e];
-                let narrowed8 = if m8 == 0 && m == 0 {
-                    if !fast_any {
-                        for (o, &v) in c8.iter_mut().zip(&buf.c16[i * epad..][..e]) {
-                            *o = v as u8;
-                        }
-                    } // else the SIMD pass wrote them (max ≤ 255: none clamped)
-                    sum
-                } else {
-                    narrow(c, m8, c8)
-                };
-                buf.t8.push(m8, narrowed8, q.rounding());
-            }
-        }
+            x
+        });
+        let negative = extremes.negative || self.spec.dropped_negative(counts);
         self.spec.check_sign(counts, negative)?;
+        let max16 = extremes.max as u64;
+        let rho = q.rounding();
+        // Every prompt but a huge one: no count above the kernel's limit (nor, with u8 counts,
+        // above 255) and no i32 fold that may have wrapped, so every t_i is 1 and the int16
+        // sums are the counts' own; the terms then come from the folds alone, layer-parallel.
+        let u8_limit = if u8_first { u8::MAX as u64 } else { u64::MAX };
+        let plain = max16 <= limit.min(u8_limit) && extremes.max < i16::MAX && e as u64 * max16 * max16 <= i32::MAX as u64;
+        let mut d2 = 0.0f64;
+        if plain {
+            let ef = e as f64;
+            buf.mu.extend(buf.folds.iter().map(|f| f.sum as f64 / ef));
+            buf.h.extend(buf.folds.iter().map(|f| f.sum as f64 / 2.0 * (1.0 + 1e-12)));
+            d2 = buf.folds.iter().zip(&buf.mu).map(|(f, &mu)| centred_square(f.sum as f64, f.sumsq as f64, mu, e)).sum();
+            buf.t16.extend_unit(&buf.folds, rho);
+            if u8_first {
+                buf.t8.extend_unit(&buf.folds, rho);
+            }
+        } else {
+            for (i, (&l, f)) in kept.iter().zip(&buf.folds).enumerate() {
+                let c = &counts[l * e..(l + 1) * e];
+                let max16 = buf.c16[i * epad..][..e].iter().fold(0i16, |m, &v| m.max(v));
+                // t = 2^m, the smallest with round(max / t) ≤ limit: m = 0 but for huge prompts,
+                // and then nothing was clamped and the int16 sums are the counts' own.
+                let mut m = 0u32;
+                let (mut sum, mut sumsq, mut max) = (f.sum as f64, f.sumsq as f64, max16 as u64);
+                if max16 as u64 > limit || max16 == i16::MAX {
+                    max = c.iter().fold(0u64, |a, v| a.max(v.as_u64()));
+                    m = shift_for(max, limit);
+                    sum = c.iter().map(|v| v.as_f64()).sum();
+                    sumsq = c.iter().map(|v| v.as_f64() * v.as_f64()).sum();
+                } else if e as u64 * max * max > i32::MAX as u64 {
+                    sumsq = c.iter().map(|v| v.as_f64() * v.as_f64()).sum(); // the i32 fold may have wrapped
+                }
+                let mu = sum / e as f64;
+                d2 += centred_square(sum, sumsq, mu, e);
+                buf.mu.push(mu);
+                let narrowed = if m == 0 { sum } else { narrow(c, m, &mut buf.c16[i * epad..][..e]) };
+                // The 1e-12 covers the rounding of the f64 sums (an upper bound is all the bound needs).
+                buf.h.push(sum / 2.0 * (1.0 + 1e-12));
+                buf.t16.push(m, narrowed, rho);
+                if u8_first {
+                    // The same for the int8 table's u8 counts: t8 = 2^m8 with round(max / t8) ≤ 255
+                    // (m8 = 0 for prompts of up to a few thousand tokens, and then c8 = c16 = c).
+                    let m8 = shift_for(max, u8::MAX as u64);
+                    let c8 = &mut buf.c8[i * epad..][..e];
+                    let narrowed8 = if m8 == 0 && m == 0 {
+                        if !fast_any {
+                            for (o, &v) in c8.iter_mut().zip(&buf.c16[i * epad..][..e]) {
+                                *o = v as u8;
+                            }
+                        } // else the SIMD pass wrote them (max ≤ 255: none clamped)
+                        sum
+                    } else {
+                        narrow(c, m8, c8)
+                    };
+                    buf.t8.push(m8, narrowed8, rho);
+                }
+            }
+        }
+        if plain && u8_first && !fast_any {
+            for (o, &v) in buf.c8.iter_mut().zip(&buf.c16) {
+                *o = v as u8;
+            }
+        }
         buf.x_ready = false;
         let n2 = exact::reduce(squares);
         if !fast_any {
@@ -308,7 +330,7 @@ impl LocalityModel {
 /// Σ c16², max c16 and whether a count was negative: Σ c, Σ c² and max c themselves whenever
 /// none was and max c16 < i16::MAX.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> Folds {
+fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &mut [f64; exact::LANES], c16: &mut [i16]) -> (Folds, Extremes) {
     const N: usize = exact::LANES;
     let head = ((N - offset) % N).min(c.len());
     for j in 0..head {
@@ -339,7 +361,14 @@ fn prepare_layer<T: CountValue>(c: &[T], idf: &[f64], offset: usize, squares: &m
         c16.iter().map(|&v| v as i64).sum()
     };
     let sumsq = c16.iter().fold(0i32, |a, &v| a.wrapping_add(v as i32 * v as i32));
-    Folds { sum, sumsq, max, negative }
+    (Folds { sum, sumsq }, Extremes { max, negative })
+}
+
+/// ‖c − μ‖² of one layer from Σc, Σc² and μ = Σc / E: Σc² − μ·Σc, plus a margin for its f64
+/// rounding (and for Σc, Σc² summed in f64): (E + 4)·ε_f64·Σc² bounds both.
+#[inline]
+fn centred_square(sum: f64, sumsq: f64, mu: f64, e: usize) -> f64 {
+    (sumsq - mu * sum).max(0.0) + (e as f64 + 4.0) * f64::EPSILON * sumsq
 }
 
 /// A score's interval (centre, radius) from the estimate of Σ c·w, its bound, the range the norm
@@ -437,6 +466,12 @@ impl CountTerms {
         self.tmul.clear();
         self.g.clear();
         self.r.clear();
+    }
+    /// [`push`](Self::push) with m = 0 for every layer, from the folds' sums.
+    fn extend_unit(&mut self, folds: &[Folds], rho: f64) {
+        self.tmul.resize(folds.len(), 1.0);
+        self.g.resize(folds.len(), 0.0);
+        self.r.extend(folds.iter().map(|f| rho * 1.0 * f.sum as f64 * (1.0 + 1e-12)));
     }
     fn push(&mut self, m: u32, scaled_sum: f64, rho: f64) {
         let t = pow2(m);
@@ -613,16 +648,20 @@ mod tests {
                 let mut c8 = vec![0u8; n];
                 let want8 = isa == Isa::Avx512Vnni;
                 let mut folds = Vec::new();
-                if !kernel::prepare_i32(isa, c32, &[0], (n, n), &idf, &mut sq_fast, &mut c16_fast, want8.then_some(&mut c8[..]), &mut folds) {
+                let Some(extremes) = kernel::prepare_i32(isa, c32, &[0], (n, n), &idf, &mut sq_fast, &mut c16_fast, want8.then_some(&mut c8[..]), &mut folds) else {
                     assert_eq!(isa, Isa::Portable);
                     continue;
-                }
-                let fast = folds[0];
+                };
                 let reference = prepare_layer(&c, &idf64, 0, &mut sq_ref, &mut c16_ref);
-                assert_eq!(fast, reference, "{isa:?} n={n}");
-                assert_eq!(c16_fast, c16_ref, "{isa:?} n={n}");
+                assert_eq!(extremes, reference.1, "{isa:?} n={n}");
+                // Negative counts (refused by the caller) leave their int16 and u8, and the
+                // layer's sums, unspecified.
+                if !extremes.negative {
+                    assert_eq!(folds[0], reference.0, "{isa:?} n={n}");
+                }
+                let keep = |v: &[i16]| v.iter().zip(&c).filter(|(_, &x)| x >= 0).map(|(&u, _)| u).collect::<Vec<i16>>();
+                assert_eq!(keep(&c16_fast), keep(&c16_ref), "{isa:?} n={n}");
                 if want8 {
-                    // Negative counts (refused by the caller) leave their u8 unspecified.
                     let keep = |v: &Vec<u8>| v.iter().zip(&c).filter(|(_, &x)| x >= 0).map(|(&u, _)| u).collect::<Vec<u8>>();
                     let c8_ref: Vec<u8> = c.iter().map(|&v| v.clamp(0, 255) as u8).collect();
                     assert_eq!(keep(&c8), keep(&c8_ref), "{isa:?} n={n}");

@@ -46,23 +46,37 @@ impl Isa {
     }
 }
 
-/// What the counts pass folds out of one layer's int16 counts c16: Σ, Σ c16² and max (from 0),
-/// and whether a count was negative. `sumsq` is summed in wrapping i32 (the same bits in any
-/// order): exact while len · max² < 2^31 (the caller recomputes it from the counts otherwise).
+/// What the counts pass folds out of one layer's int16 counts c16: Σ and Σ c16². `sumsq` is
+/// summed in wrapping i32 (the same bits in any order): exact while len · max² < 2^31 (the
+/// caller recomputes it from the counts otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Folds {
     pub sum: i64,
     pub sumsq: i32,
+}
+
+/// What the counts pass folds out of every kept layer at once: the largest int16 count (from 0)
+/// and whether a count was negative. One pair per request, so the common case (no count above
+/// the kernel's limit, none negative) is settled with one comparison instead of one per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Extremes {
     pub max: i16,
     pub negative: bool,
 }
 
+impl Extremes {
+    pub fn merge(self, other: Extremes) -> Extremes {
+        Extremes { max: self.max.max(other.max), negative: self.negative | other.negative }
+    }
+}
+
 /// The explicit-SIMD counts pass over the kept layers of i32 counts `[layers][e]`
-/// (`x86::prepare_i32_avx512`), one call per request: for the i-th kept layer l, an f32 estimate
-/// of Σ (c_l·idf_i)² added to `sq` (relative error within [`norm_rho`]), the int16 counts at
-/// `c16[i·epad..][..e]` (and the u8 ones, min(c, 255), in `c8` where given: AVX-512 only), and
-/// the layer's folds pushed to `folds`. False where it does not apply (then the caller's generic
-/// loop computes the rule's own f64 squares).
+/// (`x86::prepare_layers_avx512`), one call per request: for the i-th kept layer l, an f32
+/// estimate of Σ (c_l·idf_i)² added to `sq` (relative error within [`norm_rho`]), the int16
+/// counts min(c, i16::MAX) at `c16[i·epad..][..e]` (and the u8 ones, min(c, 255), in `c8` where
+/// given: AVX-512 only; a negative count, which the caller refuses, leaves both unspecified),
+/// and the layer's folds in `folds` (resized to the kept layers); returns the extremes over every kept layer. None
+/// where it does not apply (then the caller's generic loop computes the rule's own f64 squares).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn prepare_i32(
     isa: Isa,
@@ -74,7 +88,7 @@ pub(crate) fn prepare_i32(
     c16: &mut [i16],
     c8: Option<&mut [u8]>,
     folds: &mut Vec<Folds>,
-) -> bool {
+) -> Option<Extremes> {
     let n = kept.len();
     if e > 1 << 16
         || epad < e
@@ -83,29 +97,23 @@ pub(crate) fn prepare_i32(
         || c8.as_ref().is_some_and(|c8| c8.len() < n * epad)
         || kept.iter().any(|&l| (l + 1) * e > c.len())
     {
-        return false;
+        return None;
     }
     folds.clear();
-    folds.reserve(n);
+    folds.resize(n, Folds { sum: 0, sumsq: 0 });
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the ISA was detected at run time and every layer's slices were checked above.
         unsafe {
             match isa {
-                Isa::Avx512Vnni => {
-                    x86::prepare_layers_avx512(c, kept, (e, epad), idf, sq, c16, c8, folds);
-                    return true;
-                }
-                Isa::Avx2 if c8.is_none() => {
-                    x86::prepare_layers_avx2(c, kept, (e, epad), idf, sq, c16, folds);
-                    return true;
-                }
+                Isa::Avx512Vnni => return Some(x86::prepare_layers_avx512(c, kept, (e, epad), idf, sq, c16, c8, folds)),
+                Isa::Avx2 if c8.is_none() => return Some(x86::prepare_layers_avx2(c, kept, (e, epad), idf, sq, c16, folds)),
                 Isa::Avx2 | Isa::Portable => {}
             }
         }
     }
     let _ = (isa, sq, c8);
-    false
+    None
 }
 
 /// Bound on the relative error of [`prepare_i32`]'s Σ (c·idf)² for layers of `experts` counts:

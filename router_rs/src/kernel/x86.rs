@@ -5,7 +5,7 @@
 //! scaled by an exact power of two. Each kernel takes `UNIT_T`: true only where every count
 //! divisor t_i in `tmul` is 1 (the caller checks).
 use super::quant::Dims;
-use super::Folds;
+use super::{Extremes, Folds};
 use std::arch::x86_64::*;
 
 /// Decoders per pass: each counts vector loaded serves this many weight rows.
@@ -141,9 +141,10 @@ avx2_kernel!(avx2_i16, i16, load256_i16);
 avx2_kernel!(avx2_i8, i8, load256_i8);
 
 /// [`super::prepare_i32`] on AVX-512: [`prepare_i32_avx512`] per kept layer, inlined into one
-/// loop (a call per layer, with its folds returned through memory, cost more than the pass).
+/// loop (a call per layer, with its folds returned through memory, cost more than the pass),
+/// the extremes kept in registers across layers and reduced once.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(crate) unsafe fn prepare_layers_avx512(
     c: &[i32],
     kept: &[usize],
@@ -151,43 +152,71 @@ pub(crate) unsafe fn prepare_layers_avx512(
     idf: &[f32],
     sq: &mut [f64; 16],
     c16: &mut [i16],
-    mut c8: Option<&mut [u8]>,
-    folds: &mut Vec<Folds>,
-) {
-    for (i, &l) in kept.iter().enumerate() {
-        let c8 = c8.as_deref_mut().map(|c8| &mut c8[i * epad..][..e]);
-        folds.push(prepare_i32_avx512(&c[l * e..][..e], &idf[i * e..][..e], sq, &mut c16[i * epad..][..e], c8));
+    c8: Option<&mut [u8]>,
+    folds: &mut [Folds],
+) -> Extremes {
+    // Raw pointers and register accumulators: an opaque call in this loop (a closure over `c8`)
+    // spilled them, and the f64 lanes of `sq` then chained through memory from layer to layer.
+    let c8p = c8.map(|c8| c8.as_mut_ptr());
+    let (mut vmax, mut vneg) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let sp = sq.as_mut_ptr();
+    let mut acc = [_mm512_loadu_pd(sp), _mm512_loadu_pd(sp.add(8))];
+    let mut tails = Extremes::default();
+    for (i, (&l, f)) in kept.iter().zip(folds.iter_mut()).enumerate() {
+        let c8 = c8p.map(|p| p.add(i * epad));
+        let (cl, il, ol) = (c.as_ptr().add(l * e), idf.as_ptr().add(i * e), c16.as_mut_ptr().add(i * epad));
+        let t;
+        (*f, t) = prepare_i32_avx512(e, cl, il, &mut acc, ol, c8, &mut vmax, &mut vneg);
+        tails = tails.merge(t);
     }
+    _mm512_storeu_pd(sp, acc[0]);
+    _mm512_storeu_pd(sp.add(8), acc[1]);
+    let mut lanes = [0i16; 32];
+    _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, vmax);
+    let max = lanes.iter().fold(0i16, |m, &v| m.max(v));
+    Extremes { max, negative: _mm512_movepi16_mask(vneg) != 0 }.merge(tails)
 }
 
 /// [`prepare_layers_avx512`] on AVX2.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn prepare_layers_avx2(c: &[i32], kept: &[usize], (e, epad): (usize, usize), idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], folds: &mut Vec<Folds>) {
-    for (i, &l) in kept.iter().enumerate() {
-        folds.push(prepare_i32_avx2(&c[l * e..][..e], &idf[i * e..][..e], sq, &mut c16[i * epad..][..e]));
+pub(crate) unsafe fn prepare_layers_avx2(c: &[i32], kept: &[usize], (e, epad): (usize, usize), idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], folds: &mut [Folds]) -> Extremes {
+    let mut ext = Extremes::default();
+    for (i, (&l, f)) in kept.iter().zip(folds.iter_mut()).enumerate() {
+        let x;
+        (*f, x) = prepare_i32_avx2(&c[l * e..][..e], &idf[i * e..][..e], sq, &mut c16[i * epad..][..e]);
+        ext = ext.merge(x);
     }
+    ext
 }
 
-/// The counts pass for one layer's i32 counts: adds an f32 estimate of Σ (c·idf)² to `sq` (f32
-/// products and sums within the call, two chains, flushed to 16 f64 lanes at its end; each
-/// lane's f32 part takes at most ⌈len/32⌉ + 1 roundings, `super::norm_rho` bounds the relative
-/// error), writes clamp(c, −1, i16::MAX) to `c16` (and min(c, 255) to `c8` if given; a negative
-/// count, which the caller refuses, leaves its u8 unspecified) and returns the folds of what it
-/// wrote to `c16`. Per 32 counts: one saturating pack to int16 (`vpmovsdw`), then Σ and Σ c² of
-/// the packed pairs (`vpmaddwd` with ones and with itself), the sign bits OR-ed, and the u8
-/// counts from the packed ones (`vpmovuswb`).
-/// Needs `c.len() ≤ 65 536` (the i32 sum).
+/// The counts pass for one layer's `len` i32 counts at `cp` (IDF at `wp`): adds an f32 estimate
+/// of Σ (c·idf)² to the 16 f64 lanes `sq` (f32 products and sums within the call, two chains,
+/// flushed to `sq` at its end; each lane's f32 part takes at most ⌈len/32⌉ + 1 roundings,
+/// `super::norm_rho` bounds the relative error), writes min(c, i16::MAX) to `op` (and min(c, 255)
+/// to `u8p` if given; a negative count, which the caller refuses, leaves both unspecified) and
+/// returns the folds of what it wrote to `op`, with the max and sign bits of its first
+/// ⌊len/32⌋·32 packed counts folded into `vmax` and `vneg` (the tail's extremes returned). Per 32
+/// counts: one saturating pack to int16 (`vpmovsdw`: a negative count stays negative), then Σ and
+/// Σ c² of the packed pairs (`vpdpwssd` with ones and with itself), and the u8 counts from the
+/// packed ones (`vpmovuswb`). Needs `len ≤ 65 536` (the i32 sum).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16], c8: Option<&mut [u8]>) -> Folds {
-    debug_assert!(c.len() == idf.len() && c.len() == c16.len() && c.len() <= 1 << 16);
-    debug_assert!(c8.as_ref().is_none_or(|c8| c8.len() == c.len()));
-    let n = c.len() / 32 * 32;
-    let (cp, wp, op) = (c.as_ptr(), idf.as_ptr(), c16.as_mut_ptr());
-    let u8p = c8.map(|c8| c8.as_mut_ptr());
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn prepare_i32_avx512(
+    len: usize,
+    cp: *const i32,
+    wp: *const f32,
+    sq: &mut [__m512d; 2],
+    op: *mut i16,
+    u8p: Option<*mut u8>,
+    vmax: &mut __m512i,
+    vneg: &mut __m512i,
+) -> (Folds, Extremes) {
+    debug_assert!(len <= 1 << 16);
+    let n = len / 32 * 32;
     let mut acc = [_mm512_setzero_ps(); 2];
-    let (lo, ones) = (_mm512_set1_epi32(-1), _mm512_set1_epi16(1));
-    let (mut vmax, mut vneg, mut vsum, mut vsq) = (_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512());
+    let ones = _mm512_set1_epi16(1);
+    let (mut vsum, mut vsq) = (_mm512_setzero_si512(), _mm512_setzero_si512());
     let mut j = 0;
     while j < n {
         let mut packed = [_mm256_setzero_si256(); 2];
@@ -195,43 +224,59 @@ unsafe fn prepare_i32_avx512(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &m
             let v = _mm512_loadu_si512(cp.add(j + 16 * h) as *const _);
             let x = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(wp.add(j + 16 * h)));
             acc[h] = _mm512_fmadd_ps(x, x, acc[h]);
-            let k = _mm512_max_epi32(v, lo);
-            vmax = _mm512_max_epi32(vmax, k);
-            *out = _mm512_cvtsepi32_epi16(k);
+            *out = _mm512_cvtsepi32_epi16(v);
         }
         let v16 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed[0]), packed[1]);
         _mm512_storeu_si512(op.add(j) as *mut _, v16);
-        vneg = _mm512_or_si512(vneg, v16);
-        vsum = _mm512_add_epi32(vsum, _mm512_madd_epi16(v16, ones));
-        vsq = _mm512_add_epi32(vsq, _mm512_madd_epi16(v16, v16));
+        *vneg = _mm512_or_si512(*vneg, v16);
+        *vmax = _mm512_max_epi16(*vmax, v16);
+        vsum = _mm512_dpwssd_epi32(vsum, v16, ones);
+        vsq = _mm512_dpwssd_epi32(vsq, v16, v16);
         if let Some(p) = u8p {
             _mm256_storeu_si256(p.add(j) as *mut __m256i, _mm512_cvtusepi16_epi8(v16));
         }
         j += 32;
     }
     let total = _mm512_add_ps(acc[0], acc[1]);
-    let sp = sq.as_mut_ptr();
-    _mm512_storeu_pd(sp, _mm512_add_pd(_mm512_loadu_pd(sp), _mm512_cvtps_pd(_mm512_castps512_ps256(total))));
-    let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(total)));
-    _mm512_storeu_pd(sp.add(8), _mm512_add_pd(_mm512_loadu_pd(sp.add(8)), _mm512_cvtps_pd(upper)));
-    let folds = Folds {
-        sum: _mm512_reduce_add_epi32(vsum) as i64,
-        sumsq: _mm512_reduce_add_epi32(vsq),
-        max: _mm512_reduce_max_epi32(vmax).min(i16::MAX as i32) as i16,
-        negative: _mm512_movepi16_mask(vneg) != 0,
-    };
+    sq[0] = _mm512_add_pd(sq[0], _mm512_cvtps_pd(_mm512_castps512_ps256(total)));
+    sq[1] = _mm512_add_pd(sq[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(total)))));
+    let (sum, sumsq) = reduce_pair(vsum, vsq);
+    let c = std::slice::from_raw_parts(cp, len);
     if let Some(p) = u8p {
         for (t, &v) in c.iter().enumerate().skip(n) {
             *p.add(t) = v.clamp(0, u8::MAX as i32) as u8;
         }
     }
-    prepare_tail(c, idf, n, sq, c16, folds)
+    if n == len {
+        return (Folds { sum: sum as i64, sumsq }, Extremes::default());
+    }
+    let mut lanes = [0.0f64; 16];
+    let tail = prepare_tail(c, std::slice::from_raw_parts(wp, len), n, &mut lanes, std::slice::from_raw_parts_mut(op, len), (Folds { sum: sum as i64, sumsq }, Extremes::default()));
+    sq[0] = _mm512_add_pd(sq[0], _mm512_loadu_pd(lanes.as_ptr()));
+    sq[1] = _mm512_add_pd(sq[1], _mm512_loadu_pd(lanes.as_ptr().add(8)));
+    tail
 }
 
-/// [`prepare_i32_avx512`] on AVX2 (eight-lane chains, flushed to the same 16 f64 lanes).
+/// The lane sums of `a` and of `b` (wrapping), reduced together: half the shuffles of two
+/// separate reductions.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_pair(a: __m512i, b: __m512i) -> (i32, i32) {
+    let a8 = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a));
+    let b8 = _mm256_add_epi32(_mm512_castsi512_si256(b), _mm512_extracti64x4_epi64::<1>(b));
+    // 128-bit blocks: a, a, b, b; each block summed within itself, then block 1 into 0, 3 into 2.
+    let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a8), b8);
+    let v = _mm512_add_epi32(v, _mm512_shuffle_epi32::<0x4E>(v));
+    let v = _mm512_add_epi32(v, _mm512_shuffle_epi32::<0xB1>(v));
+    let v = _mm512_add_epi32(v, _mm512_shuffle_i32x4::<0x31>(v, v));
+    (_mm_cvtsi128_si32(_mm512_castsi512_si128(v)), _mm_cvtsi128_si32(_mm512_extracti32x4_epi32::<2>(v)))
+}
+
+/// [`prepare_i32_avx512`] on AVX2 (eight-lane chains, flushed to the same 16 f64 lanes; the
+/// extremes returned per layer, negative counts written as −1).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn prepare_i32_avx2(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16]) -> Folds {
+unsafe fn prepare_i32_avx2(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut [i16]) -> (Folds, Extremes) {
     debug_assert!(c.len() == idf.len() && c.len() == c16.len() && c.len() <= 1 << 16);
     let n = c.len() / 32 * 32;
     let (cp, wp, op) = (c.as_ptr(), idf.as_ptr(), c16.as_mut_ptr());
@@ -271,28 +316,24 @@ unsafe fn prepare_i32_avx2(c: &[i32], idf: &[f32], sq: &mut [f64; 16], c16: &mut
     for (out, v) in lanes.iter_mut().zip([vsum, vmin, vmax, vsq]) {
         _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, v);
     }
-    let folds = Folds {
-        sum: lanes[0].iter().map(|&v| v as i64).sum(),
-        sumsq: lanes[3].iter().fold(0i32, |a, &v| a.wrapping_add(v)),
-        max: lanes[2].iter().fold(0, |m, &v| m.max(v)) as i16,
-        negative: lanes[1].iter().any(|&v| v < 0),
-    };
-    prepare_tail(c, idf, n, sq, c16, folds)
+    let folds = Folds { sum: lanes[0].iter().map(|&v| v as i64).sum(), sumsq: lanes[3].iter().fold(0i32, |a, &v| a.wrapping_add(v)) };
+    let ext = Extremes { max: lanes[2].iter().fold(0, |m, &v| m.max(v)) as i16, negative: lanes[1].iter().any(|&v| v < 0) };
+    prepare_tail(c, idf, n, sq, c16, (folds, ext))
 }
 
 /// The elements from `n` on (fewer than 32), scalar, continuing the folds (at most two
 /// more roundings per lane: one square, one add).
 #[inline]
-fn prepare_tail(c: &[i32], idf: &[f32], n: usize, sq: &mut [f64; 16], c16: &mut [i16], mut f: Folds) -> Folds {
+fn prepare_tail(c: &[i32], idf: &[f32], n: usize, sq: &mut [f64; 16], c16: &mut [i16], (mut f, mut x): (Folds, Extremes)) -> (Folds, Extremes) {
     for t in n..c.len() {
-        let x = c[t] as f32 * idf[t];
-        sq[(t - n) % 16] += (x * x) as f64;
+        let v = c[t] as f32 * idf[t];
+        sq[(t - n) % 16] += (v * v) as f64;
         let k = c[t].clamp(-1, i16::MAX as i32) as i16;
         c16[t] = k;
         f.sum += k as i64;
         f.sumsq = f.sumsq.wrapping_add(k as i32 * k as i32);
-        f.negative |= k < 0;
-        f.max = f.max.max(k);
+        x.negative |= k < 0;
+        x.max = x.max.max(k);
     }
-    f
+    (f, x)
 }
