@@ -38,16 +38,18 @@ def sweep(binary: Path, *args: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def alternate(binaries: dict[str, Path], repeats: int, seed: int, *args: str) -> dict[str, list[list[dict]]]:
+def alternate(binaries: dict[str, Path], repeats: int, seed: int, *args: str,
+              extra: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[list[dict]]]:
     """`repeats` sweeps of every binary, in a random order within each repeat, so the machine's
-    drift falls on every build alike: per build, one list of JSON lines per repeat."""
+    drift falls on every build alike: per build, one list of JSON lines per repeat. `extra`: more
+    arguments for some of them (each side's mode, where one binary runs twice)."""
     runs: dict[str, list[list[dict]]] = {name: [] for name in binaries}
     rng = random.Random(seed)
     for _ in range(repeats):
         order = list(binaries)
         rng.shuffle(order)
         for name in order:
-            runs[name].append(sweep(binaries[name], *args))
+            runs[name].append(sweep(binaries[name], *args, *(extra or {}).get(name, ())))
     return runs
 
 

@@ -7,6 +7,8 @@ t-interval of the per-alternation ratio new / base of each point's p50.
 
     cargo build --release -p eldr-router --example router_check   # once per build, then copy it
     python bench/router_ab.py --base /tmp/rc_base --new /tmp/rc_new --workers 16 1024 --out X.json
+
+Two precisions of one build: --base B --new B --mode int16 --new-mode int8.
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=Path, required=True, help="router_check binary of the base build")
     ap.add_argument("--new", type=Path, required=True, help="router_check binary of the build under test")
     ap.add_argument("--workers", type=int, nargs="+", default=[16, 64, 1024])
-    ap.add_argument("--mode", default="certified", choices=["certified", "exact", "int8"])
+    modes = ["certified", "exact", "int8", "int16"]
+    ap.add_argument("--mode", default="certified", choices=modes)
+    ap.add_argument("--new-mode", choices=modes,
+                    help="the new side's mode, to compare two precisions of one build (default: --mode)")
+    ap.add_argument("--metric", default="p50_us", choices=["p50_us", "receipt_p50_us"],
+                    help="select's p50 (loads i mod 5) or the receipt's (every load equal)")
     ap.add_argument("--alternations", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    sweeps = {str(w): alternate({"base": args.base, "new": args.new}, args.alternations, args.seed + w, str(w),
-                                args.mode) for w in args.workers}
-    # Per build, per alternation: p50 (µs) per (W, L, E) of the mode asked for.
-    runs = {build: [{(r["workers"], r["layers"], r["experts"]): r["p50_us"]
-                     for w in args.workers for r in sweeps[str(w)][build][i] if r["mode"] == args.mode}
+    mode = {"base": args.mode, "new": args.new_mode or args.mode}
+    sides = {"base": args.base, "new": args.new}
+    sweeps = {str(w): alternate(sides, args.alternations, args.seed + w, str(w), extra={k: (v,) for k, v in mode.items()})
+              for w in args.workers}
+    # Per build, per alternation: the metric (µs) per (W, L, E) of that side's mode.
+    runs = {build: [{(r["workers"], r["layers"], r["experts"]): r[args.metric]
+                     for w in args.workers for r in sweeps[str(w)][build][i] if r["mode"] == mode[build]}
                     for i in range(args.alternations)] for build in ("base", "new")}
     rows = []
     for key in runs["base"][0]:
@@ -48,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"W={key[0]:>5} ({key[1]},{key[2]}): base {min(base):8.2f}-{max(base):8.2f} µs  new {min(new):8.2f}-"
               f"{max(new):8.2f} µs  ratio {m:.3f} [{lo:.3f}, {hi:.3f}] {verdict}")
     args.out.write_text(json.dumps({"base": str(args.base), "new": str(args.new), "mode": args.mode,
+                                    "new_mode": mode["new"], "metric": args.metric,
                                     "alternations": args.alternations, "points": rows}, indent=1) + "\n")
     print(f"-> {args.out}")
     return 0

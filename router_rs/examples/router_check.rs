@@ -1,6 +1,10 @@
 //! Quick checks of the router core without criterion, for CI and for comparing builds:
-//!   router_check latency          p50/p99 of `select` from raw counts per (W, L, E), JSON lines
-//!                                 (ROUTER_CHECK_REPEAT=N times as many iterations, for `perf`)
+//!   router_check latency [W [M]]  p50/p99 of `select` from raw counts per (W, L, E), JSON lines
+//!                                 (ROUTER_CHECK_REPEAT=N times as many iterations, for `perf`);
+//!                                 W outside the sweep runs at (48, 128); M: certified (Auto),
+//!                                 exact, int8 or int16
+//!                                 `select` takes loads i mod 5; the receipt's decision (the load
+//!                                 balancer's call, then a release) sees every load equal
 //!   router_check marginal         p50/p99 of the marginal policy's acquire + release per W, with
 //!                                 8 requests already running on each decoder, JSON lines
 //!   router_check agreement N      certified vs exact decisions on N random cases; prints the
@@ -27,10 +31,14 @@ fn latency(only: Option<usize>, mode: Option<&str>) {
     // More iterations for a profiler to sample (ROUTER_CHECK_REPEAT=50 runs 50 times as many).
     let repeat: usize = std::env::var("ROUTER_CHECK_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let mut rng = fastrand::Rng::with_seed(42);
-    for (workers, layers, experts) in [(16, 48, 128), (64, 48, 128), (256, 48, 128), (1024, 48, 128), (1024, 58, 256)] {
-        if only.is_some_and(|w| w != workers) {
-            continue;
-        }
+    let sweep = [(16, 48, 128), (64, 48, 128), (256, 48, 128), (1024, 48, 128), (1024, 58, 256)];
+    let points: Vec<(usize, usize, usize)> = match only {
+        // A fleet size outside the sweep runs at (48, 128).
+        Some(w) if !sweep.iter().any(|p| p.0 == w) => vec![(w, 48, 128)],
+        Some(w) => sweep.into_iter().filter(|p| p.0 == w).collect(),
+        None => sweep.to_vec(),
+    };
+    for (workers, layers, experts) in points {
         let idf: Vec<f32> = (0..layers * experts).map(|_| 0.1 + rng.f32()).collect();
         let spec = SignatureSpec::new(layers, experts, Some(&idf), None).unwrap();
         let dim = spec.dim();
@@ -38,7 +46,12 @@ fn latency(only: Option<usize>, mode: Option<&str>) {
         let counts = prompt_counts(&mut rng, layers, experts, 8, 128);
         let loads: Vec<i64> = (0..workers as i64).map(|i| i % 5).collect();
         let signal = Signal::Counts { data: &counts, rows: layers, cols: experts };
-        for (name, precision) in [("certified", Precision::Auto), ("exact", Precision::Exact), ("int8", Precision::Int8)] {
+        let modes = [("certified", Precision::Auto), ("exact", Precision::Exact), ("int8", Precision::Int8), ("int16", Precision::Int16)];
+        for (name, precision) in modes {
+            // int16 alone is only run when asked for (it is what `certified` runs at small W).
+            if name == "int16" && mode != Some("int16") {
+                continue;
+            }
             if mode.is_some_and(|m| m != name) {
                 continue;
             }
@@ -161,7 +174,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: router_check latency [W [certified|exact|int8]] | marginal | agreement [N]");
+            eprintln!("usage: router_check latency [W [certified|exact|int8|int16]] | marginal | agreement [N]");
             std::process::exit(2);
         }
     }

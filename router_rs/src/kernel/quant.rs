@@ -15,9 +15,10 @@ use multiversion::multiversion;
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// Exact below 512 dimensions; else int16, or int8 + int16 above a table size: 512 KiB of
+    /// Exact below 512 dimensions; else int16, or int8 + int16 above a table size: 128 KiB of
     /// int16 weights on AVX-512 VNNI (where the int8 pass runs `vpdpbusd` on u8 counts and halves
-    /// the bytes a decision reads: measured faster from 64 decoders of (48, 128) on), 64 MiB
+    /// the bytes a decision reads: measured faster from 16 decoders of (48, 128) on, slower at 4
+    /// and, for receipts, at 8; `bench/router_ab.py --new-mode`), 64 MiB
     /// elsewhere (the AVX2 int8 kernel sign-extends each weight, which costs what the bytes save).
     Auto,
     Int16,
@@ -31,7 +32,7 @@ pub enum Precision {
 /// Decoders per step of [`bounds_all`] (one AVX-512 register of f64).
 const BOUND_LANES: usize = 8;
 /// Above this many weights (W × D) `Auto` stores int8 + int16 on AVX-512 VNNI ...
-pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 18;
+pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 16;
 /// ... and on other CPUs.
 pub const AUTO_INT8_ABOVE: usize = 1 << 25;
 /// Experts per layer are padded to this many int16 lanes (one AVX-512 register), or with an int8
