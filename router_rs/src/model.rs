@@ -4,7 +4,7 @@
 use crate::centroids::Centroids;
 use crate::error::{Result, RouterError};
 use crate::kernel::{self, exact};
-use crate::kernel::quant::{Precision, Quantized, Terms};
+use crate::kernel::quant::{lines, FineCounts, FirstCounts, LineBuf, Lines, Precision, Quantized, Terms};
 use crate::kernel::{Extremes, Folds};
 use crate::signature::{check_finite, CountValue, SignatureSpec};
 use multiversion::multiversion;
@@ -33,7 +33,7 @@ pub struct LocalityModel {
     quant: Option<Quantized>,
     /// The kept layers' IDF as f64 and as f32, `[kept][experts]`.
     idf64: Vec<f64>,
-    idf32: Vec<f32>,
+    idf32: Lines<f32>,
 }
 
 impl LocalityModel {
@@ -56,7 +56,7 @@ impl LocalityModel {
             let idf: Vec<f32> = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().copied()).collect();
             Quantized::new(centroids.rows(), &idf, centroids.workers(), spec.kept().len(), spec.experts(), precision)
         };
-        let idf32: Vec<f32> = spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().copied()).collect();
+        let idf32 = lines(spec.kept().iter().flat_map(|&l| spec.idf_row(l).iter().copied()));
         let idf64 = idf32.iter().map(|&v| v as f64).collect();
         Ok(Self { spec, centroids, precision, quant, idf64, idf32 })
     }
@@ -244,7 +244,7 @@ impl LocalityModel {
             }
         }
         if plain && u8_first && !fast_any {
-            for (o, &v) in buf.c8.iter_mut().zip(&buf.c16) {
+            for (o, &v) in buf.c8.iter_mut().zip(buf.c16.iter()) {
                 *o = v as u8;
             }
         }
@@ -298,21 +298,30 @@ impl LocalityModel {
             Some(data) => Box::new(move |x: &mut Vec<f64>| self.signature_of(data, x)),
             None => Box::new(|_: &mut Vec<f64>| {}),
         };
-        let ScoreBuf { x, x_ready, norm, norm_range, est, rad, c16, t16, h, mu, dnorm, fine_done, fine_rows, fine_est, .. } = buf;
+        let ScoreBuf { x, x_ready, norm, norm_range, est, rad, c16, t16, c8, t8, est32, h, mu, dnorm, fine_done, fine_rows, fine_scratch, fine_est, .. } = buf;
         let fine = match (&self.quant, counts) {
             (Some(q), Some(_)) if q.has_fine() => {
                 fine_done.clear();
                 fine_done.resize(self.centroids.workers(), false);
+                let u8_first = q.first_counts_u8();
+                // Where the first pass's u8 counts were divided, the residual would sit on
+                // coarser counts than the int16 ones: the whole residual level from those.
+                let (input, terms) = if u8_first && t8.g.iter().any(|&v| v != 0.0) {
+                    (FineCounts::Whole { c16, tmul: &t16.tmul }, &*t16)
+                } else {
+                    let counts = FirstCounts { c16, tmul: &t16.tmul, c8, tmul8: &t8.tmul };
+                    (FineCounts::Residual { counts, first: est32 }, if u8_first { &*t8 } else { &*t16 })
+                };
                 Some(Fine {
                     q,
-                    c16,
-                    tmul: &t16.tmul,
-                    terms: Terms { h, g: &t16.g, r: &t16.r, mu, dnorm: *dnorm },
-                    scaled: t16.g.iter().any(|&v| v != 0.0),
+                    input,
+                    terms: Terms { h, g: &terms.g, r: &terms.r, mu, dnorm: *dnorm },
+                    scaled: terms.g.iter().any(|&v| v != 0.0),
                     range: *norm_range,
                     rule: exact::rule_error(self.spec.dim()),
                     done: fine_done,
                     rows: fine_rows,
+                    scratch: fine_scratch,
                     est: fine_est,
                 })
             }
@@ -424,7 +433,8 @@ pub(crate) struct ScoreBuf {
     norm: f64,
     /// An interval holding it.
     norm_range: (f64, f64),
-    c16: Vec<i16>,
+    /// Per kept layer, `epad` apart (each layer starts a cache line): the int16 counts.
+    c16: LineBuf<i16>,
     /// Per kept layer: what the counts pass folded out of its int16 counts.
     folds: Vec<Folds>,
     /// (experts, padded experts, layers) `c16` was laid out for.
@@ -433,7 +443,7 @@ pub(crate) struct ScoreBuf {
     t16: CountTerms,
     h: Vec<f64>,
     /// The int8 table's u8 counts and their scaling terms, where it takes them.
-    c8: Vec<u8>,
+    c8: LineBuf<u8>,
     t8: CountTerms,
     /// Per kept layer: the mean count; and ‖c − μ‖₂ over all of them (the bounds' `Terms`).
     mu: Vec<f64>,
@@ -442,11 +452,12 @@ pub(crate) struct ScoreBuf {
     corr: Vec<f64>,
     est32: Vec<f32>,
     bound: Vec<f64>,
-    /// Two-level tables: which decoders' intervals the int16 table has narrowed already, and
+    /// Two-level tables: which decoders' intervals the residual level has narrowed already, and
     /// the rows and estimates of one narrowing (kept so the request path does not allocate).
     fine_done: Vec<bool>,
     fine_rows: Vec<usize>,
-    fine_est: Vec<f32>,
+    fine_scratch: Vec<f32>,
+    fine_est: Vec<f64>,
     est: Vec<f64>,
     rad: Vec<f64>,
 }
@@ -504,20 +515,21 @@ pub struct Scores<'a> {
 
 /// Writes the request's signature into the buffer given.
 type Fill<'a> = Box<dyn Fn(&mut Vec<f64>) + 'a>;
-/// What narrowing with the int16 table needs: the table, the request's int16 counts and bound
-/// terms, the norm range, which decoders have been narrowed, and scratch for one call.
+/// What narrowing with the residual level needs: the tables, the request's counts (and first
+/// estimates) and bound terms, the norm range, which decoders have been narrowed, and scratch
+/// for one call.
 struct Fine<'a> {
     q: &'a Quantized,
-    c16: &'a [i16],
-    tmul: &'a [f32],
+    input: FineCounts<'a>,
     terms: Terms<'a>,
-    /// Whether any layer's int16 counts were divided (`terms.g` not all zero).
+    /// Whether any layer's counts `input` reads were divided (`terms.g` not all zero).
     scaled: bool,
     range: (f64, f64),
     rule: f64,
     done: &'a mut Vec<bool>,
     rows: &'a mut Vec<usize>,
-    est: &'a mut Vec<f32>,
+    scratch: &'a mut Vec<f32>,
+    est: &'a mut Vec<f64>,
 }
 
 /// The signature (built by `fill` on first use), its norm (computed with it where the scores
@@ -574,7 +586,7 @@ impl<'a> Scores<'a> {
     }
     /// Narrows the intervals of decoders `ks` with their int16 estimates where the first estimate
     /// came from an int8 table (once per decoder; a no-op otherwise). Cheap next to
-    /// [`exact`](Self::exact): one int16 row per decoder, no signature; the rows of one call are
+    /// [`exact`](Self::exact): one int8 residual row per decoder, no signature; the rows of one call are
     /// read together.
     pub fn narrow(&mut self, ks: impl IntoIterator<Item = usize>) {
         self.narrow_reaching(ks, f64::NEG_INFINITY);
@@ -592,7 +604,7 @@ impl<'a> Scores<'a> {
         if f.rows.is_empty() {
             return;
         }
-        f.q.estimate_fine(f.rows, f.c16, f.tmul, f.est).expect("a fine table");
+        f.q.estimate_fine(f.rows, f.input, f.scratch, f.est).expect("a residual level");
         for (i, &k) in f.rows.iter().enumerate() {
             let (e, r) = f.q.bound_fine(k, f.est[i], &f.terms, f.scaled);
             let (e, r) = interval(e, r, f.range, f.rule);
@@ -675,7 +687,8 @@ mod tests {
     }
 
     /// Every interval holds the exact score: the first estimate's (int16, or int8 with u8 or int16
-    /// counts), and the int16 one an int8 interval is narrowed to. Counts spread over the experts
+    /// counts), and the residual level's an int8 interval is narrowed to (first estimate plus
+    /// residual, or whole from int16 counts above the u8 limit), which narrows it. Counts spread over the experts
     /// (the Cauchy–Schwarz bound wins), piled on one expert (the worst case wins), above the u8
     /// and int16 limits, and with empty layers.
     #[test]
@@ -718,6 +731,12 @@ mod tests {
                     assert!(lo <= exact && exact <= hi, "{what}: {exact} outside [{lo}, {hi}]");
                     assert!(nlo <= exact && exact <= nhi, "{what}: {exact} outside narrowed [{nlo}, {nhi}]");
                     assert!(nhi - nlo <= hi - lo, "{what}: narrowing widened the interval");
+                    // The residual level narrows (its error is the int8 level's / 128) wherever the
+                    // counts need no division beyond the int16 ones' (those above the u8 limit
+                    // are read whole, as int16).
+                    if precision == Precision::Int8 && top <= 300 {
+                        assert!(nhi - nlo < 0.1 * (hi - lo), "{what}: narrowed only to {} of {}", nhi - nlo, hi - lo);
+                    }
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Fixed-point centroids with the IDF folded in: for decoder k and kept layer i, the weights
 //! w = idf · c_k are stored as integers Q times a power of two s_ki (int16; for large fleets int8,
-//! with the int16 copy beside it to narrow the few intervals that matter), and a prompt's counts
+//! with an int8 residual beside it, which with the int8 table stands for 15-bit weights, to narrow
+//! the few intervals that matter), in tables aligned to cache lines, and a prompt's counts
 //! as int16 (u8 for the int8 table on VNNI), divided by a power of two t_i in the rare layer whose
 //! counts exceed the kernel's limit. The estimate Σ_i s_ki·t_i·Σ_e c'·Q comes with a bound that
 //! holds for any input: the weights' rounding ε = w − s·Q contributes Σ c·ε, bounded either by the
@@ -10,28 +11,60 @@
 //! (|c − t·c'| ≤ t/2) contributes Σ_i s_ki·t_i/2·Σ_e |Q|; the kernel's f32 rounding a term of its
 //! own. Powers of two keep every scaling exact.
 use super::Isa;
+use aligned_vec::{AVec, ConstAlign};
 use multiversion::multiversion;
+
+/// A table aligned to a cache line, so every 64-byte weight load reads one line (a `Vec` from
+/// the allocator sat 16 or 32 bytes off, and every load of the kernels then read two).
+pub(crate) type Lines<T> = AVec<T, ConstAlign<64>>;
+
+/// A growable buffer of [`Lines`] (the per-request counts the kernels read), empty by default.
+pub(crate) struct LineBuf<T>(pub Lines<T>);
+
+impl<T> Default for LineBuf<T> {
+    fn default() -> Self {
+        Self(Lines::new(64))
+    }
+}
+impl<T> std::ops::Deref for LineBuf<T> {
+    type Target = Lines<T>;
+    fn deref(&self) -> &Lines<T> {
+        &self.0
+    }
+}
+impl<T> std::ops::DerefMut for LineBuf<T> {
+    fn deref_mut(&mut self) -> &mut Lines<T> {
+        &mut self.0
+    }
+}
+
+/// `v` as a cache-line-aligned table.
+pub(crate) fn lines<T: Copy>(v: impl IntoIterator<Item = T>) -> Lines<T> {
+    Lines::from_iter(64, v)
+}
 
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// Exact below 512 dimensions; else int16, or int8 + int16 above a table size: 128 KiB of
+    /// Exact below 512 dimensions; else int16, or int8 + residual above a table size: 128 KiB of
     /// int16 weights on AVX-512 VNNI (where the int8 pass runs `vpdpbusd` on u8 counts and halves
     /// the bytes a decision reads: measured faster from 16 decoders of (48, 128) on, slower at 4
     /// and, for receipts, at 8; `bench/router_ab.py --new-mode`), 64 MiB
     /// elsewhere (the AVX2 int8 kernel sign-extends each weight, which costs what the bytes save).
     Auto,
     Int16,
-    /// An int8 first pass over every decoder, then the int16 table for the decoders whose int8
+    /// An int8 first pass over every decoder, then the residual level for the decoders whose int8
     /// interval leaves a decision open (`Scores::narrow`), then exact scores.
     Int8,
     /// No fixed point: every score computed exactly (the reference the others must agree with).
     Exact,
 }
 
+/// The residual level's scale is the int8 level's divided by 2^this (|R| ≤ 2^(this − 1)).
+const RESIDUAL_SHIFT: u32 = 7;
 /// Decoders per step of [`bounds_all`] (one AVX-512 register of f64).
 const BOUND_LANES: usize = 8;
-/// Above this many weights (W × D) `Auto` stores int8 + int16 on AVX-512 VNNI ...
+/// Above this many weights (W × D) `Auto` stores int8 + residual on AVX-512 VNNI ...
 pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 16;
 /// ... and on other CPUs.
 pub const AUTO_INT8_ABOVE: usize = 1 << 25;
@@ -42,8 +75,8 @@ const PAD8: usize = 64;
 
 #[derive(Debug, Clone)]
 enum Table {
-    I16(Vec<i16>),
-    I8(Vec<i8>),
+    I16(Lines<i16>),
+    I8(Lines<i8>),
 }
 
 /// One fixed-point copy of the weights: the integer table and its per-(decoder, layer) scales.
@@ -53,7 +86,8 @@ struct Level {
     /// s_ki, `[W][layers]`.
     scale: Vec<f32>,
     /// The bound terms per decoder and layer, `[W][layers]`: s_ki·Σ_e |Q_kie| (rounded up;
-    /// exact while E·32767 < 2^24) and s_ki·max_e |Q_kie| (exact: s is a power of two). f32: at
+    /// exact while E·32767 < 2^24) and s_ki·m_ki, m = max_e |Q_kie| (for a residual level
+    /// 128·max |Q8| + max |R|: its estimate adds two f32 sums; exact: s is a power of two). f32: at
     /// 1024 decoders they are read for every decoder per decision, and f64 doubled their bytes.
     abs_q: Vec<f32>,
     max_q: Vec<f32>,
@@ -96,8 +130,8 @@ pub struct Quantized {
     epad: usize,
     /// The table every decoder is estimated from first: int16, or int8 with `fine` beside it.
     first: Level,
-    /// With an int8 first pass: the int16 copy a single decoder's interval is narrowed with
-    /// before its exact score is needed ([`estimate_fine`](Quantized::estimate_fine)).
+    /// With an int8 first pass: its residual level, which a single decoder's interval is narrowed
+    /// with before its exact score is needed ([`estimate_fine`](Quantized::estimate_fine)).
     fine: Option<Level>,
     count_limit: u64,
     isa: Isa,
@@ -131,9 +165,58 @@ impl Level {
     /// The weights idf · row quantised to at most `qmax` in magnitude, or None when one is out of
     /// the range a power-of-two scale covers (or a bound term out of f32's).
     fn new(rows: &[f32], idf: &[f32], workers: usize, layers: usize, experts: usize, epad: usize, int8: bool) -> Option<Self> {
-        let dim = layers * experts;
         let qmax = if int8 { 127.0 } else { 32767.0 };
-        let mut q = vec![0i32; workers * layers * epad];
+        Self::build(rows, idf, (workers, layers, experts, epad), int8, |_, w, table, q| {
+            let ex = exponent(w.iter().fold(0.0f64, |a, v| a.max(v.abs())), qmax)?;
+            let s = pow2_f64(ex);
+            for ((t, q), wv) in table.iter_mut().zip(q.iter_mut()).zip(w) {
+                (*t, *q) = ((wv / s).round() as i32, (wv / s).round() as i32);
+            }
+            Some((ex, q.iter().fold(0, |m, v| m.max(v.unsigned_abs()))))
+        })
+    }
+
+    /// The residual of an int8 level: for each weight, R = round((w − s8·Q8) / s16) with
+    /// s16 = s8 / 128, so |R| ≤ 64 fits int8, and the level stands for the weights
+    /// s16·(128·Q8 + R) (|ε| ≤ s16/2, the int8 level's error / 128). A narrowing reads the int8
+    /// estimate already made plus one int8 row of R (half the bytes of an int16 row). None where
+    /// s16 would leave the range the bounds assume (s8 < 2⁻¹¹³).
+    fn residual(rows: &[f32], idf: &[f32], first: &Level, (workers, layers, experts, epad): (usize, usize, usize, usize)) -> Option<Self> {
+        let Table::I8(q8) = &first.table else { return None };
+        Self::build(rows, idf, (workers, layers, experts, epad), true, |at, w, table, q| {
+            let ex8 = ((first.scale[at].to_bits() >> 23) & 0xff) as i32 - 127;
+            let ex = ex8 - RESIDUAL_SHIFT as i32;
+            if ex < -120 {
+                return None;
+            }
+            let (s8, s) = (pow2_f64(ex8), pow2_f64(ex));
+            let row = &q8[at * epad..][..w.len()];
+            let mut mq = (0u32, 0u32);
+            for (((t, q), wv), &q8) in table.iter_mut().zip(q.iter_mut()).zip(w).zip(row) {
+                let r = ((wv - s8 * q8 as f64) / s).round() as i32;
+                debug_assert!(r.abs() <= 64);
+                (*t, *q) = (r, ((q8 as i32) << RESIDUAL_SHIFT) + r);
+                mq = (mq.0.max(q8.unsigned_abs() as u32), mq.1.max(r.unsigned_abs()));
+            }
+            // The f32 rounding of the int8 estimate (max |Q8| at s8) and of the residual's.
+            Some((ex, (mq.0 << RESIDUAL_SHIFT) + mq.1))
+        })
+    }
+
+    /// A level from `quant`, which, for decoder × layer `at` and its weights w, writes the table's
+    /// entries and the integers Q the level stands for (weights s·Q), and returns the exponent of
+    /// s and the integer m with s·m bounding the f32 rounding of the estimate per count (max |Q|
+    /// for a one-table level).
+    fn build(
+        rows: &[f32],
+        idf: &[f32],
+        (workers, layers, experts, epad): (usize, usize, usize, usize),
+        int8: bool,
+        mut quant: impl FnMut(usize, &[f64], &mut [i32], &mut [i32]) -> Option<(i32, u32)>,
+    ) -> Option<Self> {
+        let dim = layers * experts;
+        let mut table = vec![0i32; workers * layers * epad];
+        let mut q = vec![0i32; experts];
         let mut scale = Vec::with_capacity(workers * layers);
         let mut abs_q = Vec::with_capacity(workers * layers);
         let mut max_q = Vec::with_capacity(workers * layers);
@@ -148,33 +231,25 @@ impl Level {
                     // Exact: a product of two f32 fits in f64's mantissa.
                     *wv = idf[i * experts + e] as f64 * row[e] as f64;
                 }
-                let m = w.iter().fold(0.0f64, |a, v| a.max(v.abs()));
-                let ex = exponent(m, qmax)?;
+                let at = k * layers + i;
+                let (ex, mq) = quant(at, &w, &mut table[at * epad..][..experts], &mut q)?;
                 let s = pow2_f64(ex);
-                let out = &mut q[(k * layers + i) * epad..][..experts];
-                let (mut a, mut mx) = (0.0, 0.0f64);
-                let mut es = 0.0f64;
-                for (o, wv) in out.iter_mut().zip(&w) {
-                    *o = (wv / s).round() as i32;
-                    a += o.unsigned_abs() as f64;
-                    mx = mx.max(o.unsigned_abs() as f64);
-                    let eps = wv - s * *o as f64;
+                let (mut a, mut es) = (0.0f64, 0.0f64);
+                for (&qv, &wv) in q.iter().zip(&w) {
+                    a += qv.unsigned_abs() as f64;
+                    let eps = wv - s * qv as f64;
                     es += eps;
                     sq += eps * eps;
                 }
                 scale.push(pow2_f32(ex));
                 abs_q.push(up_f32(a * s));
-                max_q.push((mx * s) as f32);
+                max_q.push((mq as f64 * s) as f32);
                 eps_sum.push(es as f32);
             }
             // Σ ε² in f64: relative rounding ≤ (D + 1)·ε_f64, far inside the margin (D < 2^20).
             eps_norm.push((sq * (1.0 + 1e-9)).sqrt() * (1.0 + 1e-15) + 1e-300);
         }
-        let table = if int8 {
-            Table::I8(q.iter().map(|&v| v as i8).collect())
-        } else {
-            Table::I16(q.iter().map(|&v| v as i16).collect())
-        };
+        let table = if int8 { Table::I8(lines(table.iter().map(|&v| v as i8))) } else { Table::I16(lines(table.iter().map(|&v| v as i16))) };
         // f32 terms past f32's range (weights near f32::MAX): every score is computed exactly.
         if abs_q.iter().chain(&max_q).chain(&eps_sum).any(|v| !v.is_finite()) {
             return None;
@@ -333,8 +408,20 @@ impl Quantized {
         };
         let pad = if int8 { PAD8 } else { PAD };
         let epad = experts.div_ceil(pad) * pad;
-        let fine = Level::new(rows, idf, workers, layers, experts, epad, false)?;
-        let (first, fine) = if int8 { (Level::new(rows, idf, workers, layers, experts, epad, true)?, Some(fine)) } else { (fine, None) };
+        let (first, fine) = if int8 {
+            let first = Level::new(rows, idf, workers, layers, experts, epad, true)?;
+            match Level::residual(rows, idf, &first, (workers, layers, experts, epad)) {
+                Some(fine) => (first, Some(fine)),
+                // Scales too small for a residual: one int16 level.
+                None => (Level::new(rows, idf, workers, layers, experts, experts.div_ceil(PAD) * PAD, false)?, None),
+            }
+        } else {
+            (Level::new(rows, idf, workers, layers, experts, epad, false)?, None)
+        };
+        let epad = match first.table {
+            Table::I16(_) => experts.div_ceil(PAD) * PAD,
+            Table::I8(_) => epad,
+        };
         // Worst case over the kernels: AVX2 sums epad/8 products per i32 lane. Both levels take
         // the same counts, so the int16 table's limit holds for either.
         let products = (epad / 8) as u64;
@@ -355,7 +442,7 @@ impl Quantized {
     pub fn precision(&self) -> &'static str {
         match (&self.first.table, &self.fine) {
             (Table::I16(_), _) => "int16",
-            (Table::I8(_), Some(_)) => "int8+int16",
+            (Table::I8(_), Some(_)) => "int8+residual",
             (Table::I8(_), None) => "int8",
         }
     }
@@ -380,22 +467,27 @@ impl Quantized {
     pub fn estimate(&self, c16: &[i16], tmul: &[f32], c8: &[u8], tmul8: &[f32], est: &mut Vec<f32>) {
         est.clear();
         est.resize(self.workers, 0.0);
+        self.first_kind(&self.first, &self.all, FirstCounts { c16, tmul, c8, tmul8 }, est);
+    }
+
+    /// Σ c·w of decoders `rows` from `level`, a table of the first table's kind, with the counts
+    /// the first pass reads (the residual table is estimated with the first pass's counts).
+    fn first_kind(&self, level: &Level, rows: &[usize], c: FirstCounts, est: &mut [f32]) {
         if self.first_counts_u8() {
-            assert!(c8.len() >= self.layers * self.epad && tmul8.len() >= self.layers);
+            assert!(c.c8.len() >= self.layers * self.epad && c.tmul8.len() >= self.layers);
             #[cfg(target_arch = "x86_64")]
-            if let Table::I8(q) = &self.first.table {
-                // SAFETY: VNNI was detected at run time; the slices hold what `dims` says and
-                // epad is a multiple of 64.
-                let (d, scale, unit) = (self.dims(), &self.first.scale, unit_t(tmul8, self.layers));
-                unsafe { by_unit!(unit, super::x86::vnni_u8(d, c8, q, scale, tmul8, &self.all, est)) };
+            if let Table::I8(q) = &level.table {
+                // SAFETY: VNNI was detected at run time; the slices hold what `dims` says, every
+                // row is a decoder of the table and epad is a multiple of 64.
+                let (d, scale, unit) = (self.dims(), &level.scale, unit_t(c.tmul8, self.layers));
+                unsafe { by_unit!(unit, super::x86::vnni_u8(d, c.c8, q, scale, c.tmul8, rows, est)) };
                 return;
             }
             unreachable!("u8 counts only with an int8 table on x86-64");
         }
-        assert!(c16.len() >= self.layers * self.epad && tmul.len() >= self.layers);
-        self.first.estimate(self.isa, self.dims(), &self.all, c16, tmul, est);
+        assert!(c.c16.len() >= self.layers * self.epad && c.tmul.len() >= self.layers);
+        level.estimate(self.isa, self.dims(), rows, c.c16, c.tmul, est);
     }
-
     /// Bounds on |Σ c·w − estimate| for every decoder into `out`, from per-layer terms of the
     /// request: h_i = Σ_e c / 2 (weight rounding), g_i = t_i / 2 or 0 (count rounding, times
     /// Σ|Q|) and r_i = ρ·t_i·Σ_e c' (the kernel's f32 rounding, times max|Q|: Σ_e c'·|Q| ≤
@@ -411,25 +503,51 @@ impl Quantized {
         bounds_all(&self.first, t, narrowed, corr, out);
     }
 
-    /// Decoders `ks`' estimates from the int16 table into `est` (resized to `ks`), or None without
-    /// one beside an int8 first table; [`bound_fine`](Self::bound_fine) gives each its correction
-    /// and bound.
-    pub fn estimate_fine(&self, ks: &[usize], counts: &[i16], tmul: &[f32], est: &mut Vec<f32>) -> Option<()> {
+    /// Decoders `ks`' estimates from the residual level into `est` (resized to `ks`), or None
+    /// without one (an int16 first table); [`bound_fine`](Self::bound_fine) gives each its
+    /// correction and bound, from the count terms of the counts `input` names.
+    pub fn estimate_fine(&self, ks: &[usize], input: FineCounts, scratch: &mut Vec<f32>, est: &mut Vec<f64>) -> Option<()> {
         let fine = self.fine.as_ref()?;
         assert!(ks.iter().all(|&k| k < self.workers), "a decoder of the table");
+        scratch.clear();
+        scratch.resize(ks.len(), 0.0);
         est.clear();
-        est.resize(ks.len(), 0.0);
-        fine.estimate(self.isa, self.dims(), ks, counts, tmul, est);
+        match input {
+            FineCounts::Residual { counts, first } => {
+                assert_eq!(first.len(), self.workers);
+                self.first_kind(fine, ks, counts, scratch);
+                // The sum of two f32 in f64: exact but for exponents 29 apart (then one f64
+                // rounding, far inside the interval's margin).
+                est.extend(ks.iter().zip(scratch.iter()).map(|(&k, &r)| first[k] as f64 + r as f64));
+            }
+            FineCounts::Whole { c16, tmul } => {
+                assert!(c16.len() >= self.layers * self.epad && tmul.len() >= self.layers);
+                let Table::I8(q8) = &self.first.table else { unreachable!("a residual beside an int8 table") };
+                let Table::I8(r) = &fine.table else { unreachable!("an int8 residual") };
+                #[cfg(target_arch = "x86_64")]
+                if self.isa == Isa::Avx512Vnni {
+                    // SAFETY: VNNI was detected at run time; the slices hold what `dims` says and
+                    // every row is a decoder of the table.
+                    let (d, scale, unit) = (self.dims(), &fine.scale, unit_t(tmul, self.layers));
+                    unsafe { by_unit!(unit, super::x86::vnni_i16_of8(d, c16, q8, r, RESIDUAL_SHIFT, scale, tmul, ks, scratch)) };
+                    est.extend(scratch.iter().map(|&v| v as f64));
+                    return Some(());
+                }
+                // Only the VNNI first pass reads counts other than the int16 ones.
+                let _ = (q8, r);
+                unreachable!("whole residual estimates only beside a u8 first pass");
+            }
+        }
         Some(())
     }
 
-    /// Decoder k's int16 estimate `est` with its correction added, and its bound (as
+    /// Decoder k's residual-level estimate `est` with its correction added, and its bound (as
     /// [`error_bounds`](Self::error_bounds); `scaled`: whether any layer's counts were divided,
-    /// `t.g` not all zero, known once per request). Needs the int16 table beside an int8 one.
-    pub fn bound_fine(&self, k: usize, est: f32, t: &Terms, scaled: bool) -> (f64, f64) {
-        let fine = self.fine.as_ref().expect("an int16 table beside the int8 one");
+    /// `t.g` not all zero, known once per request). Needs the residual level.
+    pub fn bound_fine(&self, k: usize, est: f64, t: &Terms, scaled: bool) -> (f64, f64) {
+        let fine = self.fine.as_ref().expect("a residual level beside the int8 one");
         let (corr, bound) = fine.bound(k, self.layers, t, scaled);
-        (est as f64 + corr, bound)
+        (est + corr, bound)
     }
 
     /// ρ: the kernel's f32 rounding relative to Σ of its absolute terms (conversion, one rounding
@@ -441,6 +559,26 @@ impl Quantized {
     pub fn experts(&self) -> usize {
         self.experts
     }
+}
+
+/// The counts the first pass reads: int16 (`c16`, `tmul`), or u8 (`c8`, `tmul8`) where
+/// [`Quantized::first_counts_u8`].
+#[derive(Debug, Clone, Copy)]
+pub struct FirstCounts<'a> {
+    pub c16: &'a [i16],
+    pub tmul: &'a [f32],
+    pub c8: &'a [u8],
+    pub tmul8: &'a [f32],
+}
+
+/// How [`Quantized::estimate_fine`] narrows: `Residual` adds the residual table's estimate, with
+/// the first pass's counts, to the first pass's own (`first`, every decoder's); `Whole` computes
+/// Σ c16·(128·Q8 + R) afresh from the int16 counts, where the first pass read u8 counts divided
+/// more than those (long prompts: a residual on top of coarser counts would narrow little).
+#[derive(Debug, Clone, Copy)]
+pub enum FineCounts<'a> {
+    Residual { counts: FirstCounts<'a>, first: &'a [f32] },
+    Whole { c16: &'a [i16], tmul: &'a [f32] },
 }
 
 #[derive(Debug, Clone, Copy)]

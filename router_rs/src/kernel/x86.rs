@@ -97,6 +97,45 @@ macro_rules! avx2_kernel {
     };
 }
 
+/// Σ c16·(2^shift·Q8 + R) per decoder of `rows` into `est`: the residual level's weights built
+/// in registers from the int8 table `q8` and the residual `r` (sign-extended, shifted, added:
+/// 2^7·127 + 64 fits int16), `vpdpwssd` with the int16 counts. For the few rows a narrowing reads
+/// where the u8 counts of the first pass were divided (long prompts); `d.epad` a multiple of 32.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn vnni_i16_of8<const UNIT_T: bool>(
+    d: Dims,
+    counts: &[i16],
+    q8: &[i8],
+    r: &[i8],
+    shift: u32,
+    scale: &[f32],
+    tmul: &[f32],
+    rows: &[usize],
+    est: &mut [f32],
+) {
+    let (cp, qp, rp) = (counts.as_ptr(), q8.as_ptr(), r.as_ptr());
+    let sh = _mm_cvtsi32_si128(shift as i32);
+    for (&k, out) in rows.iter().zip(est.iter_mut()) {
+        let mut acc = _mm512_setzero_ps();
+        for i in 0..d.layers {
+            let at = (k * d.layers + i) * d.epad;
+            let mut dot = _mm512_setzero_si512();
+            let mut e = 0;
+            while e < d.epad {
+                let a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(qp.add(at + e) as *const __m256i));
+                let b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rp.add(at + e) as *const __m256i));
+                let w = _mm512_add_epi16(_mm512_sll_epi16(a, sh), b);
+                dot = _mm512_dpwssd_epi32(dot, _mm512_loadu_si512(cp.add(i * d.epad + e) as *const _), w);
+                e += 32;
+            }
+            let s = _mm512_set1_ps(scaled::<UNIT_T>(scale, k * d.layers + i, tmul, i));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
+        }
+        *out = _mm512_reduce_add_ps(acc);
+    }
+}
+
 /// s_ki·t_i; with `UNIT_T` (every t_i is 1, the caller checked) s_ki alone, one load and no
 /// multiply per decoder and layer: measurable where E = 128 gives only two `vpdpbusd` per layer.
 #[inline(always)]
@@ -135,7 +174,7 @@ unsafe fn load256_i8(p: *const i8) -> __m256i {
 
 vnni_kernel!(vnni_i16, i16, i16, load512_i16, 32, _mm512_dpwssd_epi32);
 // u8 counts × int8 weights (`vpdpbusd`: four u8·i8 products per i32 lane, no sign extension), half
-// the bytes of the int16 table; `d.epad` must be a multiple of 64.
+// the bytes of an int16 table; `d.epad` must be a multiple of 64.
 vnni_kernel!(vnni_u8, u8, i8, load512_i8, 64, _mm512_dpbusd_epi32);
 avx2_kernel!(avx2_i16, i16, load256_i16);
 avx2_kernel!(avx2_i8, i8, load256_i8);

@@ -17,7 +17,7 @@ use crate::model::Scores;
 ///
 /// Scores arrive as intervals around certified estimates; each step narrows the intervals that
 /// straddle what it compares (the maximum, the band edge, the nearest alternative, a load tie)
-/// with the int16 table where the first pass read int8, and asks for the exact score only of
+/// with the residual level where the first pass read int8, and asks for the exact score only of
 /// those still straddling, so the decision is the one exact scores give.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalityBand {
@@ -146,7 +146,7 @@ fn floor(s: &Scores, ks: impl Iterator<Item = usize>) -> f64 {
     ks.map(|k| s.lo(k)).fold(f64::NEG_INFINITY, f64::max)
 }
 
-/// [`floor`] after narrowing every interval that reaches it (two-level tables: the int16 row of
+/// [`floor`] after narrowing every interval that reaches it (two-level tables: the residual row of
 /// each contender; elsewhere the floor itself). The highest upper end goes first: its int16
 /// interval lifts the floor to about the maximum itself, which most of the other int8 intervals
 /// (those within two int8 radii of the best estimate) then no longer reach.
