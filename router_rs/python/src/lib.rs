@@ -493,7 +493,7 @@ impl Router {
 /// (never choose a decoder whose in-flight count exceeds the least-loaded healthy decoder's by
 /// more than this; None: no guard); imbalance_fraction: make that allowance
 /// max(max_imbalance, ⌊imbalance_fraction · mean in-flight⌋) (0: absolute); breaker_failures: consecutive failed reports that take a
-/// member out; precision: "auto" (exact below 512 dimensions, else int16, int8 first with an int8 residual row for each open decoder above 128 KiB of int16 weights on AVX-512 VNNI or 64 MiB elsewhere), "int16", "int8" (that two-level table) or "exact".
+/// member out; precision: "auto" (exact below 512 dimensions, else int16, int8 first with an int8 residual row for each open decoder above 32 K weights (W × D) on AVX-512 VNNI or 32 M elsewhere), "int16", "int8" (that two-level table) or "exact".
 #[pyclass(frozen, extends = Router, module = "sglang_eldr.router_rs")]
 struct LocalityBandRouter;
 

@@ -46,10 +46,10 @@ pub(crate) fn lines<T: Copy>(v: impl IntoIterator<Item = T>) -> Lines<T> {
 /// Which integer width holds the centroids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// Exact below 512 dimensions; else int16, or int8 + residual above a table size: 128 KiB of
-    /// int16 weights on AVX-512 VNNI (where the int8 pass runs `vpdpbusd` on u8 counts and halves
-    /// the bytes a decision reads: measured faster from 16 decoders of (48, 128) on, slower at 4
-    /// and, for receipts, at 8; `bench/router_ab.py --new-mode`), 64 MiB
+    /// Exact below 512 dimensions; else int16, or int8 + residual above a table size: 32 K
+    /// weights on AVX-512 VNNI (where the int8 pass runs `vpdpbusd` on u8 counts and halves the
+    /// bytes a decision reads: measured faster from 8 decoders of (48, 128) on — receipts
+    /// unresolved at 8 — and slower at 4; `bench/router_ab.py --new-mode`), 32 M weights
     /// elsewhere (the AVX2 int8 kernel sign-extends each weight, which costs what the bytes save).
     Auto,
     Int16,
@@ -65,7 +65,7 @@ const RESIDUAL_SHIFT: u32 = 7;
 /// Decoders per step of [`bounds_all`] (one AVX-512 register of f64).
 const BOUND_LANES: usize = 8;
 /// Above this many weights (W × D) `Auto` stores int8 + residual on AVX-512 VNNI ...
-pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 16;
+pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 15;
 /// ... and on other CPUs.
 pub const AUTO_INT8_ABOVE: usize = 1 << 25;
 /// Experts per layer are padded to this many int16 lanes (one AVX-512 register), or with an int8
