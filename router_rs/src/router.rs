@@ -294,8 +294,10 @@ impl Router {
         let model = self.model()?;
         let w = model.centroids().workers();
         Self::check_fleet(w, loads, healthy)?;
-        let all = vec![true; if healthy.is_none() { w } else { 0 }];
-        let fleet = FleetView { loads, healthy: healthy.unwrap_or(&all) };
+        // All healthy: a prefix of a static table (no allocation per call) up to its size.
+        static ALL: [bool; 4096] = [true; 4096];
+        let all = if healthy.is_none() && w > ALL.len() { vec![true; w] } else { Vec::new() };
+        let fleet = FleetView { loads, healthy: healthy.unwrap_or(if w > ALL.len() { &all } else { &ALL[..w] }) };
         Self::decide(Some(&model), signal, |s, band| band_policy.choose(&fleet, s, band))
     }
 
