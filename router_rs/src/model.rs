@@ -291,7 +291,7 @@ impl LocalityModel {
         buf.dnorm = d2.sqrt() * (1.0 + 1e-12);
         let first = if u8_first { &buf.t8 } else { &buf.t16 };
         let terms = Terms { h: &buf.h, g: &first.g, r: &first.r, mu: &buf.mu, dnorm: buf.dnorm };
-        q.error_bounds(&terms, &mut buf.corr, &mut buf.bound);
+        q.error_bounds(&terms, &mut buf.lanes32, &mut buf.corr, &mut buf.bound);
         for k in 0..self.centroids.workers() {
             let (e, r) = interval(buf.est32[k] as f64 + buf.corr[k], buf.bound[k], buf.norm_range, rule);
             buf.est.push(e);
@@ -462,6 +462,8 @@ pub(crate) struct ScoreBuf {
     dnorm: f64,
     /// The estimates' corrections Σ_i μ_i·Σ_e ε (0 where the worst-case bound is used).
     corr: Vec<f64>,
+    /// The bound terms in f32 (scratch of `Quantized::error_bounds`).
+    lanes32: Vec<f32>,
     est32: Vec<f32>,
     bound: Vec<f64>,
     /// Two-level tables: which decoders' intervals the residual level has narrowed already, and

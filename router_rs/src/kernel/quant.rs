@@ -62,8 +62,8 @@ pub enum Precision {
 
 /// The residual level's scale is the int8 level's divided by 2^this (|R| ≤ 2^(this − 1)).
 const RESIDUAL_SHIFT: u32 = 7;
-/// Decoders per step of [`bounds_all`] (one AVX-512 register of f64).
-const BOUND_LANES: usize = 8;
+/// Decoders per step of [`bounds_all`] (one AVX-512 register of f32).
+const BOUND_LANES: usize = 16;
 /// Above this many weights (W × D) `Auto` stores int8 + residual on AVX-512 VNNI ...
 pub const AUTO_INT8_ABOVE_VNNI: usize = 1 << 15;
 /// ... and on other CPUs.
@@ -329,42 +329,76 @@ fn cs_bound(dnorm: f64, eps_norm: f64, worst: f64) -> f64 {
     dnorm * eps_norm + 1e-7 * worst
 }
 
+/// A float the bound terms are summed in: f32 (sixteen decoders per AVX-512 register, and the
+/// request's terms rounded up) or f64 (where an f32 sum leaves f32's range).
+trait BoundLane: Copy + Default + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + From<f32> + Into<f64> {
+    /// Twice the unit roundoff.
+    const EPS: f64;
+    /// The smallest positive value: what a product that underflows may lose.
+    const TINY: f64;
+}
+impl BoundLane for f32 {
+    const EPS: f64 = f32::EPSILON as f64;
+    const TINY: f64 = 1.401_298_464_324_817e-45;
+}
+impl BoundLane for f64 {
+    const EPS: f64 = f64::EPSILON;
+    const TINY: f64 = 5e-324;
+}
+
+/// A request's bound terms per kept layer in the lane type: h, μ, r and g of [`Terms`] (f32:
+/// h, r, g rounded up, μ to nearest).
+struct LayerTerms<'a, R> {
+    h: &'a [R],
+    mu: &'a [R],
+    r: &'a [R],
+    g: &'a [R],
+}
+
 /// Every decoder's (correction, bound) of [`Quantized::error_bounds`] into `corr` and `out`:
-/// eight decoders at a time, their sums in registers, along the blocked terms (no per-decoder
-/// horizontal sums).
+/// [`BOUND_LANES`] decoders at a time, their sums in registers, along the blocked terms (no
+/// per-decoder horizontal sums). In lanes of R: each sum of `layers` products is within
+/// (layers + 1)·R::EPS/2 of its value relative to Σ of their magnitudes, plus one R::TINY per
+/// product that underflows; the bounds are widened by γ = (layers + 8)·R::EPS (and the
+/// correction's error, at most γ·worst since |Σ_e ε|·μ ≤ s·h, is added to the Cauchy–Schwarz
+/// bound). False where a sum left R's range (then no value is to be used).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx512dq", "x86_64+avx2+fma"))]
-fn bounds_all(level: &Level, t: &Terms, narrowed: bool, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
+fn bounds_all<R: BoundLane>(level: &Level, t: &LayerTerms<R>, dnorm: f64, narrowed: bool, corr: &mut Vec<f64>, out: &mut Vec<f64>) -> bool {
     const N: usize = BOUND_LANES;
     let w = level.eps_norm.len();
     let layers = t.h.len();
+    let gamma = (layers as f64 + 8.0) * R::EPS;
+    let tiny = (3.0 * layers as f64 + 3.0) * R::TINY;
     corr.clear();
     out.clear();
     for k0 in (0..w).step_by(N) {
         let block = k0 * layers..(k0 + N) * layers;
         let (s, e, m) = (&level.scale_blk[block.clone()], &level.eps_sum_blk[block.clone()], &level.max_q_blk[block.clone()]);
-        let (mut worst, mut cor, mut rest) = ([0.0f64; N], [0.0f64; N], [0.0f64; N]);
+        let (mut worst, mut cor, mut rest) = ([R::default(); N], [R::default(); N], [R::default(); N]);
         let terms = s.chunks_exact(N).zip(e.chunks_exact(N)).zip(m.chunks_exact(N));
         for (((s, e), m), ((&h, &mu), &r)) in terms.zip(t.h.iter().zip(t.mu).zip(t.r)) {
             for l in 0..N {
-                worst[l] += s[l] as f64 * h;
-                cor[l] += e[l] as f64 * mu;
-                rest[l] += m[l] as f64 * r;
+                worst[l] = worst[l] + R::from(s[l]) * h;
+                cor[l] = cor[l] + R::from(e[l]) * mu;
+                rest[l] = rest[l] + R::from(m[l]) * r;
             }
         }
         if narrowed {
             for (a, &g) in level.abs_q_blk[block].chunks_exact(N).zip(t.g) {
                 for l in 0..N {
-                    rest[l] += a[l] as f64 * g;
+                    rest[l] = rest[l] + R::from(a[l]) * g;
                 }
             }
         }
         for l in 0..N.min(w - k0) {
-            let cs = cs_bound(t.dnorm, level.eps_norm[k0 + l], worst[l]);
-            let (c, b) = if cs < worst[l] { (cor[l], cs) } else { (0.0, worst[l]) };
+            let worst: f64 = worst[l].into() * (1.0 + gamma) + tiny;
+            let cs = cs_bound(dnorm, level.eps_norm[k0 + l], worst) + gamma * worst + tiny;
+            let (c, b) = if cs < worst { (cor[l].into(), cs) } else { (0.0, worst) };
             corr.push(c);
-            out.push(b + rest[l]);
+            out.push(b + rest[l].into() * (1.0 + gamma) + tiny);
         }
     }
+    out.iter().chain(corr.iter()).all(|v| v.is_finite())
 }
 
 /// Whether every count divisor t_i is 1 (every prompt but a huge one): the kernels then skip
@@ -383,7 +417,7 @@ macro_rules! by_unit {
 #[cfg(target_arch = "x86_64")]
 use by_unit;
 
-/// The smallest f32 ≥ x (x ≥ 0 finite, within f32's range).
+/// The smallest f32 ≥ x (x ≥ 0; infinity above f32's range).
 fn up_f32(x: f64) -> f32 {
     let f = x as f32;
     if (f as f64) < x {
@@ -498,9 +532,24 @@ impl Quantized {
     /// Σ_i μ_i·Σ_e ε (returned in `corr`, which the caller adds to the estimate) plus
     /// Cauchy–Schwarz on the rest, ‖c − μ‖₂·‖ε_k‖₂. The second is several times tighter for
     /// counts spread over many experts; the first for counts piled on a few.
-    pub fn error_bounds(&self, t: &Terms, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
+    ///
+    /// Summed in f32 lanes (`lanes`: scratch for the request's terms in f32), or in f64 where an
+    /// f32 sum leaves f32's range.
+    pub fn error_bounds(&self, t: &Terms, lanes: &mut Vec<f32>, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
         let narrowed = t.g.iter().any(|&v| v != 0.0);
-        bounds_all(&self.first, t, narrowed, corr, out);
+        let n = t.h.len();
+        lanes.clear();
+        // Rounded up without a branch: (v as f32)·(1 + 2⁻²²) ≥ v·(1 − 2⁻²⁴)²·(1 + 2⁻²²) > v, and
+        // the smallest subnormal added covers a v below f32's normal range.
+        const UP: f32 = 1.0 + 1.0 / (1 << 22) as f32;
+        lanes.extend(t.h.iter().chain(t.r).chain(t.g).map(|&v| (v as f32) * UP + f32::from_bits(1)));
+        lanes.extend(t.mu.iter().map(|&v| v as f32));
+        let (h, rest) = lanes.split_at(n);
+        let (r, rest) = rest.split_at(n);
+        let (g, mu) = rest.split_at(n);
+        if !bounds_all(&self.first, &LayerTerms { h, mu, r, g }, t.dnorm, narrowed, corr, out) {
+            bounds_all(&self.first, &LayerTerms { h: t.h, mu: t.mu, r: t.r, g: t.g }, t.dnorm, narrowed, corr, out);
+        }
     }
 
     /// Decoders `ks`' estimates from the residual level into `est` (resized to `ks`), or None
@@ -606,5 +655,52 @@ fn portable<T: Copy + Into<i32>>(
             acc += dot as f32 * (scale[k * d.layers + i] * tmul[i]);
         }
         *out = acc;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(rng: &mut fastrand::Rng, workers: usize, layers: usize, experts: usize, int8: bool) -> Level {
+        let rows: Vec<f32> = (0..workers * layers * experts).map(|_| rng.f32()).collect();
+        let idf: Vec<f32> = (0..layers * experts).map(|_| 0.05 + 3.0 * rng.f32()).collect();
+        let pad = if int8 { PAD8 } else { PAD };
+        Level::new(&rows, &idf, workers, layers, experts, experts.div_ceil(pad) * pad, int8).unwrap()
+    }
+
+    /// `error_bounds` (f32 sums, rounded-up terms) gives bounds at least the f64 sums' (less 1e-9
+    /// of them) and corrections within γ·worst of theirs; terms past f32's range fall back to
+    /// the f64 sums (which then give the same values).
+    #[test]
+    fn f32_bound_sums_cover_the_f64_ones() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        for case in 0..300 {
+            let (workers, layers, experts) = (rng.usize(1..40), rng.usize(1..70), [8, 64, 128][case % 3]);
+            let lv = level(&mut rng, workers, layers, experts, case % 2 == 0);
+            let big = if case % 10 == 0 { 1e40 } else { 1.0 };
+            let v = |rng: &mut fastrand::Rng, scale: f64| -> Vec<f64> { (0..layers).map(|_| rng.f64() * scale).collect() };
+            let (h, mu, r) = (v(&mut rng, 500.0 * big), v(&mut rng, 8.0), v(&mut rng, 1e-3));
+            let g = if case % 3 == 0 { v(&mut rng, 4.0) } else { vec![0.0; layers] };
+            let narrowed = g.iter().any(|&x| x != 0.0);
+            let dnorm = rng.f64() * 100.0;
+            let (mut c32, mut b32, mut c64, mut b64) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let terms = Terms { h: &h, g: &g, r: &r, mu: &mu, dnorm };
+            let q = Quantized { workers, layers, experts, epad: 0, first: lv.clone(), fine: None, count_limit: 0, isa: Isa::Portable, all: Vec::new() };
+            q.error_bounds(&terms, &mut Vec::new(), &mut c32, &mut b32);
+            let lanes: Vec<f32> = h.iter().chain(&r).chain(&g).map(|&x| up_f32(x)).chain(mu.iter().map(|&x| x as f32)).collect();
+            let (h32, rest) = lanes.split_at(layers);
+            let (r32, rest) = rest.split_at(layers);
+            let (g32, mu32) = rest.split_at(layers);
+            let ok = bounds_all(&lv, &LayerTerms { h: h32, mu: mu32, r: r32, g: g32 }, dnorm, narrowed, &mut Vec::new(), &mut Vec::new());
+            assert!(bounds_all(&lv, &LayerTerms { h: &h, mu: &mu, r: &r, g: &g }, dnorm, narrowed, &mut c64, &mut b64));
+            assert_eq!(ok, big == 1.0, "case {case}: f32 sums of terms up to {big} should {}fit", if ok { "not " } else { "" });
+            for k in 0..workers {
+                let worst: f64 = (0..layers).map(|i| lv.scale[k * layers + i] as f64 * h[i]).sum();
+                let gamma = (layers as f64 + 8.0) * f32::EPSILON as f64;
+                assert!(b32[k] >= b64[k] * (1.0 - 1e-9), "case {case} k={k}: {} < {}", b32[k], b64[k]);
+                assert!((c32[k] - c64[k]).abs() <= gamma * worst + 1e-30, "case {case} k={k}: {} vs {}", c32[k], c64[k]);
+            }
+        }
     }
 }
