@@ -282,7 +282,7 @@ impl LocalityModel {
             return Ok(false);
         }
         q.estimate(&buf.c16, &buf.t16.tmul, &buf.c8, &buf.t8.tmul, &mut buf.est32);
-        if buf.est32.iter().any(|v| !v.is_finite()) {
+        if !buf.est32.iter().fold(true, |all, v| all & v.is_finite()) {
             return self.exact_counts(counts, buf); // weights so large the f32 estimate overflowed
         }
         let rule = exact::rule_error(dim);

@@ -398,13 +398,14 @@ fn bounds_all<R: BoundLane>(level: &Level, t: &LayerTerms<R>, dnorm: f64, narrow
             out.push(b + rest[l].into() * (1.0 + gamma) + tiny);
         }
     }
-    out.iter().chain(corr.iter()).all(|v| v.is_finite())
+    out.iter().chain(corr.iter()).fold(true, |all, v| all & v.is_finite())
 }
 
 /// Whether every count divisor t_i is 1 (every prompt but a huge one): the kernels then skip
 /// the multiply by t_i.
 fn unit_t(tmul: &[f32], layers: usize) -> bool {
-    tmul[..layers].iter().all(|&t| t == 1.0)
+    // A fold without an early exit: it vectorises (checked once per kernel call).
+    tmul[..layers].iter().fold(true, |all, &t| all & (t == 1.0))
 }
 
 /// Calls a kernel with `UNIT_T` = the value given.
