@@ -170,7 +170,8 @@ impl Level {
             let ex = exponent(w.iter().fold(0.0f64, |a, v| a.max(v.abs())), qmax)?;
             let s = pow2_f64(ex);
             for ((t, q), wv) in table.iter_mut().zip(q.iter_mut()).zip(w) {
-                (*t, *q) = ((wv / s).round() as i32, (wv / s).round() as i32);
+                *q = (wv / s).round() as i32;
+                *t = *q;
             }
             Some((ex, q.iter().fold(0, |m, v| m.max(v.unsigned_abs()))))
         })
