@@ -292,10 +292,13 @@ impl LocalityModel {
         let first = if u8_first { &buf.t8 } else { &buf.t16 };
         let terms = Terms { h: &buf.h, g: &first.g, r: &first.r, mu: &buf.mu, dnorm: buf.dnorm };
         q.error_bounds(&terms, &mut buf.lanes32, &mut buf.corr, &mut buf.bound);
-        for k in 0..self.centroids.workers() {
-            let (e, r) = interval(buf.est32[k] as f64 + buf.corr[k], buf.bound[k], buf.norm_range, rule);
-            buf.est.push(e);
-            buf.rad.push(r);
+        // Written in place rather than pushed, so the divisions vectorise.
+        let w = self.centroids.workers();
+        buf.est.resize(w, 0.0);
+        buf.rad.resize(w, 0.0);
+        let found = buf.est32.iter().zip(&buf.corr).zip(&buf.bound);
+        for ((e, r), ((&est, &corr), &bound)) in buf.est.iter_mut().zip(buf.rad.iter_mut()).zip(found) {
+            (*e, *r) = interval(est as f64 + corr, bound, buf.norm_range, rule);
         }
         Ok(true)
     }
@@ -395,6 +398,7 @@ fn centred_square(sum: f64, sumsq: f64, mu: f64, e: usize) -> f64 {
 /// A score's interval (centre, radius) from the estimate of Σ c·w, its bound, the range the norm
 /// lies in and the rule's own rounding (`rule`). 1e-300: the estimate's f32 terms may underflow
 /// by up to one subnormal step each; 1e-6 covers this arithmetic's rounding.
+#[inline]
 fn interval(est: f64, bound: f64, (n_lo, n_hi): (f64, f64), rule: f64) -> (f64, f64) {
     let (d_lo, d_hi) = (est - bound - 1e-300, est + bound + 1e-300);
     let lo = d_lo / if d_lo >= 0.0 { n_hi } else { n_lo };

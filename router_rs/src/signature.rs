@@ -143,6 +143,9 @@ impl SignatureSpec {
     /// Whether a layer the mask drops has a negative count (kept layers are checked by whoever
     /// reads them, see [`check_sign`](Self::check_sign)).
     pub(crate) fn dropped_negative<T: CountValue>(&self, counts: &[T]) -> bool {
+        if self.kept.len() == self.layers {
+            return false; // nothing dropped (the usual mask), without a walk over the layers
+        }
         let e = self.experts;
         let mut next = 0;
         let mut any = false;

@@ -75,7 +75,8 @@ impl Extremes {
 /// estimate of Σ (c_l·idf_i)² added to `sq` (relative error within [`norm_rho`]), the int16
 /// counts min(c, i16::MAX) at `c16[i·epad..][..e]` (and the u8 ones, min(c, 255), in `c8` where
 /// given: AVX-512 only; a negative count, which the caller refuses, leaves both unspecified),
-/// and the layer's folds in `folds` (resized to the kept layers); returns the extremes over every kept layer. None
+/// and the layer's folds in `folds` (resized to the kept layers; `kept` ascending, so its last
+/// bounds them all); returns the extremes over every kept layer. None
 /// where it does not apply (then the caller's generic loop computes the rule's own f64 squares).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn prepare_i32(
@@ -95,11 +96,11 @@ pub(crate) fn prepare_i32(
         || idf.len() != n * e
         || c16.len() < n * epad
         || c8.as_ref().is_some_and(|c8| c8.len() < n * epad)
-        || kept.iter().any(|&l| (l + 1) * e > c.len())
+        || kept.last().is_some_and(|&l| (l + 1) * e > c.len())
     {
         return None;
     }
-    folds.clear();
+    // Every fold is written below.
     folds.resize(n, Folds { sum: 0, sumsq: 0 });
     #[cfg(target_arch = "x86_64")]
     {
