@@ -4,7 +4,7 @@
 use crate::centroids::Centroids;
 use crate::error::{Result, RouterError};
 use crate::kernel::{self, exact};
-use crate::kernel::quant::{lines, FineCounts, FirstCounts, LineBuf, Lines, Precision, Quantized, Terms};
+use crate::kernel::quant::{any_nonzero, lines, FineCounts, FirstCounts, LineBuf, Lines, Precision, Quantized, Terms};
 use crate::kernel::{Extremes, Folds};
 use crate::signature::{check_finite, CountValue, SignatureSpec};
 use multiversion::multiversion;
@@ -321,7 +321,7 @@ impl LocalityModel {
                 let u8_first = q.first_counts_u8();
                 // Where the first pass's u8 counts were divided, the residual would sit on
                 // coarser counts than the int16 ones: the whole residual level from those.
-                let (input, terms) = if u8_first && t8.g.iter().any(|&v| v != 0.0) {
+                let (input, terms) = if u8_first && any_nonzero(&t8.g) {
                     (FineCounts::Whole { c16, tmul: &t16.tmul }, &*t16)
                 } else {
                     let counts = FirstCounts { c16, tmul: &t16.tmul, c8, tmul8: &t8.tmul };
@@ -331,7 +331,7 @@ impl LocalityModel {
                     q,
                     input,
                     terms: Terms { h, g: &terms.g, r: &terms.r, mu, dnorm: *dnorm },
-                    scaled: terms.g.iter().any(|&v| v != 0.0),
+                    scaled: any_nonzero(&terms.g),
                     range: *norm_range,
                     rule: exact::rule_error(self.spec.dim()),
                     done: fine_done,

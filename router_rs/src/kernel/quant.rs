@@ -309,6 +309,13 @@ impl Level {
     }
 }
 
+/// Whether any value is non-zero (whether any layer's counts were divided, from `Terms::g`): a
+/// fold without an early exit, so it vectorises (a short-circuiting `any` walks the layers one
+/// by one, and runs several times per request).
+pub(crate) fn any_nonzero(v: &[f64]) -> bool {
+    v.iter().fold(false, |any, &x| any | (x != 0.0))
+}
+
 /// Σ a·b in four chains (a bound needs no fixed order; one chain was latency-bound).
 fn dot32(a: &[f32], b: &[f64]) -> f64 {
     let mut acc = [0.0f64; 4];
@@ -538,7 +545,7 @@ impl Quantized {
     /// Summed in f32 lanes (`lanes`: scratch for the request's terms in f32), or in f64 where an
     /// f32 sum leaves f32's range.
     pub fn error_bounds(&self, t: &Terms, lanes: &mut Vec<f32>, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
-        let narrowed = t.g.iter().any(|&v| v != 0.0);
+        let narrowed = any_nonzero(t.g);
         let n = t.h.len();
         lanes.clear();
         // Rounded up without a branch: (v as f32)·(1 + 2⁻²²) ≥ v·(1 − 2⁻²⁴)²·(1 + 2⁻²²) > v, and
