@@ -13,6 +13,9 @@ streaming /generate, the held-out prompts) measures four routes in shuffled orde
   servers too; its ratio to `stock-smg` is the bias between two identical clusters on these cores.
 * `eldr-router-eldr`, `eldr-router-jsq`: those servers behind this router, deciding after prefill
   (`--no-early-first-token`: the client's first token comes from the decoder, as in stock PD).
+  Interleaved, the two together are a crossover: this project's servers on both clusters, each
+  policy behind its own router, the clusters swapped every run; their ratio is eldr's placement
+  against jsq's with the servers and the path held equal.
 * `eldr-router-eldr-early`: the same with the early first token (the prefill's own first chunk is
   forwarded without waiting for the handoff to the decoder). The router does this for the OpenAI endpoints only, so
   it is measured with `--backend sglang-oai-chat` (streaming /v1/chat/completions; smg refuses the
@@ -64,6 +67,9 @@ DEFAULT_ROUTES = ROUTES[:4]
 # `stock-smg-b`: stock servers on the second cluster too, behind its own smg (interleaved runs only):
 # an A/A control whose ratio to stock-smg is the bias between the two clusters' processes.
 INTERLEAVE_ROUTES = ROUTES[:4] + ["stock-smg-b"]
+# Interleaved runs of these two: a crossover of eldr's placement against jsq's on the same servers and
+# path, each router on its own cluster of this project's servers, the clusters swapped every run.
+CROSSOVER = ("eldr-router-eldr", "eldr-router-jsq")
 METRICS = {"ttft_p50_ms": "median_ttft_ms", "ttft_p99_ms": "p99_ttft_ms", "tpot_p50_ms": "median_tpot_ms",
            "tpot_p99_ms": "p99_tpot_ms", "output_tok_s": "output_throughput", "e2e_p50_ms": "median_e2e_latency_ms",
            "e2e_p99_ms": "p99_e2e_latency_ms", "itl_p50_ms": "median_itl_ms"}
@@ -224,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave-routes", nargs="+", choices=INTERLEAVE_ROUTES, default=["stock-smg", "eldr-router-eldr"],
                     help="routes of the interleaved runs, at most one eldr-router-* (default: stock-smg eldr-router-eldr); "
                          "stock-smg stock-smg-b runs an A/A pair: the second cluster with the stock servers too "
-                         "(with --repeats 0 only)")
+                         "(with --repeats 0 only); eldr-router-eldr eldr-router-jsq runs a crossover: this project's "
+                         "servers on both clusters, each policy behind its own router, the clusters swapped every "
+                         "run (with --repeats 0 only)")
     ap.add_argument("--interleave-rates", type=float, nargs="+", default=[1.0],
                     help="Poisson rate per route of the interleaved runs, req/s; 0 means one request at a time, "
                          "each route's bare path with nothing queued (default: 1)")
@@ -252,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         args.decoders, args.rates, args.num_prompts, args.output_len, args.repeats = 1, [2.0], 8, 8, 1
         args.routes, args.backend = list(ROUTES), "sglang-oai-chat"
         args.interleave, args.interleave_groups, args.interleave_rates = 1, 6, [1.0]
-    if sum(r.startswith("eldr-router-") for r in args.interleave_routes) > 1:
-        ap.error("--interleave-routes takes at most one eldr-router-* route (one router runs at a time)")
+    crossover = set(args.interleave_routes) == set(CROSSOVER)
+    if crossover and args.repeats:
+        ap.error("eldr-router-eldr with eldr-router-jsq is a crossover of two clusters: use it with --repeats 0")
+    if not crossover and sum(r.startswith("eldr-router-") for r in args.interleave_routes) > 1:
+        ap.error("--interleave-routes takes at most one eldr-router-* route, or exactly eldr-router-eldr "
+                 "eldr-router-jsq (the crossover)")
     aa = "stock-smg-b" in args.interleave_routes
     if aa and (args.repeats or set(args.interleave_routes) != {"stock-smg", "stock-smg-b"}):
         ap.error("stock-smg-b is an A/A control: --interleave-routes stock-smg stock-smg-b with --repeats 0")
@@ -265,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stock_args = {"extra_server_args": ["--no-eldr-capture"], "decode_allocation_policy": None, "policy": "jsq"}
+    # The crossover runs this project's servers on both clusters.
     stock = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, host=args.host,
-                    log_dir=work / "stock", **stock_args)
+                    log_dir=work / "stock", **({} if crossover else stock_args))
     eldr = Cluster(model_path=str(MODEL), num_prefill=1, num_decode=args.decoders, host=args.host,
                    log_dir=work / "eldr", **(stock_args if aa else {}))
     for c in (stock, eldr):
@@ -278,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     smgs: list[Smg] = []
     try:
         with stock, eldr:
-            smg_stock = Smg(stock, args.host, work / "smg-stock.log")
-            smgs.append(smg_stock)
-            smg_eldr = Smg(eldr, args.host, work / "smg-eldr.log")
-            smgs.append(smg_eldr)
+            smg_stock = smg_eldr = None
+            if not crossover:  # the crossover goes through this router alone
+                smg_stock = Smg(stock, args.host, work / "smg-stock.log")
+                smgs.append(smg_stock)
+                smg_eldr = Smg(eldr, args.host, work / "smg-eldr.log")
+                smgs.append(smg_eldr)
             if not aa and not centroids.exists():
                 centroids = eldr.calibrate(ROOT / "bench" / "data" / "prompts_calib.jsonl")
             print(f"clusters and smg up in {time.monotonic() - started:.0f} s", flush=True)
@@ -314,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                             eldr.stop_router()
                         records.append(row)
                         print_row(rate, rep, route, row)
-            if args.interleave:
+            if args.interleave and crossover:
+                interleaved = run_crossover_mode(args, [stock, eldr], centroids)
+            elif args.interleave:
                 interleaved = run_interleaved_mode(args, stock, eldr, smg_stock, smg_eldr, centroids)
     finally:
         for s in smgs:
@@ -370,11 +387,49 @@ def run_interleaved_mode(args: argparse.Namespace, stock: Cluster, eldr: Cluster
     return {"runs": runs, "requests": requests_, "router_fallbacks": fallbacks}
 
 
+def run_crossover_mode(args: argparse.Namespace, clusters: list[Cluster], centroids: Path) -> dict:
+    """The interleaved runs of eldr against jsq: both clusters run this project's servers, each behind
+    its own router, and the two policies swap clusters every run (a crossover), so a bias between the
+    clusters' processes falls on each policy in half the runs. Both routers are started afresh for
+    every run (eldr from the calibrated centroids) and get one unrecorded warm-up group."""
+    prompts = load_prompts(EVAL, MODEL, args.interleave_groups, args.seed, list(CROSSOVER))
+    runs: list[dict] = []
+    requests_: list[dict] = []
+    fallbacks: dict[str, float] = {}
+    rng = random.Random(args.seed)
+    for rate in args.interleave_rates:
+        for rep in range(args.interleave):
+            placed = dict(zip(CROSSOVER, clusters if rep % 2 == 0 else clusters[::-1]))
+            urls = {}
+            for route, cluster in placed.items():
+                flush(cluster)
+                urls[route] = cluster.start_router(policy=route.removeprefix("eldr-router-"), centroids=str(centroids),
+                                                   extra=["--no-early-first-token"]).url
+            run_interleaved(urls, prompts[:1], 0, args.output_len, 1, args.seed, MODEL)  # warm-up, not recorded
+            seed = rng.randrange(1 << 30)
+            reqs = run_interleaved(urls, prompts, rate, args.output_len, args.concurrency if rate > 0 else 1, seed,
+                                   MODEL)
+            for r in reqs:
+                r |= {"rate": rate, "repeat": rep}
+            requests_ += reqs
+            for route, cluster in placed.items():
+                for k, v in labelled_counter(urls[route], "eldr_fallbacks_total", "reason").items():
+                    fallbacks[k] = fallbacks.get(k, 0) + v
+                cluster.stop_router()
+                row = {"route": route, "repeat": rep, "rate": rate, "mode": "crossover", "decoders": args.decoders,
+                       "seed": seed, "cluster": clusters.index(cluster), **run_summary(reqs, route)}
+                runs.append(row)
+                print_row(rate, rep, f"{route} (cluster {row['cluster']})", row)
+    return {"runs": runs, "requests": requests_, "router_fallbacks": fallbacks}
+
+
 def write_interleaved(result: dict, args: argparse.Namespace, smg_pids: list[int], seconds: int) -> None:
     """Prints the interleaved runs' paired ratios and writes them beside the shuffled runs' records."""
     routes = list(args.interleave_routes)
     pairs = [(r, "stock-smg") for r in routes if r != "stock-smg" and "stock-smg" in routes] + [
         (r, "eldr-servers-smg") for r in routes if r.startswith("eldr-router-") and "eldr-servers-smg" in routes]
+    if set(routes) == set(CROSSOVER):
+        pairs = [CROSSOVER]
     metrics = ["ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "output_tok_s"]
     ratios = paired_ratios(result["runs"], result["requests"], pairs, metrics)
     for s in ratios:

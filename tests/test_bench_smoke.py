@@ -187,3 +187,26 @@ def test_measure_step_cost_quick(tmp_path):
     assert len(p["ci95"]["c"]) == 2 and p["expert_bytes"] == 3 * 128 * 64 * 2
     assert isinstance(p["idle"], bool) and p["load_before"] >= 0 and data["bandwidth_read_gb_s_1_thread"] > 0
     assert "µs/pair" in text
+
+
+def test_ttft_crossover_quick(tmp_path):
+    """The eldr-vs-jsq crossover: two 1P+1D clusters of this project's servers, each policy behind its
+    own router, the clusters swapped between the two runs; checks the runs, the swap and the ratios."""
+    out = tmp_path / "crossover.json"
+    text = run(["bench/ttft_vs_stock.py", "--repeats", "0", "--decoders", "1", "--interleave", "2",
+                "--interleave-routes", "eldr-router-eldr", "eldr-router-jsq", "--interleave-groups", "4",
+                "--output-len", "8", "--interleave-out", str(out), "--out", str(tmp_path / "unused.json")], 900)
+    inter = json.loads(out.read_text())
+    runs = inter["runs"]
+    assert sorted((r["repeat"], r["route"]) for r in runs) == [
+        (0, "eldr-router-eldr"), (0, "eldr-router-jsq"), (1, "eldr-router-eldr"), (1, "eldr-router-jsq")]
+    cluster = {(r["repeat"], r["route"]): r["cluster"] for r in runs}
+    assert cluster[(0, "eldr-router-eldr")] == cluster[(1, "eldr-router-jsq")] != cluster[(0, "eldr-router-jsq")]
+    assert cluster[(1, "eldr-router-eldr")] == cluster[(0, "eldr-router-jsq")]
+    for r in runs:
+        assert r["completed"] == r["num_prompts"] == 4 and r["tpot_p50_ms"] > 0, r
+    assert len(inter["requests"]) == 16 and all(r["success"] for r in inter["requests"])
+    cells = {(s["route"], s["vs"], s["metric"]) for s in inter["paired_ratios"]}
+    assert ("eldr-router-eldr", "eldr-router-jsq", "tpot_p50_ms") in cells
+    assert "counts-timeout" not in inter["router_fallbacks"] and "counts-lost" not in inter["router_fallbacks"]
+    assert "eldr-router-eldr (cluster 1)" in text and not inter["smg_pids"]
