@@ -370,11 +370,7 @@ def run_interleaved_mode(args: argparse.Namespace, stock: Cluster, eldr: Cluster
         for rep in range(args.interleave):
             for c in (stock, eldr):
                 flush(c)
-            seed = rng.randrange(1 << 30)
-            reqs = run_interleaved(urls, prompts, rate, args.output_len, args.concurrency if rate > 0 else 1, seed,
-                                   MODEL)
-            for r in reqs:
-                r |= {"rate": rate, "repeat": rep}
+            seed, reqs = recorded_run(urls, prompts, args, rate, rep, rng)
             requests_ += reqs
             for route in urls:
                 row = {"route": route, "repeat": rep, "rate": rate, "mode": "interleaved", "decoders": args.decoders,
@@ -385,6 +381,17 @@ def run_interleaved_mode(args: argparse.Namespace, stock: Cluster, eldr: Cluster
     if router:
         eldr.stop_router()
     return {"runs": runs, "requests": requests_, "router_fallbacks": fallbacks}
+
+
+def recorded_run(urls: dict[str, str], prompts: list, args: argparse.Namespace, rate: float, rep: int,
+                 rng: random.Random) -> tuple[int, list[dict]]:
+    """One recorded interleaved run of the routes in `urls`: its seed (drawn from `rng`) and its
+    requests, tagged with the rate and the repeat."""
+    seed = rng.randrange(1 << 30)
+    reqs = run_interleaved(urls, prompts, rate, args.output_len, args.concurrency if rate > 0 else 1, seed, MODEL)
+    for r in reqs:
+        r |= {"rate": rate, "repeat": rep}
+    return seed, reqs
 
 
 def run_crossover_mode(args: argparse.Namespace, clusters: list[Cluster], centroids: Path) -> dict:
@@ -406,11 +413,7 @@ def run_crossover_mode(args: argparse.Namespace, clusters: list[Cluster], centro
                 urls[route] = cluster.start_router(policy=route.removeprefix("eldr-router-"), centroids=str(centroids),
                                                    extra=["--no-early-first-token"]).url
             run_interleaved(urls, prompts[:1], 0, args.output_len, 1, args.seed, MODEL)  # warm-up, not recorded
-            seed = rng.randrange(1 << 30)
-            reqs = run_interleaved(urls, prompts, rate, args.output_len, args.concurrency if rate > 0 else 1, seed,
-                                   MODEL)
-            for r in reqs:
-                r |= {"rate": rate, "repeat": rep}
+            seed, reqs = recorded_run(urls, prompts, args, rate, rep, rng)
             requests_ += reqs
             for route, cluster in placed.items():
                 for k, v in labelled_counter(urls[route], "eldr_fallbacks_total", "reason").items():
