@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 smgs.append(smg_eldr)
             if not aa and not centroids.exists():
                 centroids = eldr.calibrate(ROOT / "bench" / "data" / "prompts_calib.jsonl")
-            print(f"clusters and smg up in {time.monotonic() - started:.0f} s", flush=True)
+            print(f"clusters{'' if crossover else ' and smg'} up in {time.monotonic() - started:.0f} s", flush=True)
             rng = random.Random(args.seed)
             for rate in args.rates:
                 for rep in range(first_repeat, first_repeat + args.repeats):

@@ -4,7 +4,7 @@
 use crate::centroids::Centroids;
 use crate::error::{Result, RouterError};
 use crate::kernel::{self, exact};
-use crate::kernel::quant::{any_nonzero, lines, FineCounts, FirstCounts, LineBuf, Lines, Precision, Quantized, Terms};
+use crate::kernel::quant::{lines, FineCounts, FirstCounts, LineBuf, Lines, Precision, Quantized, Terms};
 use crate::kernel::{Extremes, Folds};
 use crate::signature::{check_finite, CountValue, SignatureSpec};
 use multiversion::multiversion;
@@ -290,7 +290,7 @@ impl LocalityModel {
         buf.rad.clear();
         buf.dnorm = d2.sqrt() * (1.0 + 1e-12);
         let first = if u8_first { &buf.t8 } else { &buf.t16 };
-        let terms = Terms { h: &buf.h, g: &first.g, r: &first.r, mu: &buf.mu, dnorm: buf.dnorm };
+        let terms = Terms { h: &buf.h, g: &first.g, r: &first.r, mu: &buf.mu, dnorm: buf.dnorm, divided: first.divided };
         q.error_bounds(&terms, &mut buf.lanes32, &mut buf.corr, &mut buf.bound);
         // Written in place rather than pushed, so the divisions vectorise.
         let w = self.centroids.workers();
@@ -321,7 +321,7 @@ impl LocalityModel {
                 let u8_first = q.first_counts_u8();
                 // Where the first pass's u8 counts were divided, the residual would sit on
                 // coarser counts than the int16 ones: the whole residual level from those.
-                let (input, terms) = if u8_first && any_nonzero(&t8.g) {
+                let (input, terms) = if u8_first && t8.divided {
                     (FineCounts::Whole { c16, tmul: &t16.tmul }, &*t16)
                 } else {
                     let counts = FirstCounts { c16, tmul: &t16.tmul, c8, tmul8: &t8.tmul };
@@ -330,8 +330,7 @@ impl LocalityModel {
                 Some(Fine {
                     q,
                     input,
-                    terms: Terms { h, g: &terms.g, r: &terms.r, mu, dnorm: *dnorm },
-                    scaled: any_nonzero(&terms.g),
+                    terms: Terms { h, g: &terms.g, r: &terms.r, mu, dnorm: *dnorm, divided: terms.divided },
                     range: *norm_range,
                     rule: exact::rule_error(self.spec.dim()),
                     done: fine_done,
@@ -488,6 +487,8 @@ struct CountTerms {
     tmul: Vec<f32>,
     g: Vec<f64>,
     r: Vec<f64>,
+    /// Whether any layer's counts were divided (some g_i ≠ 0), kept as the terms are built.
+    divided: bool,
 }
 
 impl CountTerms {
@@ -495,6 +496,7 @@ impl CountTerms {
         self.tmul.clear();
         self.g.clear();
         self.r.clear();
+        self.divided = false;
     }
     /// [`push`](Self::push) with m = 0 for every layer, from the folds' sums.
     fn extend_unit(&mut self, folds: &[Folds], rho: f64) {
@@ -506,6 +508,7 @@ impl CountTerms {
         let t = pow2(m);
         self.tmul.push(t as f32);
         self.g.push(if m == 0 { 0.0 } else { t / 2.0 });
+        self.divided |= m > 0;
         // The 1e-12 covers the rounding of the f64 sum.
         self.r.push(rho * t * scaled_sum * (1.0 + 1e-12));
     }
@@ -540,8 +543,6 @@ struct Fine<'a> {
     q: &'a Quantized,
     input: FineCounts<'a>,
     terms: Terms<'a>,
-    /// Whether any layer's counts `input` reads were divided (`terms.g` not all zero).
-    scaled: bool,
     range: (f64, f64),
     rule: f64,
     done: &'a mut Vec<bool>,
@@ -624,7 +625,7 @@ impl<'a> Scores<'a> {
         }
         f.q.estimate_fine(f.rows, f.input, f.scratch, f.est).expect("a residual level");
         for (i, &k) in f.rows.iter().enumerate() {
-            let (e, r) = f.q.bound_fine(k, f.est[i], &f.terms, f.scaled);
+            let (e, r) = f.q.bound_fine(k, f.est[i], &f.terms);
             let (e, r) = interval(e, r, f.range, f.rule);
             if r < self.rad[k] {
                 (self.est[k], self.rad[k]) = (e, r);

@@ -120,6 +120,8 @@ pub struct Terms<'a> {
     pub mu: &'a [f64],
     /// ‖c − μ‖₂ over every kept layer (each layer centred on its own mean), rounded up.
     pub dnorm: f64,
+    /// Whether any g_i is non-zero (known as the terms are built, not searched for per use).
+    pub divided: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -296,10 +298,10 @@ impl Level {
 
     /// Decoder k's (correction, bound) of [`Quantized::error_bounds`], alone (narrowing a few
     /// decoders; [`bounds_all`] gives every decoder's at once).
-    fn bound(&self, k: usize, layers: usize, t: &Terms, narrowed: bool) -> (f64, f64) {
+    fn bound(&self, k: usize, layers: usize, t: &Terms) -> (f64, f64) {
         let at = k * layers..(k + 1) * layers;
         let worst = dot32(&self.scale[at.clone()], t.h);
-        let rest = dot32(&self.max_q[at.clone()], t.r) + if narrowed { dot32(&self.abs_q[at.clone()], t.g) } else { 0.0 };
+        let rest = dot32(&self.max_q[at.clone()], t.r) + if t.divided { dot32(&self.abs_q[at.clone()], t.g) } else { 0.0 };
         let cs = cs_bound(t.dnorm, self.eps_norm[k], worst);
         if cs < worst {
             (dot32(&self.eps_sum[at], t.mu), cs + rest)
@@ -307,13 +309,6 @@ impl Level {
             (0.0, worst + rest)
         }
     }
-}
-
-/// Whether any value is non-zero (whether any layer's counts were divided, from `Terms::g`): a
-/// fold without an early exit, so it vectorises (a short-circuiting `any` walks the layers one
-/// by one, and runs several times per request).
-pub(crate) fn any_nonzero(v: &[f64]) -> bool {
-    v.iter().fold(false, |any, &x| any | (x != 0.0))
 }
 
 /// Σ a·b in four chains (a bound needs no fixed order; one chain was latency-bound).
@@ -545,7 +540,7 @@ impl Quantized {
     /// Summed in f32 lanes (`lanes`: scratch for the request's terms in f32), or in f64 where an
     /// f32 sum leaves f32's range.
     pub fn error_bounds(&self, t: &Terms, lanes: &mut Vec<f32>, corr: &mut Vec<f64>, out: &mut Vec<f64>) {
-        let narrowed = any_nonzero(t.g);
+        let narrowed = t.divided;
         let n = t.h.len();
         lanes.clear();
         // Rounded up without a branch: (v as f32)·(1 + 2⁻²²) ≥ v·(1 − 2⁻²⁴)²·(1 + 2⁻²²) > v, and
@@ -600,11 +595,10 @@ impl Quantized {
     }
 
     /// Decoder k's residual-level estimate `est` with its correction added, and its bound (as
-    /// [`error_bounds`](Self::error_bounds); `scaled`: whether any layer's counts were divided,
-    /// `t.g` not all zero, known once per request). Needs the residual level.
-    pub fn bound_fine(&self, k: usize, est: f64, t: &Terms, scaled: bool) -> (f64, f64) {
+    /// [`error_bounds`](Self::error_bounds)). Needs the residual level.
+    pub fn bound_fine(&self, k: usize, est: f64, t: &Terms) -> (f64, f64) {
         let fine = self.fine.as_ref().expect("a residual level beside the int8 one");
-        let (corr, bound) = fine.bound(k, self.layers, t, scaled);
+        let (corr, bound) = fine.bound(k, self.layers, t);
         (est + corr, bound)
     }
 
@@ -694,7 +688,7 @@ mod tests {
             let narrowed = g.iter().any(|&x| x != 0.0);
             let dnorm = rng.f64() * 100.0;
             let (mut c32, mut b32, mut c64, mut b64) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let terms = Terms { h: &h, g: &g, r: &r, mu: &mu, dnorm };
+            let terms = Terms { h: &h, g: &g, r: &r, mu: &mu, dnorm, divided: narrowed };
             let q = Quantized { workers, layers, experts, epad: 0, first: lv.clone(), fine: None, count_limit: 0, isa: Isa::Portable, all: Vec::new() };
             q.error_bounds(&terms, &mut Vec::new(), &mut c32, &mut b32);
             let lanes: Vec<f32> = h.iter().chain(&r).chain(&g).map(|&x| up_f32(x)).chain(mu.iter().map(|&x| x as f32)).collect();
